@@ -1,0 +1,428 @@
+"""ASTCT 2019 consensus grading of CRS and ICANS.
+
+Source: Lee DW et al. ASTCT Consensus Grading for Cytokine Release Syndrome and Neurologic
+Toxicity Associated with Immune Effector Cells. Biol Blood Marrow Transplant
+2019;25:625-638, doi:10.1016/j.bbmt.2018.12.758. Tables: "ASTCT CRS Consensus Grading",
+"ASTCT ICANS Consensus Grading for Adults" (with the ICE tool) and "... for Children" (CAPD).
+
+Every threshold lives in the tables below; the functions only look them up. A domain with
+no data is unknown (None), never 0: an unknown domain that could raise the grade makes the
+result indeterminate (clinical-rules.md rule 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from .model import Administration, GradeResult, PatientData, Sample
+
+CRS_METHOD = "astct-crs"
+ICANS_METHOD = "astct-icans"
+CRS_SCALE = "ASTCT 2019 CRS consensus grading (Lee DW et al., BBMT 2019;25:625-638)"
+ICANS_SCALE = "ASTCT 2019 ICANS consensus grading (Lee DW et al., BBMT 2019;25:625-638)"
+MAX_GRADE = 4  # grade 5 (death due to CRS/ICANS) needs attribution the data cannot give
+
+# --- CRS (table "ASTCT CRS Consensus Grading") ---------------------------------------
+
+FEVER_C = 38.0  # "Temperature >= 38 °C"
+# Hypoxia: "low-flow nasal cannula (<= 6 L/min) or blow-by" is grade 2; "high-flow nasal
+# cannula (> 6 L/min), facemask, nonrebreather mask, or Venturi mask" grade 3; "positive
+# pressure (CPAP, BiPAP, intubation and mechanical ventilation)" grade 4.
+HIGH_FLOW_ABOVE_L_MIN = 6.0
+OXYGEN_DEVICE_GRADE: dict[str, int] = {
+    "none": 0,
+    "low-flow-nasal-cannula": 2,
+    "blow-by": 2,
+    "high-flow-nasal-cannula": 3,
+    "face-mask": 3,
+    "non-rebreather": 3,
+    "venturi": 3,
+    "cpap": 4,
+    "bipap": 4,
+    "mechanical-ventilation": 4,
+}
+# Hypotension: "requiring a vasopressor with or without vasopressin" grade 3; "requiring
+# multiple vasopressors (excluding vasopressin)" grade 4. Vasopressin never counts.
+VASOPRESSORS_COUNTED = ("norepinephrine", "epinephrine", "phenylephrine", "dopamine")
+VASOPRESSIN = "vasopressin"
+ONE_VASOPRESSOR_GRADE = 3
+MULTIPLE_VASOPRESSORS_GRADE = 4
+HYPOTENSION_NO_PRESSOR_GRADE = 2
+# Masked fever (ASTCT CRS table footnote): after antipyretic or anti-cytokine therapy
+# (tocilizumab, corticosteroids) fever is no longer required.
+FEVER_MASKING_DRUGS = ("tocilizumab", "anakinra", "dexamethasone", "methylprednisolone", "acetaminophen")
+
+# Pediatric hypotension (ASTCT sets no number): systolic limits of the AHA Pediatric
+# Advanced Life Support definition of hypotension: < 60 mmHg term neonates (0-28 d),
+# < 70 infants (1-12 mo), < 70 + 2 x age in years (1-10 y), < 90 from 10 y.
+PALS_NEONATE_DAYS = 28
+
+
+def pals_sbp_below_mmhg(age_days: int) -> float:
+    if age_days <= PALS_NEONATE_DAYS:
+        return 60.0
+    years = age_days / 365.25
+    if years < 1:
+        return 70.0
+    if years < 10:
+        return 70.0 + 2 * int(years)  # age in completed years
+    return 90.0
+
+
+@dataclass(frozen=True)
+class HypotensionRule:
+    """The explicit hypotension-without-vasopressor rule; ASTCT gives no number."""
+
+    adult_sbp_below_mmhg: float = 90.0
+    adult_map_below_mmhg: float = 65.0
+    adult_from_age_years: int = 18
+
+    def limits(self, age_days: int | None) -> tuple[float, float | None, str]:
+        """(systolic limit, MAP limit or None, wording) for the patient's age."""
+        if age_days is not None and age_days < self.adult_from_age_years * 365.25:
+            sbp = pals_sbp_below_mmhg(age_days)
+            return sbp, None, f"systolic < {sbp:g} mmHg (PALS limit for age; configurable)"
+        text = (
+            f"systolic < {self.adult_sbp_below_mmhg:g} mmHg or MAP < {self.adult_map_below_mmhg:g} mmHg "
+            "(adult rule; configurable, ASTCT sets no number)"
+        )
+        if age_days is None:
+            text += "; age unknown, adult rule used"
+        return self.adult_sbp_below_mmhg, self.adult_map_below_mmhg, text
+
+
+@dataclass(frozen=True)
+class GradingConfig:
+    window: timedelta = timedelta(hours=24)
+    capd_max_age_years: int = 12
+    hypotension: HypotensionRule = HypotensionRule()
+
+
+# --- ICANS (tables "ASTCT ICANS Consensus Grading for Adults/Children") -------------
+
+# (lowest score, highest score, grade). ICE 10 is grade 0; ICE 0 in an awake patient is 3,
+# and an unarousable patient is graded 4 by the consciousness row.
+ICE_BANDS: tuple[tuple[int, int, int], ...] = ((10, 10, 0), (7, 9, 1), (3, 6, 2), (0, 2, 3))
+# CAPD (Traube, Crit Care Med 2014; 0-32): 1-8 grade 1 (grade 2 comes from "awakens to
+# voice"), >= 9 grade 3. A score of 0 is no delirium.
+CAPD_BANDS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (1, 8, 1), (9, 32, 3))
+CONSCIOUSNESS_GRADE = {
+    "alert": 0,  # no depressed level of consciousness
+    "awakens-spontaneously": 1,
+    "awakens-to-voice": 2,
+    "awakens-to-tactile": 3,
+    "unarousable": 4,
+}
+SEIZURE_GRADE = {"none": 0, "rapidly-resolving": 3, "prolonged": 4}
+MOTOR_GRADE = {"none": 0, "deep-focal": 4}
+EDEMA_GRADE = {"none": 0, "focal": 3, "diffuse": 4}
+CODED_ICANS_DOMAINS = (
+    ("consciousness", CONSCIOUSNESS_GRADE),
+    ("seizure", SEIZURE_GRADE),
+    ("motor-weakness", MOTOR_GRADE),
+    ("cerebral-edema", EDEMA_GRADE),
+)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _fmt_t(t: datetime) -> str:
+    return t.isoformat(timespec="minutes")
+
+
+def in_window(series: list[Sample], lo: datetime, hi: datetime) -> list[Sample]:
+    return [s for s in series if lo <= s.t <= hi]
+
+
+def age_days(birth: date | None, at: datetime) -> int | None:
+    return None if birth is None else (at.date() - birth).days
+
+
+def completed_years(birth: date, on: date) -> int:
+    return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+
+
+def _band(value: float, bands: tuple[tuple[int, int, int], ...]) -> int | None:
+    for low, high, grade in bands:
+        if low <= value <= high:
+            return grade
+    return None
+
+
+@dataclass
+class _Domain:
+    """One domain's contribution: grade None = unknown (no data).
+
+    `needs` names the missing inputs (codebook concepts) when unknown; `required` domains
+    (CRS fever) are part of the basis of any grade they allow.
+    """
+
+    name: str
+    grade: int | None
+    why: str
+    refs: tuple[str, ...] = ()
+    needs: str = ""
+    required: bool = False
+
+
+def _worst_coded(series: list[Sample], table: dict[str, int]) -> tuple[int, Sample] | None:
+    best: tuple[int, Sample] | None = None
+    for s in series:
+        g = table.get(s.code or "")
+        if g is not None and (best is None or g > best[0]):
+            best = (g, s)
+    return best
+
+
+def _combine(
+    method: str,
+    scale: str,
+    at: datetime,
+    domains: list[_Domain],
+    head: str,
+    notes: list[str],
+    considered: list[str],
+) -> GradeResult:
+    known = [d for d in domains if d.grade is not None]
+    unknown = [d for d in domains if d.grade is None]
+    floor = max((d.grade for d in known if d.grade is not None), default=0)
+    deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
+    lines = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
+    if unknown and floor < MAX_GRADE:
+        missing = tuple(d.needs or d.name for d in unknown)
+        lines.append(
+            f"INDETERMINATE: no {' / '.join(missing)} in the window; "
+            + (f"at least grade {floor} from the data present." if floor else "cannot grade.")
+        )
+        grade: int | None = None
+        basis = tuple(r for d in known for r in d.refs)
+    else:
+        missing = ()
+        grade = floor
+        basis = tuple(r for d in deciding for r in d.refs)
+        lines.append(f"Grade {grade}: the worst domain decides.")
+    return GradeResult(
+        method=method,
+        scale=scale,
+        at=at,
+        grade=grade,
+        rationale=" ".join(lines + notes),
+        basis=tuple(dict.fromkeys(basis)),
+        missing=missing,
+        considered=tuple(dict.fromkeys(considered)),
+    )
+
+
+# --- CRS -----------------------------------------------------------------------------
+
+
+def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[Sample, Administration] | None:
+    """The first CRS fever since day 0 followed, before `at`, by a masking drug."""
+    fevers = [
+        s
+        for s in data.series("body-temperature")
+        if s.value is not None and s.value >= FEVER_C and s.t <= at and (since is None or s.t >= since)
+    ]
+    if not fevers:
+        return None
+    first = fevers[0]
+    drugs = [a for c in FEVER_MASKING_DRUGS for a in data.given(c) if first.t < a.start <= at]
+    return (first, min(drugs, key=lambda a: a.start)) if drugs else None
+
+
+def _pressors_running(data: PatientData, lo: datetime, hi: datetime) -> _Domain | None:
+    """Vasopressor domain, or None when no counted vasopressor ran in the window."""
+    runs = [
+        a for c in VASOPRESSORS_COUNTED for a in data.given(c) if a.overlaps(lo, hi) and (a.rate is None or a.rate > 0)
+    ]
+    if not runs:
+        return None
+    # "Multiple vasopressors": two different counted agents running at the same time.
+    for i, a in enumerate(runs):
+        for b in runs[i + 1 :]:
+            if a.concept != b.concept:
+                start = max(a.start, b.start, lo)
+                end = min(a.end or hi, b.end or hi, hi)
+                if start <= end:
+                    why = (
+                        f"multiple vasopressors ({a.concept} and {b.concept} running together "
+                        f"from {_fmt_t(start)}; vasopressin not counted) -> grade {MULTIPLE_VASOPRESSORS_GRADE}"
+                    )
+                    return _Domain("hypotension", MULTIPLE_VASOPRESSORS_GRADE, why, (a.ref, b.ref))
+    first = runs[0]
+    dose = f" {first.shown}" if first.shown else ""
+    why = f"one vasopressor ({first.concept} from {_fmt_t(first.start)}{dose}) -> grade {ONE_VASOPRESSOR_GRADE}"
+    return _Domain("hypotension", ONE_VASOPRESSOR_GRADE, why, tuple(a.ref for a in runs))
+
+
+def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConfig) -> _Domain:
+    pressors = _pressors_running(data, lo, hi)
+    vaso = [a for a in data.given(VASOPRESSIN) if a.overlaps(lo, hi)]
+    vaso_note = " Vasopressin ran in the window and is not counted as a vasopressor (ASTCT)." if vaso else ""
+    if pressors is not None:
+        pressors.why += vaso_note
+        return pressors
+    sbp_lim, map_lim, rule = cfg.hypotension.limits(age_days(data.birth_date, hi))
+    sbp = in_window(data.series("systolic-bp"), lo, hi)
+    maps = in_window(data.series("mean-arterial-pressure"), lo, hi)
+    low = [s for s in sbp if s.value is not None and s.value < sbp_lim]
+    if map_lim is not None:
+        low += [s for s in maps if s.value is not None and s.value < map_lim]
+    if low:
+        worst = min(low, key=lambda s: s.value or 0.0)
+        why = (
+            f"hypotension not requiring vasopressors ({worst.concept} {worst.shown} at {_fmt_t(worst.t)}; "
+            f"rule: {rule}) -> grade {HYPOTENSION_NO_PRESSOR_GRADE}.{vaso_note}"
+        )
+        return _Domain("hypotension", HYPOTENSION_NO_PRESSOR_GRADE, why, tuple(s.ref for s in low[:5]))
+    if sbp or maps:
+        why = f"no hypotension ({len(sbp) + len(maps)} pressures; rule: {rule}), no vasopressor.{vaso_note}"
+        return _Domain("hypotension", 0, why)
+    why = f"no blood pressure and no vasopressor recorded.{vaso_note}"
+    return _Domain("hypotension", None, why, needs="systolic-bp or mean-arterial-pressure")
+
+
+def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> _Domain:
+    devices = [s for s in in_window(data.series("oxygen-device"), lo, hi) if s.code in OXYGEN_DEVICE_GRADE]
+    flows = [s for s in in_window(data.series("oxygen-flow"), lo, hi) if s.value is not None]
+    if not devices and not flows:
+        return _Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
+    best: tuple[int, Sample, str] | None = None
+    for s in devices:
+        g = OXYGEN_DEVICE_GRADE[s.code or ""]
+        cand = (g, s, f"oxygen device {s.code} at {_fmt_t(s.t)}")
+        best = cand if best is None or g > best[0] else best
+    for s in flows:
+        value = s.value or 0.0
+        g = 3 if value > HIGH_FLOW_ABOVE_L_MIN else (2 if value > 0 else 0)
+        cand = (g, s, f"oxygen flow {s.shown} at {_fmt_t(s.t)} (high flow is > {HIGH_FLOW_ABOVE_L_MIN:g} L/min)")
+        best = cand if best is None or g > best[0] else best
+    assert best is not None
+    grade, sample, text = best
+    return _Domain(
+        "hypoxia", grade, f"{text} -> grade {grade}" if grade else f"no oxygen support ({text})", (sample.ref,)
+    )
+
+
+def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
+    lo = at - cfg.window
+    window = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+    day0 = data.first_event("cart-infusion")
+    since = day0.start if day0 else None
+    notes = [] if day0 else ["No CAR T infusion (day 0) found: masked fever looked for over all data."]
+    notes.append("Attribution to another cause cannot be judged from data; graded as recorded.")
+    temps = in_window(data.series("body-temperature"), lo, at)
+    considered = [s.ref for s in temps]
+    fever = max(temps, key=lambda s: s.value or 0.0) if temps else None
+    masked = _masking(data, since, at)
+    if fever is not None and (fever.value or 0.0) >= FEVER_C:
+        fever_dom = _Domain(
+            "fever", 1, f"fever {fever.shown} at {_fmt_t(fever.t)} (>= {FEVER_C:g} °C)", (fever.ref,), required=True
+        )
+    elif masked is not None:
+        f, drug = masked
+        why = (
+            f"fever masked: CRS fever {f.shown} at {_fmt_t(f.t)} followed by {drug.concept} at "
+            f"{_fmt_t(drug.start)}, so fever is no longer required (ASTCT)."
+        )
+        fever_dom = _Domain("fever", 1, why, (f.ref, drug.ref), required=True)
+    elif fever is not None:
+        why = f"no fever (max {fever.shown} at {_fmt_t(fever.t)}; < {FEVER_C:g} °C) and no masking therapy: grade 0."
+        return GradeResult(
+            CRS_METHOD,
+            CRS_SCALE,
+            at,
+            0,
+            f"{window} {why} " + " ".join(notes),
+            tuple(s.ref for s in temps),
+            (),
+            tuple(considered),
+        )
+    else:
+        why = "no body temperature recorded in the window and no masking therapy after a CRS fever."
+        return GradeResult(
+            CRS_METHOD,
+            CRS_SCALE,
+            at,
+            None,
+            f"{window} INDETERMINATE: {why} " + " ".join(notes),
+            (),
+            ("body-temperature",),
+            tuple(considered),
+        )
+    hypo = _hypotension(data, lo, at, cfg)
+    hypox = _hypoxia(data, lo, at)
+    considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
+    for c in ("systolic-bp", "mean-arterial-pressure", "oxygen-device", "oxygen-flow"):
+        considered += [s.ref for s in in_window(data.series(c), lo, at)]
+    for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN):
+        considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
+    if day0:
+        considered.append(day0.ref)
+    return _combine(CRS_METHOD, CRS_SCALE, at, [fever_dom, hypo, hypox], window, notes, considered)
+
+
+# --- ICANS ---------------------------------------------------------------------------
+
+
+def _score_domain(
+    name: str, concept: str, series: list[Sample], bands: tuple[tuple[int, int, int], ...], worst_is_low: bool
+) -> _Domain:
+    scored = [s for s in series if s.value is not None]
+    if not scored:
+        return _Domain(name, None, "not recorded.", needs=concept)
+    pick = min if worst_is_low else max
+    worst = pick(scored, key=lambda s: s.value or 0.0)
+    grade = _band(worst.value or 0.0, bands)
+    return _Domain(name, grade, f"worst {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
+
+
+def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
+    lo = at - cfg.window
+    head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+    notes: list[str] = []
+    ice = in_window(data.series("ice-score"), lo, at)
+    capd = in_window(data.series("capd-score"), lo, at)
+    if data.birth_date is None:
+        use_capd = bool(capd) and not ice
+        notes.append(f"Age unknown (no Patient.birthDate): {'CAPD' if use_capd else 'ICE'} used as recorded.")
+    else:
+        years = completed_years(data.birth_date, at.date())
+        use_capd = years <= cfg.capd_max_age_years
+        rule = "<=" if use_capd else ">"
+        notes.append(
+            f"Age {years} y: {'CAPD' if use_capd else 'ICE'} (age {rule} {cfg.capd_max_age_years}, configurable)."
+        )
+    tool = (
+        _score_domain("CAPD", "capd-score", capd, CAPD_BANDS, worst_is_low=False)
+        if use_capd
+        else _score_domain("ICE", "ice-score", ice, ICE_BANDS, worst_is_low=True)
+    )
+    domains = [tool]
+    considered = [s.ref for s in (capd if use_capd else ice)]
+    conscious_known = False
+    for concept, table in CODED_ICANS_DOMAINS:
+        series = in_window(data.series(concept), lo, at)
+        considered += [s.ref for s in series]
+        worst = _worst_coded(series, table)
+        if worst is None:
+            if concept == "consciousness":
+                domains.append(_Domain(concept, None, "not recorded.", needs=concept))
+            else:
+                # ASTCT rows for seizure, motor and edema are findings: none recorded = none.
+                domains.append(_Domain(concept, 0, "no finding recorded."))
+            continue
+        conscious_known |= concept == "consciousness"
+        g, s = worst
+        domains.append(_Domain(concept, g, f"{s.code} at {_fmt_t(s.t)} -> grade {g}", (s.ref,)))
+    if tool.grade is not None and not conscious_known:
+        # A completed ICE/CAPD assessment implies the patient could be assessed.
+        domains = [d for d in domains if d.name != "consciousness"]
+        notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
+    elif tool.grade is None and conscious_known:
+        domains = [d for d in domains if d is not tool]
+        notes.append(f"{tool.name} not recorded; graded on the level of consciousness and findings.")
+    notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")
+    return _combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)

@@ -1,0 +1,90 @@
+"""Normalised, unit-tagged inputs and graded outputs of the pure core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One observed value of a concept, in the concept's canonical unit.
+
+    `value` is set for quantities and scores, `code` (a codebook value name) for coded
+    concepts. `ref` is the FHIR reference of the source resource, `shown` the value as sent
+    (with its original unit), for rationales.
+    """
+
+    concept: str
+    t: datetime
+    ref: str
+    value: float | None = None
+    unit: str | None = None
+    code: str | None = None
+    shown: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Administration:
+    """A drug given over [start, end]; end None means still running (ongoing)."""
+
+    concept: str
+    start: datetime
+    end: datetime | None
+    ref: str
+    rate: float | None = None  # canonical unit of the concept, when a rate was sent
+    unit: str | None = None
+    shown: str = ""
+
+    def overlaps(self, lo: datetime, hi: datetime) -> bool:
+        return self.start <= hi and (self.end is None or self.end >= lo)
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    ref: str
+    reason: str
+
+
+@dataclass
+class PatientData:
+    """Everything the core knows about one patient, normalised by the FHIR adapter."""
+
+    patient_ref: str
+    birth_date: date | None = None
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # concept -> sorted by t
+    administrations: dict[str, list[Administration]] = field(default_factory=dict)
+    ignored: list[Ignored] = field(default_factory=list)
+
+    def series(self, concept: str) -> list[Sample]:
+        return self.samples.get(concept, [])
+
+    def given(self, concept: str) -> list[Administration]:
+        return self.administrations.get(concept, [])
+
+    def first_event(self, concept: str) -> Administration | None:
+        events = self.given(concept)
+        return min(events, key=lambda a: a.start) if events else None
+
+    def latest_time(self) -> datetime | None:
+        times = [s[-1].t for s in self.samples.values() if s]
+        times += [a.end or a.start for adm in self.administrations.values() for a in adm]
+        return max(times) if times else None
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """A graded outcome. grade None means indeterminate (never silently 0)."""
+
+    method: str
+    scale: str
+    at: datetime
+    grade: int | None
+    rationale: str
+    basis: tuple[str, ...]
+    missing: tuple[str, ...] = ()
+    considered: tuple[str, ...] = ()  # every input read while grading (Provenance entities)
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.grade is None

@@ -1,0 +1,119 @@
+"""Explicit UCUM unit conversion to each concept's canonical unit.
+
+Only the conversions listed here exist. A unit not listed for a concept is an error, never
+a guess (clinical-rules.md; fhir-integration.md "UCUM units").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Creatinine: 1 mg/dL = 88.42 umol/L (molar mass 113.12 g/mol).
+CREATININE_UMOL_L_PER_MG_DL = 88.42
+
+
+class UnitError(ValueError):
+    """A value whose unit cannot be converted for its concept."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    to_unit: str
+    factor: float = 1.0
+    offset: float = 0.0
+    # Multiply (1) or divide (-1) by body weight in kg; 0 when weight is not involved.
+    weight_power: int = 0
+
+    def apply(self, value: float, weight_kg: float | None) -> float:
+        out = value * self.factor + self.offset
+        if self.weight_power:
+            if weight_kg is None:
+                raise UnitError("needs body weight (LOINC 29463-7) to convert")
+            out = out * weight_kg if self.weight_power > 0 else out / weight_kg
+        return out
+
+
+def _same(unit: str) -> Conversion:
+    return Conversion(unit)
+
+
+# canonical unit -> {source UCUM code -> conversion}
+_TEMPERATURE = {"Cel": _same("Cel"), "[degF]": Conversion("Cel", 5 / 9, -32 * 5 / 9)}
+_PRESSURE = {"mm[Hg]": _same("mm[Hg]")}
+_PERCENT = {"%": _same("%"), "1": Conversion("%", 100.0)}
+_FLOW = {"L/min": _same("L/min"), "mL/min": Conversion("L/min", 0.001)}
+_WEIGHT = {"kg": _same("kg"), "g": Conversion("kg", 0.001), "[lb_av]": Conversion("kg", 0.45359237)}
+_SCORE = {"{score}": _same("{score}")}
+_MG_DL = {"mg/dL": _same("mg/dL"), "mg/L": Conversion("mg/dL", 0.1)}
+_CREATININE = {"mg/dL": _same("mg/dL"), "umol/L": Conversion("mg/dL", 1 / CREATININE_UMOL_L_PER_MG_DL)}
+_NG_ML = {"ng/mL": _same("ng/mL"), "ug/L": _same("ng/mL")}
+_PG_ML = {"pg/mL": _same("pg/mL"), "ng/L": _same("pg/mL")}
+# For enzyme activity the international unit and U are the same unit (1 umol/min).
+_ENZYME = {"U/L": _same("U/L"), "[IU]/L": _same("U/L")}
+_COUNT = {"10*9/L": _same("10*9/L"), "10*3/uL": _same("10*9/L"), "/uL": Conversion("10*9/L", 0.001)}
+_HB = {"g/dL": _same("g/dL"), "g/L": Conversion("g/dL", 0.1)}
+_UG_MIN = {
+    "ug/min": _same("ug/min"),
+    "ug/kg/min": Conversion("ug/min", weight_power=1),
+    "mg/h": Conversion("ug/min", 1000 / 60),
+    "ug/h": Conversion("ug/min", 1 / 60),
+}
+_UG_KG_MIN = {"ug/kg/min": _same("ug/kg/min"), "ug/min": Conversion("ug/kg/min", weight_power=-1)}
+# Vasopressin is dosed in units/min; UCUM's U is the enzyme unit, so sites send
+# [iU]/min or [USP'U]/min, and U/min is accepted as sent (fhir-integration.md).
+_VASOPRESSIN = {
+    "U/min": _same("U/min"),
+    "[iU]/min": _same("U/min"),
+    "[USP'U]/min": _same("U/min"),
+    "U/h": Conversion("U/min", 1 / 60),
+    "[iU]/h": Conversion("U/min", 1 / 60),
+    "[USP'U]/h": Conversion("U/min", 1 / 60),
+}
+
+CONVERSIONS: dict[str, dict[str, Conversion]] = {
+    "body-temperature": _TEMPERATURE,
+    "systolic-bp": _PRESSURE,
+    "mean-arterial-pressure": _PRESSURE,
+    "spo2": _PERCENT,
+    "fio2": _PERCENT,
+    "oxygen-flow": _FLOW,
+    "body-weight": _WEIGHT,
+    "ice-score": _SCORE,
+    "capd-score": _SCORE,
+    "crp": _MG_DL,
+    "ferritin": _NG_ML,
+    "ldh": _ENZYME,
+    "platelets": _COUNT,
+    "creatinine": _CREATININE,
+    "anc": _COUNT,
+    "hemoglobin": _HB,
+    "ast": _ENZYME,
+    "alt": _ENZYME,
+    "il6": _PG_ML,
+    "mcp1": _PG_ML,
+    "norepinephrine": _UG_MIN,
+    "epinephrine": _UG_MIN,
+    "phenylephrine": _UG_MIN,
+    "dopamine": _UG_KG_MIN,
+    "vasopressin": _VASOPRESSIN,
+}
+
+
+def units_for(concept: str) -> list[str]:
+    return list(CONVERSIONS.get(concept, {}))
+
+
+def canonical_unit(concept: str) -> str:
+    return next(iter(CONVERSIONS[concept].values())).to_unit
+
+
+def converter(concept: str, unit: str) -> Callable[[float, float | None], float]:
+    """The conversion of `unit` to the concept's canonical unit, or UnitError."""
+    table = CONVERSIONS.get(concept)
+    if table is None:
+        raise UnitError(f"concept {concept!r} carries no quantity")
+    conv = table.get(unit)
+    if conv is None:
+        raise UnitError(f"unit {unit!r} is not accepted for {concept} (accepted: {', '.join(table)})")
+    return conv.apply

@@ -1,0 +1,82 @@
+"""Application service: FHIR inputs -> core grading -> FHIR outputs. No HTTP, no database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .codebook import Codebook
+from .core.astct import GradingConfig, HypotensionRule, grade_crs, grade_icans
+from .core.model import GradeResult
+from .fhir.emit import collection, provenance, risk_assessment, validate_emitted
+from .fhir.errors import FhirError
+from .fhir.ingest import Entry, load_json, parse_patient_entries, split_entries
+from .settings import Settings
+
+EVALUATE_BUNDLE_TYPES = frozenset({"collection", "batch", "transaction", "searchset"})
+
+
+def grading_config(settings: Settings) -> GradingConfig:
+    return GradingConfig(
+        window=timedelta(hours=settings.window_hours),
+        capd_max_age_years=settings.capd_max_age_years,
+        hypotension=HypotensionRule(
+            settings.adult_sbp_below_mmhg, settings.adult_map_below_mmhg, settings.adult_from_age_years
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    patient_ref: str
+    at: datetime
+    results: list[GradeResult]
+    assessments: list[dict[str, Any]]
+    provenance: dict[str, Any]
+
+    @property
+    def resources(self) -> list[dict[str, Any]]:
+        return [*self.assessments, self.provenance]
+
+    def bundle(self) -> dict[str, Any]:
+        return collection(self.resources)
+
+
+def parse_at(raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError:
+        raise FhirError.one(400, "value", f"invalid dateTime {raw!r}", "at") from None
+    if t.tzinfo is None:
+        raise FhirError.one(400, "value", "at needs a timezone (e.g. 2026-01-06T10:00:00+00:00)", "at")
+    return t
+
+
+def evaluate_entries(
+    entries: list[Entry], codebook: Codebook, settings: Settings, at: datetime | None, recorded: datetime
+) -> Evaluation:
+    parsed = parse_patient_entries(entries, codebook)
+    data = parsed.data
+    at = at or data.latest_time()
+    if at is None:
+        raise FhirError.one(422, "required", "no timed input: give the evaluation time `at`", "at")
+    cfg = grading_config(settings)
+    results = [grade_crs(data, at, cfg), grade_icans(data, at, cfg)]
+    base = settings.canonical_base
+    assessments = [risk_assessment(r, data.patient_ref, base) for r in results]
+    inputs = [data.patient_ref] + [ref for r in results for ref in (*r.considered, *r.basis)]
+    prov = provenance(assessments, inputs, base, recorded)
+    validate_emitted([*assessments, prov])
+    return Evaluation(data.patient_ref, at, results, assessments, prov)
+
+
+def evaluate_body(
+    body: bytes, codebook: Codebook, settings: Settings, at: datetime | None, recorded: datetime
+) -> Evaluation:
+    """The stateless `$evaluate`: a Bundle (or lone Patient) in, an Evaluation out."""
+    doc = load_json(body)
+    entries = split_entries(doc, max_entries=settings.max_bundle_entries, bundle_types=EVALUATE_BUNDLE_TYPES)
+    return evaluate_entries(entries, codebook, settings, at, recorded)

@@ -1,0 +1,141 @@
+"""FHIR out: RiskAssessment, Provenance and Bundle, validated with fhir.resources R4B.
+
+Output contract (README "Output contract"): one RiskAssessment per method, status final,
+occurrenceDateTime = at, method/code/outcome from the project CodeSystems, ICD-10-CM grade
+codings for grade >= 1, qualitativeRisk from risk-probability, rationale and basis.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from fhir.resources.R4B import FHIRAbstractModel
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.provenance import Provenance
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from .. import __version__
+from ..core.model import GradeResult
+
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
+PROVENANCE_ROLE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+ID_NAMESPACE = uuid.UUID("6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10")
+
+# ICD-10-CM graded codes (fhir-integration.md "Grade codes"): grade 1..5.
+ICD_GRADE_CODES = {
+    "astct-crs": ("D89.83", "Cytokine release syndrome, grade {g}"),
+    "astct-icans": ("G92.0", "Immune effector cell-associated neurotoxicity syndrome, grade {g}"),
+}
+# Severity band reported as qualitativeRisk (documented in docs/output-contract.md).
+QUALITATIVE = {0: "negligible", 1: "low", 2: "moderate", 3: "high", 4: "high", 5: "high"}
+QUALITATIVE_DISPLAY = {
+    "negligible": "Negligible likelihood",
+    "low": "Low likelihood",
+    "moderate": "Moderate likelihood",
+    "high": "High likelihood",
+}
+
+
+def systems(base: str) -> dict[str, str]:
+    return {
+        "method": f"{base}/CodeSystem/method",
+        "assessment": f"{base}/CodeSystem/assessment",
+        "outcome": f"{base}/CodeSystem/outcome",
+        "identifier": f"{base}/identifier/risk-assessment",
+        "device": f"{base}/identifier/software",
+    }
+
+
+def business_key(patient_ref: str, method: str, code: str, at: datetime) -> str:
+    return f"{patient_ref}|{method}|{code}|{at.isoformat()}"
+
+
+def assessment_id(key: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, key))
+
+
+def _outcome(result: GradeResult, system: str) -> dict[str, Any]:
+    if result.grade is None:
+        return {
+            "coding": [{"system": system, "code": "indeterminate", "display": "Indeterminate"}],
+            "text": f"Indeterminate: missing {', '.join(result.missing) or 'data'}",
+        }
+    g = result.grade
+    coding = [{"system": system, "code": f"grade-{g}", "display": f"Grade {g}"}]
+    icd = ICD_GRADE_CODES.get(result.method)
+    if icd and g >= 1:
+        prefix, display = icd
+        coding.append({"system": ICD10CM, "code": f"{prefix}{g}", "display": display.format(g=g)})
+    return {"coding": coding, "text": f"{result.scale}: grade {g}"}
+
+
+def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str = "current-grade") -> dict[str, Any]:
+    sy = systems(base)
+    key = business_key(patient_ref, result.method, code, result.at)
+    prediction: dict[str, Any] = {"outcome": _outcome(result, sy["outcome"]), "rationale": result.rationale}
+    if result.grade is not None:
+        q = QUALITATIVE[result.grade]
+        prediction["qualitativeRisk"] = {
+            "coding": [{"system": RISK_PROBABILITY, "code": q, "display": QUALITATIVE_DISPLAY[q]}]
+        }
+    ra: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": assessment_id(key),
+        "identifier": [{"system": sy["identifier"], "value": key}],
+        "status": "final",
+        "subject": {"reference": patient_ref},
+        "occurrenceDateTime": result.at.isoformat(),
+        "method": {"coding": [{"system": sy["method"], "code": result.method}], "text": result.scale},
+        "code": {"coding": [{"system": sy["assessment"], "code": code}]},
+        "prediction": [prediction],
+    }
+    if result.basis:
+        ra["basis"] = [{"reference": r} for r in result.basis]
+    return ra
+
+
+def provenance(targets: list[dict[str, Any]], inputs: Iterable[str], base: str, recorded: datetime) -> dict[str, Any]:
+    target_ids = sorted(t["id"] for t in targets)
+    prov: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "id": str(uuid.uuid5(ID_NAMESPACE, "provenance|" + "|".join(target_ids))),
+        "target": [{"reference": f"RiskAssessment/{i}"} for i in target_ids],
+        "recorded": recorded.isoformat(),
+        "activity": {"text": "iectox evaluation (ASTCT 2019 grading)"},
+        "agent": [
+            {
+                "type": {"coding": [{"system": PROVENANCE_ROLE, "code": "assembler", "display": "Assembler"}]},
+                "who": {
+                    "identifier": {"system": systems(base)["device"], "value": "iectox"},
+                    "display": f"iectox {__version__}",
+                },
+            }
+        ],
+    }
+    entities = [{"role": "source", "what": {"reference": r}} for r in dict.fromkeys(inputs) if r]
+    if entities:
+        prov["entity"] = entities
+    return prov
+
+
+def validate_emitted(resources: list[dict[str, Any]]) -> None:
+    """Every emitted resource passes fhir.resources R4B (raises pydantic.ValidationError)."""
+    models: dict[str, type[FHIRAbstractModel]] = {
+        "RiskAssessment": RiskAssessment,
+        "Provenance": Provenance,
+        "Bundle": Bundle,
+    }
+    for res in resources:
+        models[res["resourceType"]].model_validate(res)
+
+
+def collection(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources],
+    }

@@ -1,0 +1,494 @@
+"""FHIR in: lean parsing of R4 JSON into the core's normalised, unit-tagged series.
+
+This is the hot path of `$evaluate`, so resources are read as plain dicts (orjson) and only
+the elements the rules need are checked, with the FHIRPath of every problem. fhir.resources
+validation (~100-300 µs a resource) is kept for what the service emits.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from ..codebook import Codebook, Coding
+from ..core.model import Administration, Ignored, PatientData, Sample
+from ..core.units import UnitError, canonical_unit, converter
+from .errors import FhirError, Issue
+
+UCUM = "http://unitsofmeasure.org"
+MAX_ISSUES = 25
+
+OBS_USED = frozenset({"final", "amended", "corrected"})
+OBS_IGNORED = frozenset({"registered", "preliminary", "cancelled", "entered-in-error", "unknown"})
+MED_USED = frozenset({"in-progress", "completed", "stopped"})
+MED_IGNORED = frozenset({"not-done", "entered-in-error", "on-hold", "unknown"})
+PROC_USED = frozenset({"completed", "in-progress"})
+PROC_IGNORED = frozenset({"preparation", "not-done", "on-hold", "stopped", "entered-in-error", "unknown"})
+# Resource types that feed grading; other valid FHIR types are accepted and not used.
+GRADED_TYPES = frozenset({"Patient", "Observation", "MedicationAdministration", "Procedure", "Medication"})
+
+
+@lru_cache(maxsize=512)
+def is_resource_type(name: str) -> bool:
+    """True for an R4 resource type name (Observation), false for data types or junk."""
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    try:
+        return issubclass(get_fhir_model_class(name), Resource)
+    except (KeyError, ValueError, AttributeError, ImportError):
+        return False
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise FhirError.one(400, "structure", f"malformed JSON: {exc}", None) from exc
+
+
+@dataclass(slots=True)
+class Entry:
+    resource: dict[str, Any]
+    path: str  # FHIRPath of the resource, e.g. Bundle.entry[3].resource
+    full_url: str | None = None
+
+    @property
+    def type(self) -> str:
+        return str(self.resource.get("resourceType"))
+
+    @property
+    def ref(self) -> str:
+        rid = self.resource.get("id")
+        return f"{self.type}/{rid}" if rid else (self.full_url or "")
+
+
+def _version_key(res: dict[str, Any]) -> tuple[int, str, str]:
+    meta = res.get("meta") or {}
+    vid = str(meta.get("versionId") or "")
+    return (int(vid) if vid.isdigit() else -1, vid, str(meta.get("lastUpdated") or ""))
+
+
+def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
+    """The resources of a Bundle (or one resource), newest version per id, structurally checked."""
+    if not isinstance(doc, dict):
+        raise FhirError.one(400, "structure", "expected a JSON object (a FHIR resource)")
+    rtype = doc.get("resourceType")
+    if rtype != "Bundle":
+        entries = [Entry(doc, str(rtype))]
+    else:
+        btype = doc.get("type")
+        if btype not in bundle_types:
+            raise FhirError.one(422, "value", f"Bundle.type must be one of {sorted(bundle_types)}", "Bundle.type")
+        raw = doc.get("entry") or []
+        if not isinstance(raw, list):
+            raise FhirError.one(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
+        if len(raw) > max_entries:
+            raise FhirError.one(
+                413, "too-long", f"Bundle has {len(raw)} entries; the limit is {max_entries}", "Bundle.entry"
+            )
+        entries = []
+        issues: list[Issue] = []
+        for i, e in enumerate(raw):
+            res = e.get("resource") if isinstance(e, dict) else None
+            if not isinstance(res, dict):
+                issues.append(Issue("required", "entry has no resource", f"Bundle.entry[{i}].resource"))
+                continue
+            entries.append(Entry(res, f"Bundle.entry[{i}].resource", e.get("fullUrl")))
+        if issues:
+            raise FhirError(422, issues[:MAX_ISSUES])
+    issues = []
+    for en in entries:
+        rt = en.resource.get("resourceType")
+        if not isinstance(rt, str) or not rt:
+            issues.append(Issue("required", "resourceType is missing", f"{en.path}.resourceType"))
+        elif not is_resource_type(rt):
+            issues.append(Issue("not-supported", f"unknown resourceType {rt!r}", f"{en.path}.resourceType"))
+        rid = en.resource.get("id")
+        if rid is not None and not (isinstance(rid, str) and rid and len(rid) <= 64):
+            issues.append(Issue("value", "id must be a non-empty string of at most 64 characters", f"{en.path}.id"))
+    if issues:
+        raise FhirError(422, issues[:MAX_ISSUES])
+    # The same id seen twice keeps the newest meta.versionId (else meta.lastUpdated).
+    newest: dict[str, Entry] = {}
+    out: list[Entry] = []
+    for en in entries:
+        rid = en.resource.get("id")
+        if rid is None:
+            out.append(en)
+            continue
+        key = f"{en.type}/{rid}"
+        old = newest.get(key)
+        if old is None or _version_key(en.resource) > _version_key(old.resource):
+            newest[key] = en
+    out.extend(newest.values())
+    return out
+
+
+# --- element readers (each raises into the issue list with its path) ----------------
+
+
+class _Issues(Exception):
+    pass
+
+
+@dataclass
+class _Reader:
+    issues: list[Issue] = field(default_factory=list)
+
+    def fail(self, code: str, msg: str, path: str) -> None:
+        self.issues.append(Issue(code, msg, path))
+        if len(self.issues) >= MAX_ISSUES:
+            raise _Issues
+
+    def instant(self, raw: Any, path: str) -> datetime | None:
+        if not isinstance(raw, str):
+            self.fail("value", "expected a dateTime string", path)
+            return None
+        try:
+            t = datetime.fromisoformat(raw)
+        except ValueError:
+            self.fail("value", f"invalid dateTime {raw!r}", path)
+            return None
+        if t.tzinfo is None:
+            self.fail("value", f"dateTime {raw!r} needs a time and a timezone to be placed on the timeline", path)
+            return None
+        return t
+
+    def when(self, res: dict[str, Any], path: str, prefix: str) -> tuple[datetime | None, datetime | None, bool]:
+        """(start, end, found) from <prefix>DateTime / <prefix>Period / <prefix>Instant."""
+        if f"{prefix}DateTime" in res:
+            t = self.instant(res[f"{prefix}DateTime"], f"{path}.{prefix}DateTime")
+            return t, t, True
+        if f"{prefix}Instant" in res:
+            t = self.instant(res[f"{prefix}Instant"], f"{path}.{prefix}Instant")
+            return t, t, True
+        period = res.get(f"{prefix}Period")
+        if isinstance(period, dict):
+            p = f"{path}.{prefix}Period"
+            start = self.instant(period["start"], f"{p}.start") if "start" in period else None
+            end = self.instant(period["end"], f"{p}.end") if "end" in period else None
+            if start is None and "start" not in period:
+                self.fail("required", "period needs a start", f"{p}.start")
+            if start is not None and end is not None and end < start:
+                self.fail("value", "period end is before its start", f"{p}.end")
+            return start, end, True
+        return None, None, False
+
+
+def _codings(cc: Any) -> list[Coding]:
+    if not isinstance(cc, dict):
+        return []
+    return [(c.get("system", ""), c.get("code", "")) for c in cc.get("coding") or () if isinstance(c, dict)]
+
+
+def _text(cc: Any) -> str | None:
+    if not isinstance(cc, dict):
+        return None
+    parts = [cc.get("text") or ""] + [c.get("display") or "" for c in cc.get("coding") or () if isinstance(c, dict)]
+    joined = " ".join(p for p in parts if isinstance(p, str) and p)
+    return joined or None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+@dataclass
+class _RawDose:
+    concept: str
+    start: datetime
+    end: datetime | None
+    ref: str
+    path: str
+    rate: float | None = None
+    rate_unit: str | None = None
+
+
+class Normaliser:
+    """Builds one patient's PatientData from checked entries; collects every issue."""
+
+    def __init__(self, codebook: Codebook) -> None:
+        self.cb = codebook
+        self.r = _Reader()
+        self.samples: dict[str, list[Sample]] = {}
+        self.doses: list[_RawDose] = []
+        self.ignored: list[Ignored] = []
+        self.medications: dict[str, dict[str, Any]] = {}
+
+    # Quantities -----------------------------------------------------------------
+    def _quantity(self, concept: str, q: Any, path: str) -> tuple[float, str, str] | None:
+        if not isinstance(q, dict):
+            self.r.fail("structure", "expected a Quantity", path)
+            return None
+        value = q.get("value")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.r.fail("required", "Quantity.value must be a number", f"{path}.value")
+            return None
+        system = q.get("system")
+        if system is not None and system != UCUM:
+            self.r.fail("value", f"Quantity.system must be UCUM ({UCUM}), not {system!r}", f"{path}.system")
+            return None
+        # The UCUM code; without one, the unit text is used only if it is itself an accepted code.
+        unit = q.get("code") or q.get("unit")
+        if not unit:
+            self.r.fail("required", "Quantity has no unit (UCUM code expected)", f"{path}.code")
+            return None
+        try:
+            v = converter(concept, unit)(float(value), None)
+        except UnitError as exc:
+            self.r.fail("value", f"{exc}", f"{path}.code")
+            return None
+        shown = f"{_fmt(float(value))} {unit}"
+        canonical = canonical_unit(concept)
+        if unit != canonical:
+            shown += f" (= {_fmt(v)} {canonical})"
+        return v, unit, shown
+
+    def _add(self, s: Sample) -> None:
+        self.samples.setdefault(s.concept, []).append(s)
+
+    # Observation ----------------------------------------------------------------
+    def observation(self, en: Entry) -> None:
+        res, path, r = en.resource, en.path, self.r
+        status = res.get("status")
+        if status is None:
+            r.fail("required", "Observation.status is required", f"{path}.status")
+            return
+        concept = self.cb.concept_for(_codings(res.get("code")), None)
+        components = res.get("component") or ()
+        comp_concepts = [self.cb.concept_for(_codings(c.get("code")), None) for c in components if isinstance(c, dict)]
+        if concept is None and not any(comp_concepts):
+            if not isinstance(res.get("code"), dict):
+                r.fail("required", "Observation.code is required", f"{path}.code")
+            return  # a code the codebook does not map: not an input to grading
+        if status not in OBS_USED:
+            if status not in OBS_IGNORED:
+                r.fail("value", f"unknown Observation.status {status!r}", f"{path}.status")
+            else:
+                self.ignored.append(Ignored(en.ref, f"Observation status {status}"))
+            return
+        start, _, found = r.when(res, path, "effective")
+        if not found:
+            r.fail("required", "Observation needs effectiveDateTime, effectivePeriod or effectiveInstant", path)
+            return
+        if start is None:
+            return
+        if concept is not None:
+            self._value(concept, res, path, start, en.ref)
+        for i, (comp, cconcept) in enumerate(zip(components, comp_concepts, strict=False)):
+            if cconcept is not None:
+                self._value(cconcept, comp, f"{path}.component[{i}]", start, en.ref)
+
+    def _value(self, concept: str, holder: dict[str, Any], path: str, t: datetime, ref: str) -> None:
+        kind = self.cb.concepts[concept].kind
+        if "valueQuantity" in holder:
+            if kind in ("coded", "drug", "vasopressor", "event"):
+                self.r.fail("value", f"{concept} expects a coded value", f"{path}.valueQuantity")
+                return
+            q = self._quantity(concept, holder["valueQuantity"], f"{path}.valueQuantity")
+            if q is not None:
+                v, unit, shown = q
+                self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown))
+        elif "valueInteger" in holder and kind == "score":
+            v = holder["valueInteger"]
+            if isinstance(v, bool) or not isinstance(v, int):
+                self.r.fail("value", "valueInteger must be an integer", f"{path}.valueInteger")
+                return
+            self._add(Sample(concept, t, ref, value=float(v), unit="{score}", shown=f"{v}"))
+        elif "valueCodeableConcept" in holder and kind == "coded":
+            value = self.cb.value_for(concept, _codings(holder["valueCodeableConcept"]))
+            if value is None:
+                self.r.fail(
+                    "value",
+                    f"code not in the codebook values for {concept}",
+                    f"{path}.valueCodeableConcept",
+                )
+                return
+            self._add(Sample(concept, t, ref, code=value, shown=value))
+        elif "dataAbsentReason" in holder or not any(k.startswith("value") for k in holder):
+            self.ignored.append(Ignored(ref, f"{concept}: no value"))
+        else:
+            self.r.fail("value", f"value type not usable for {concept} ({kind})", path)
+        if kind == "score":
+            self._check_score_range(concept, path)
+
+    def _check_score_range(self, concept: str, path: str) -> None:
+        # ICE is 0-10 (ASTCT 2019); CAPD is 0-32 (Traube 2014).
+        top = {"ice-score": 10, "capd-score": 32}.get(concept)
+        series = self.samples.get(concept)
+        if top is not None and series:
+            v = series[-1].value
+            if v is not None and not (0 <= v <= top and v == int(v)):
+                series.pop()
+                self.r.fail("value", f"{concept} must be an integer 0-{top}", path)
+
+    # MedicationAdministration / Procedure ---------------------------------------------
+    def _medication_concept(self, res: dict[str, Any], path: str) -> str | None:
+        if "medicationCodeableConcept" in res:
+            cc = res["medicationCodeableConcept"]
+            return self.cb.concept_for(_codings(cc), _text(cc))
+        ref = (res.get("medicationReference") or {}).get("reference")
+        if not isinstance(ref, str):
+            self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
+            return None
+        med = self.medications.get(ref)
+        if med is None and ref.startswith("#"):
+            med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
+        if med is None:
+            return None
+        return self.cb.concept_for(_codings(med.get("code")), _text(med.get("code")))
+
+    def administration(self, en: Entry) -> None:
+        res, path, r = en.resource, en.path, self.r
+        status = res.get("status")
+        if status is None:
+            r.fail("required", "MedicationAdministration.status is required", f"{path}.status")
+            return
+        concept = self._medication_concept(res, path)
+        if concept is None:
+            return
+        if status not in MED_USED:
+            if status not in MED_IGNORED:
+                r.fail("value", f"unknown MedicationAdministration.status {status!r}", f"{path}.status")
+            else:
+                self.ignored.append(Ignored(en.ref, f"{concept} administration status {status}"))
+            return
+        start, end, found = r.when(res, path, "effective")
+        if not found:
+            r.fail("required", "effective[x] is required", f"{path}.effective[x]")
+            return
+        if start is None:
+            return
+        if status == "stopped" and end is None:
+            end = start  # stopped: counts only for the time it ran, unknown beyond its start
+        dose = _RawDose(concept, start, end, en.ref, path)
+        rate = (res.get("dosage") or {}).get("rateQuantity")
+        if rate is not None and self.cb.concepts[concept].kind == "vasopressor":
+            p = f"{path}.dosage.rateQuantity"
+            if not isinstance(rate, dict) or not isinstance(rate.get("value"), int | float):
+                r.fail("required", "rateQuantity.value must be a number", f"{p}.value")
+                return
+            unit = rate.get("code") or rate.get("unit")
+            if not unit:
+                r.fail("required", "rateQuantity has no unit", f"{p}.code")
+                return
+            try:
+                converter(concept, unit)
+            except UnitError as exc:
+                r.fail("value", str(exc), f"{p}.code")
+                return
+            dose.rate, dose.rate_unit = float(rate["value"]), unit
+        self.doses.append(dose)
+
+    def procedure(self, en: Entry) -> None:
+        res, path, r = en.resource, en.path, self.r
+        concept = self.cb.concept_for(_codings(res.get("code")), _text(res.get("code")))
+        if concept not in ("cart-infusion", "lymphodepletion"):
+            return
+        status = res.get("status")
+        if status not in PROC_USED:
+            if status not in PROC_IGNORED:
+                r.fail("value", f"unknown Procedure.status {status!r}", f"{path}.status")
+            else:
+                self.ignored.append(Ignored(en.ref, f"{concept} procedure status {status}"))
+            return
+        start, end, found = r.when(res, path, "performed")
+        if not found:
+            r.fail("required", "performed[x] is required to place the procedure in time", f"{path}.performed[x]")
+        elif start is not None:
+            self.doses.append(_RawDose(concept, start, end if end is not None else start, en.ref, path))
+
+    # Assembly -------------------------------------------------------------------------
+    def finish(self, patient_ref: str, birth: date | None) -> PatientData:
+        for series in self.samples.values():
+            series.sort(key=lambda s: s.t)
+        weights = self.samples.get("body-weight", [])
+        weight_times = [w.t for w in weights]
+        admins: dict[str, list[Administration]] = {}
+        for d in self.doses:
+            rate = None
+            shown = ""
+            if d.rate is not None and d.rate_unit is not None:
+                shown = f"{_fmt(d.rate)} {d.rate_unit}"
+                weight = None
+                if weights:  # latest weight at or before the dose, else the first one
+                    i = bisect_right(weight_times, d.start)
+                    weight = weights[max(i - 1, 0)].value
+                try:
+                    rate = converter(d.concept, d.rate_unit)(d.rate, weight)
+                except UnitError:
+                    self.ignored.append(Ignored(d.ref, f"{d.concept} rate not normalised: no body weight"))
+            admins.setdefault(d.concept, []).append(
+                Administration(d.concept, d.start, d.end, d.ref, rate=rate, shown=shown)
+            )
+        for adm in admins.values():
+            adm.sort(key=lambda a: a.start)
+        return PatientData(patient_ref, birth, self.samples, admins, self.ignored)
+
+
+@dataclass
+class Parsed:
+    patient: Entry
+    data: PatientData
+    entries: list[Entry]
+
+
+def _subject_ok(res: dict[str, Any], patient_refs: set[str], path: str, r: _Reader, elem: str = "subject") -> bool:
+    ref = (res.get(elem) or {}).get("reference")
+    if ref is None:
+        r.fail("required", f"{elem} must reference the patient", f"{path}.{elem}")
+        return False
+    if ref not in patient_refs:
+        r.fail("value", f"{elem} {ref!r} is not the Patient of this request", f"{path}.{elem}.reference")
+        return False
+    return True
+
+
+def parse_patient_entries(entries: list[Entry], codebook: Codebook) -> Parsed:
+    """Normalise one patient's entries; 422 with every problem (and its path) otherwise."""
+    patients = [e for e in entries if e.type == "Patient"]
+    if len(patients) != 1:
+        raise FhirError.one(
+            422,
+            "required" if not patients else "not-supported",
+            f"expected exactly one Patient, found {len(patients)}",
+            "Bundle.entry.resource.ofType(Patient)",
+        )
+    patient = patients[0]
+    pres = patient.resource
+    refs = {patient.ref, f"Patient/{pres.get('id')}"} | ({patient.full_url} if patient.full_url else set())
+    norm = Normaliser(codebook)
+    r = norm.r
+    birth: date | None = None
+    try:
+        if "birthDate" in pres:
+            try:
+                birth = date.fromisoformat(str(pres["birthDate"]))
+            except ValueError:
+                r.fail("value", "birthDate must be YYYY-MM-DD to compute age", f"{patient.path}.birthDate")
+        for en in entries:
+            if en.type == "Medication":
+                norm.medications[en.ref] = en.resource
+                if en.full_url:
+                    norm.medications[en.full_url] = en.resource
+        for en in entries:
+            t = en.type
+            if t == "Observation":
+                if _subject_ok(en.resource, refs, en.path, r):
+                    norm.observation(en)
+            elif t == "MedicationAdministration":
+                if _subject_ok(en.resource, refs, en.path, r):
+                    norm.administration(en)
+            elif t == "Procedure" and _subject_ok(en.resource, refs, en.path, r):
+                norm.procedure(en)
+    except _Issues:
+        pass
+    if r.issues:
+        raise FhirError(422, r.issues)
+    return Parsed(patient, norm.finish(patient.ref, birth), entries)
