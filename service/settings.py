@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IECTOX_", frozen=True)
 
     database_url: str = "sqlite:///./iectox.db"
+    # Run Alembic migrations at start-up (set false where a release job migrates).
+    auto_migrate: bool = True
     # Canonical base for the project's CodeSystems (method, outcome, assessment, observation).
     canonical_base: str = "https://iectox.org/fhir"
     # Optional site codebook overlay (JSON, same shape as `iectox codebook --json`).

@@ -189,12 +189,11 @@ def _combine(
     unknown = [d for d in domains if d.grade is None]
     floor = max((d.grade for d in known if d.grade is not None), default=0)
     deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
-    lines = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
+    details = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
     if unknown and floor < MAX_GRADE:
         missing = tuple(d.needs or d.name for d in unknown)
-        lines.append(
-            f"INDETERMINATE: no {' / '.join(missing)} in the window; "
-            + (f"at least grade {floor} from the data present." if floor else "cannot grade.")
+        verdict = f"Indeterminate: no {' / '.join(missing)} in the window" + (
+            f"; at least grade {floor} from the data present." if floor else "."
         )
         grade: int | None = None
         basis = tuple(r for d in known for r in d.refs)
@@ -202,7 +201,9 @@ def _combine(
         missing = ()
         grade = floor
         basis = tuple(r for d in deciding for r in d.refs)
-        lines.append(f"Grade {grade}: the worst domain decides.")
+        why = "; ".join(d.why.split(" -> ")[0].rstrip(".") for d in deciding if d.grade)
+        verdict = f"Grade {grade}: {why or 'no domain above grade 0'} (the worst domain decides)."
+    lines = [verdict, *details]
     return GradeResult(
         method=method,
         scale=scale,
@@ -329,13 +330,13 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
         )
         fever_dom = _Domain("fever", 1, why, (f.ref, drug.ref), required=True)
     elif fever is not None:
-        why = f"no fever (max {fever.shown} at {_fmt_t(fever.t)}; < {FEVER_C:g} °C) and no masking therapy: grade 0."
+        why = f"no fever (max {fever.shown} at {_fmt_t(fever.t)}; < {FEVER_C:g} °C) and no masking therapy."
         return GradeResult(
             CRS_METHOD,
             CRS_SCALE,
             at,
             0,
-            f"{window} {why} " + " ".join(notes),
+            f"Grade 0: {why} {window} " + " ".join(notes),
             tuple(s.ref for s in temps),
             (),
             tuple(considered),
@@ -347,7 +348,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
             CRS_SCALE,
             at,
             None,
-            f"{window} INDETERMINATE: {why} " + " ".join(notes),
+            f"Indeterminate: {why} {window} " + " ".join(notes),
             (),
             ("body-temperature",),
             tuple(considered),

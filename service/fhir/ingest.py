@@ -7,6 +7,7 @@ validation (~100-300 µs a resource) is kept for what the service emits.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -492,3 +493,43 @@ def parse_patient_entries(entries: list[Entry], codebook: Codebook) -> Parsed:
     if r.issues:
         raise FhirError(422, r.issues)
     return Parsed(patient, norm.finish(patient.ref, birth), entries)
+
+
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+CLINICAL_TYPES = ("Observation", "MedicationAdministration", "Procedure", "Condition")
+STORABLE_TYPES = frozenset({"Patient", "Medication", *CLINICAL_TYPES})
+
+
+def check_for_storage(en: Entry, codebook: Codebook) -> tuple[str | None, list[Issue]]:
+    """(patient id, problems) for one resource about to be stored: the checks grading relies on."""
+    norm = Normaliser(codebook)
+    r = norm.r
+    res, path, rtype = en.resource, en.path, en.type
+    patient_id: str | None = None
+    try:
+        if not FHIR_ID.fullmatch(str(res.get("id") or "")):
+            r.fail("value", "id must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.id")
+        if rtype not in STORABLE_TYPES:
+            r.fail("not-supported", f"this server stores {', '.join(sorted(STORABLE_TYPES))}, not {rtype}", path)
+        elif rtype == "Patient":
+            patient_id = res.get("id")
+            if "birthDate" in res:
+                try:
+                    date.fromisoformat(str(res["birthDate"]))
+                except ValueError:
+                    r.fail("value", "birthDate must be YYYY-MM-DD", f"{path}.birthDate")
+        elif rtype in CLINICAL_TYPES:
+            ref = (res.get("subject") or {}).get("reference")
+            if not (isinstance(ref, str) and ref.startswith("Patient/") and len(ref) > len("Patient/")):
+                r.fail("required", "subject must reference a Patient (Patient/<id>)", f"{path}.subject.reference")
+            else:
+                patient_id = ref.split("/", 1)[1]
+                if rtype == "Observation":
+                    norm.observation(en)
+                elif rtype == "MedicationAdministration":
+                    norm.administration(en)
+                elif rtype == "Procedure":
+                    norm.procedure(en)
+    except _Issues:
+        pass
+    return patient_id, r.issues

@@ -1,0 +1,134 @@
+"""Application factory: wires settings, codebook, database and clock into app.state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..codebook import load_codebook
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..settings import Settings
+from ..storage.db import make_engine, migrate
+from . import fhir, health
+from .deps import utc_now
+from .responses import FhirResponse
+
+log = logging.getLogger("iectox.api")
+
+HTTP_ISSUE_CODES = {404: "not-found", 405: "not-supported", 413: "too-long", 415: "not-supported"}
+
+
+def _outcome(status: int, issues: list[Issue]) -> FhirResponse:
+    return FhirResponse(operation_outcome(issues), status_code=status)
+
+
+class BodyLimit:
+    """413 for a body over the limit, counted as it streams (Content-Length may lie or be absent)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise FhirError.one(413, "too-long", f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        issue = Issue("too-long", f"request body over {self.max_bytes} bytes")
+        await _outcome(413, [issue])(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> FastAPI:
+    settings = settings or Settings()
+    engine = engine or make_engine(settings.database_url)
+    if settings.auto_migrate:
+        migrate(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="iectox",
+        version=__version__,
+        summary="CRS and ICANS grading (ASTCT 2019) after immune effector cell therapy, over FHIR R4.",
+        description="FHIR R4 (4.0.1) JSON in and out (application/fhir+json). Every error is an "
+        "OperationOutcome whose issues name the problem and its FHIRPath.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.codebook = load_codebook(settings.canonical_base, settings.codebook_path)
+    app.state.clock = clock
+    app.include_router(health.router)
+    app.include_router(fhir.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        response = await call_next(request)
+        # The route template, never the concrete path: ids in paths are patient identifiers.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        log.info("%s %s %s %.1fms", request.method, route, response.status_code, (time.perf_counter() - start) * 1e3)
+        return response
+
+    @app.exception_handler(FhirError)
+    async def fhir_error(_: Request, exc: FhirError) -> FhirResponse:
+        return _outcome(exc.status, exc.issues)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_params(_: Request, exc: RequestValidationError) -> FhirResponse:
+        issues = [
+            Issue(
+                "value" if e.get("type") != "missing" else "required",
+                str(e.get("msg")),
+                ".".join(str(p) for p in e.get("loc", ())),
+            )
+            for e in exc.errors()
+        ]
+        return _outcome(400, issues)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> FhirResponse:
+        return _outcome(exc.status_code, [Issue(HTTP_ISSUE_CODES.get(exc.status_code, "processing"), str(exc.detail))])
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> FhirResponse:
+        # No message text: it could carry clinical values. The type is enough to find it.
+        log.error("unhandled %s", type(exc).__name__)
+        return _outcome(500, [Issue("exception", "internal error", None, "fatal")])
+
+    return app

@@ -1,0 +1,50 @@
+"""Annotated dependencies: settings, codebook, database session and clock come from app.state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from ..codebook import Codebook
+from ..settings import Settings
+from ..storage.db import sessions
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_codebook(request: Request) -> Codebook:
+    codebook: Codebook = request.app.state.codebook
+    return codebook
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
+    yield from sessions(engine)
+
+
+def get_clock(request: Request) -> Callable[[], datetime]:
+    clock: Callable[[], datetime] = request.app.state.clock
+    return clock
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CodebookDep = Annotated[Codebook, Depends(get_codebook)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SessionDep = Annotated[Session, Depends(get_session)]
+ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]

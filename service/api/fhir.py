@@ -1,0 +1,166 @@
+"""FHIR endpoints under /fhir. Routes only parse, call a service and respond."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from ..evaluate import evaluate_body, parse_at
+from ..fhir.capability import capability_statement
+from ..fhir.errors import FhirError
+from ..fhir.ingest import load_json
+from ..records import evaluate_stored, store_bundle, store_one
+from ..storage import repository
+from .deps import ClockDep, CodebookDep, SessionDep, SettingsDep
+from .responses import FhirResponse
+from .schemas import ERRORS, FhirBundle, FhirResource, fhir_body
+
+router = APIRouter(prefix="/fhir", tags=["FHIR"], default_response_class=FhirResponse, responses=ERRORS)
+
+AtQuery = Annotated[
+    str | None,
+    Query(description="Evaluation time (FHIR dateTime with timezone). Default: the latest input time."),
+]
+INPUT_TYPES = ("Observation", "MedicationAdministration", "Patient", "Procedure")
+
+
+def _bundle_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+
+
+@router.get("/metadata", summary="CapabilityStatement", response_model=FhirResource)
+def metadata(settings: SettingsDep) -> FhirResponse:
+    return FhirResponse(capability_statement(settings.canonical_base))
+
+
+@router.post(
+    "/$evaluate",
+    summary="Grade a Bundle statelessly (ASTCT 2019 CRS and ICANS)",
+    description="Body: a collection, batch or transaction Bundle holding one Patient and its Observations, "
+    "MedicationAdministrations and Procedures. Returns a collection Bundle of one RiskAssessment per method "
+    "and a Provenance. Nothing is stored.",
+    response_model=FhirBundle,
+    openapi_extra=fhir_body(FhirBundle, "Bundle with the Patient and its inputs"),
+)
+async def evaluate(
+    request: Request, settings: SettingsDep, codebook: CodebookDep, clock: ClockDep, at: AtQuery = None
+) -> FhirResponse:
+    body = await request.body()
+    evaluation = evaluate_body(body, codebook, settings, parse_at(at), clock())
+    return FhirResponse(evaluation.bundle())
+
+
+@router.post(
+    "",
+    summary="Store a transaction or batch Bundle",
+    description="Transactions are atomic: every entry is checked first and nothing is stored unless all pass. "
+    "Writes are idempotent on id + meta.versionId.",
+    response_model=FhirBundle,
+    openapi_extra=fhir_body(FhirBundle, "transaction or batch Bundle"),
+)
+async def transaction(
+    request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
+) -> FhirResponse:
+    doc = load_json(await request.body())
+    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
+        raise FhirError.one(422, "structure", "expected a Bundle", "Bundle")
+    return FhirResponse(store_bundle(session, doc, codebook, settings.max_bundle_entries))
+
+
+@router.post(
+    "/Patient/{patient_id}/$evaluate",
+    summary="Grade a stored patient and store the RiskAssessments",
+    description="Re-running with the same inputs and `at` updates the stored assessments (stable ids).",
+    response_model=FhirBundle,
+)
+def evaluate_patient(
+    patient_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    codebook: CodebookDep,
+    clock: ClockDep,
+    at: AtQuery = None,
+) -> FhirResponse:
+    evaluation = evaluate_stored(session, patient_id, codebook, settings, parse_at(at), clock())
+    return FhirResponse(evaluation.bundle())
+
+
+@router.get("/RiskAssessment/{ra_id}", summary="Read a stored RiskAssessment", response_model=FhirResource)
+def read_assessment(ra_id: str, session: SessionDep) -> FhirResponse:
+    res = repository.get_emitted(session, "RiskAssessment", ra_id)
+    if res is None:
+        raise FhirError.one(404, "not-found", "no such RiskAssessment", "RiskAssessment.id")
+    return FhirResponse(res)
+
+
+@router.get("/RiskAssessment", summary="Search stored RiskAssessments", response_model=FhirBundle)
+def search_assessments(
+    session: SessionDep,
+    subject: Annotated[str | None, Query(description="Patient/<id> or <id>")] = None,
+    method: Annotated[str | None, Query(description="method code, or system|code")] = None,
+    sort: Annotated[str, Query(alias="_sort", pattern="^-?date$")] = "-date",
+    count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(alias="_offset", ge=0)] = 0,
+) -> FhirResponse:
+    patient_id = subject.removeprefix("Patient/") if subject else None
+    code = method.split("|")[-1] if method else None
+    total, found = repository.search_assessments(session, patient_id, code, sort.startswith("-"), count, offset)
+    return FhirResponse(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "entry": [
+                {"fullUrl": f"RiskAssessment/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in found
+            ],
+        }
+    )
+
+
+def _written(session: SessionDep, out: repository.WriteOutcome) -> FhirResponse:
+    res = repository.read_resource(session, out.resource_type, out.id) or {}
+    location = f"{out.resource_type}/{out.id}/_history/{out.version_id}"
+    return FhirResponse(
+        res,
+        status_code=201 if out.status.startswith("201") else 200,
+        headers={"Location": location, "ETag": f'W/"{out.version_id}"'},
+    )
+
+
+def _input_routes(rtype: str) -> None:
+    body = fhir_body(FhirResource, f"a {rtype} resource")
+
+    @router.post(
+        f"/{rtype}",
+        summary=f"Create a {rtype}",
+        status_code=201,
+        response_model=FhirResource,
+        openapi_extra=body,
+        operation_id=f"create_{rtype}",
+    )
+    async def create(request: Request, session: SessionDep, codebook: CodebookDep) -> FhirResponse:
+        return _written(session, store_one(session, load_json(await request.body()), rtype, None, codebook))
+
+    @router.put(
+        f"/{rtype}/{{rid}}",
+        summary=f"Create or update a {rtype}",
+        response_model=FhirResource,
+        openapi_extra=body,
+        operation_id=f"update_{rtype}",
+    )
+    async def update(rid: str, request: Request, session: SessionDep, codebook: CodebookDep) -> FhirResponse:
+        return _written(session, store_one(session, load_json(await request.body()), rtype, rid, codebook))
+
+    @router.get(
+        f"/{rtype}/{{rid}}", summary=f"Read a stored {rtype}", response_model=FhirResource, operation_id=f"read_{rtype}"
+    )
+    def read(rid: str, session: SessionDep) -> FhirResponse:
+        res = repository.read_resource(session, rtype, rid)
+        if res is None:
+            raise FhirError.one(404, "not-found", f"no such {rtype}", f"{rtype}.id")
+        return FhirResponse(res)
+
+
+for _t in INPUT_TYPES:
+    _input_routes(_t)

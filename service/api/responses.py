@@ -1,0 +1,15 @@
+"""FHIR JSON responses (application/fhir+json, serialised with orjson)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi.responses import Response
+
+
+class FhirResponse(Response):
+    media_type = "application/fhir+json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)

@@ -1,0 +1,138 @@
+"""The `iectox` command line: evaluate, codebook, serve, migrate, synth, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from .codebook import CodebookError, load_codebook
+from .fhir.errors import FhirError, operation_outcome
+from .settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "database_url", None):
+        overrides["database_url"] = args.database_url
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_body, parse_at
+
+    settings = _settings(args)
+    codebook = load_codebook(settings.canonical_base, settings.codebook_path)
+    try:
+        body = Path(args.bundle).read_bytes()
+        evaluation = evaluate_body(body, codebook, settings, parse_at(args.at), datetime.now(UTC))
+    except FhirError as exc:
+        sys.stdout.buffer.write(orjson.dumps(operation_outcome(exc.issues)) + b"\n")
+        return 2
+    sys.stdout.buffer.write(orjson.dumps(evaluation.bundle()) + b"\n")
+    return 0
+
+
+def cmd_codebook(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    book = load_codebook(settings.canonical_base, settings.codebook_path).to_json()
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(book, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    for name, c in book["concepts"].items():
+        codes = ", ".join(f"{x['system'].rsplit('/', 1)[-1]}|{x['code']}" for x in c["codings"])
+        print(f"{name:24} {codes}  [{' '.join(c['units'])}]")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+
+    settings = _settings(args)
+    host, port = args.host or settings.host, args.port or settings.port
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .storage.db import make_engine, migrate
+
+    migrate(make_engine(_settings(args).database_url))
+    print("database at the latest revision")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import generate_cohort, write_cohort
+
+    settings = _settings(args)
+    patients = generate_cohort(args.patients, args.seed, days=args.days, base=settings.canonical_base)
+    paths = write_cohort(patients, Path(args.out))
+    for p, path in zip(patients, paths, strict=True):
+        print(f"{path}  {p.scenario}  {len(p.bundle['entry'])} resources")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(_settings(args), patients=args.patients, seed=args.seed, days=args.days)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iectox", description=__doc__)
+    parser.add_argument("--database-url", help="overrides IECTOX_DATABASE_URL")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evaluate", help="grade a Bundle file; prints what POST /fhir/$evaluate returns")
+    p.add_argument("bundle")
+    p.add_argument("--at", help="evaluation time, ISO 8601 with timezone (default: latest input)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("codebook", help="print the codebook (codes -> grading concepts)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_codebook)
+
+    p = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply database migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("synth", help="write a synthetic cohort as FHIR Bundles")
+    p.add_argument("--patients", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--days", type=int, default=10)
+    p.add_argument("--out", default="synthetic")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="start the server on SQLite, post a synthetic cohort, print the grades")
+    p.add_argument("--patients", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--days", type=int, default=8)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CodebookError as exc:
+        print(f"codebook error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

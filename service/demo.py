@@ -1,0 +1,83 @@
+"""`iectox demo`: the real server (uvicorn, embedded SQLite), a synthetic cohort posted over
+HTTP, every patient evaluated day by day, and a readable table of grades and reasons.
+The data stay in the database afterwards."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+import uvicorn
+
+from .api.app import create_app
+from .settings import Settings
+from .synth import generate_cohort
+
+WHY_WIDTH = 70
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _grade(ra: dict) -> str:  # type: ignore[type-arg]
+    code = ra["prediction"][0]["outcome"]["coding"][0]["code"]
+    return "indet." if code == "indeterminate" else code.removeprefix("grade-")
+
+
+def _why(ra: dict) -> str:  # type: ignore[type-arg]
+    verdict = ra["prediction"][0]["rationale"].split(" Window ")[0]
+    verdict = verdict.split(": ", 1)[-1].replace(" (the worst domain decides).", "")
+    return verdict if len(verdict) <= WHY_WIDTH else verdict[: WHY_WIDTH - 1] + "…"
+
+
+def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            print("server failed to start")
+            return 1
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    print(f"iectox server on {base} (database {settings.database_url})\n")
+    cohort = generate_cohort(patients, seed, days=days, base=settings.canonical_base)
+    try:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for p in cohort:
+                r = client.post("/fhir", content=_dumps(p.bundle), headers={"Content-Type": "application/fhir+json"})
+                r.raise_for_status()
+            header = f"{'patient':14} {'scenario':20} {'day':>3} {'CRS':>6} {'ICANS':>6}  why (CRS | ICANS)"
+            print(header)
+            print("-" * len(header))
+            for p in cohort:
+                for day in range(days + 1):
+                    at = (p.day0 + timedelta(days=day, hours=12)).isoformat()
+                    r = client.post(f"/fhir/Patient/{p.patient_id}/$evaluate", params={"at": at})
+                    r.raise_for_status()
+                    crs, icans = (e["resource"] for e in r.json()["entry"][:2])
+                    print(
+                        f"{p.patient_id[:14]:14} {p.scenario[:20]:20} {day:>3} {_grade(crs):>6} {_grade(icans):>6}"
+                        f"  {_why(crs)} | {_why(icans)}"
+                    )
+                print()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    print(
+        f"The data stay in {settings.database_url}: run `iectox serve` and GET /fhir/RiskAssessment?subject=Patient/<id>"
+    )
+    return 0
+
+
+def _dumps(doc: object) -> bytes:
+    import orjson
+
+    return orjson.dumps(doc)

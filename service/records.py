@@ -1,0 +1,152 @@
+"""Storing input resources: transaction / batch Bundles and single-resource create/update.
+
+A transaction is all-or-nothing: every entry is checked before anything is written, and the
+request's database transaction commits only when the route returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session
+
+from .codebook import Codebook
+from .evaluate import Evaluation, evaluate_entries
+from .fhir.errors import FhirError, Issue, operation_outcome
+from .fhir.ingest import Entry, check_for_storage, is_resource_type
+from .settings import Settings
+from .storage import repository
+
+WRITE_METHODS = ("POST", "PUT")
+
+
+@dataclass
+class _Write:
+    index: int
+    entry: Entry
+    patient_id: str | None = None
+    issues: list[Issue] | None = None
+
+
+def _rewrite(node: Any, refs: dict[str, str]) -> Any:
+    """Replace bundle-local references (urn:uuid fullUrls) with Type/id, recursively."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out[k] = refs.get(v, v) if k == "reference" and isinstance(v, str) else _rewrite(v, refs)
+        return out
+    if isinstance(node, list):
+        return [_rewrite(v, refs) for v in node]
+    return node
+
+
+def _plan(doc: dict[str, Any], max_entries: int) -> list[_Write]:
+    raw = doc.get("entry") or []
+    if not isinstance(raw, list):
+        raise FhirError.one(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
+    if len(raw) > max_entries:
+        raise FhirError.one(413, "too-long", f"{len(raw)} entries; the limit is {max_entries}", "Bundle.entry")
+    writes: list[_Write] = []
+    refs: dict[str, str] = {}
+    issues: list[Issue] = []
+    for i, e in enumerate(raw):
+        path = f"Bundle.entry[{i}]"
+        res = e.get("resource") if isinstance(e, dict) else None
+        req = e.get("request") if isinstance(e, dict) else None
+        if not isinstance(res, dict) or not isinstance(req, dict):
+            issues.append(Issue("required", "a transaction/batch entry needs resource and request", path))
+            continue
+        method, url = req.get("method"), str(req.get("url") or "")
+        rtype = res.get("resourceType")
+        if method not in WRITE_METHODS:
+            issues.append(
+                Issue("not-supported", f"request.method {method!r} (supported: POST, PUT)", f"{path}.request.method")
+            )
+            continue
+        if not isinstance(rtype, str) or not is_resource_type(rtype):
+            issues.append(Issue("not-supported", f"unknown resourceType {rtype!r}", f"{path}.resource.resourceType"))
+            continue
+        if method == "PUT":
+            parts = url.split("?")[0].strip("/").split("/")
+            if len(parts) != 2 or parts[0] != rtype:
+                issues.append(Issue("value", f"PUT url must be {rtype}/<id>", f"{path}.request.url"))
+                continue
+            if res.get("id") not in (None, parts[1]):
+                issues.append(Issue("value", "resource.id differs from the id in request.url", f"{path}.resource.id"))
+                continue
+            rid = parts[1]
+        else:
+            rid = res.get("id") or repository.new_id()
+        res = {**res, "id": rid}
+        if isinstance(e.get("fullUrl"), str):
+            refs[e["fullUrl"]] = f"{rtype}/{rid}"
+        writes.append(_Write(i, Entry(res, f"{path}.resource", e.get("fullUrl"))))
+    if issues:
+        raise FhirError(422, issues)
+    for w in writes:
+        w.entry.resource = _rewrite(w.entry.resource, refs) if refs else w.entry.resource
+    return writes
+
+
+def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, max_entries: int) -> dict[str, Any]:
+    btype = doc.get("type")
+    if btype not in ("transaction", "batch"):
+        raise FhirError.one(422, "value", "POST /fhir takes a transaction or batch Bundle", "Bundle.type")
+    writes = _plan(doc, max_entries)
+    for w in writes:
+        w.patient_id, w.issues = check_for_storage(w.entry, codebook)
+    if btype == "transaction":
+        problems = [i for w in writes for i in w.issues or ()]
+        if problems:
+            raise FhirError(422, problems[:50])
+    entries = []
+    for w in writes:
+        if w.issues:
+            entries.append({"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome(w.issues)}})
+            continue
+        with session.begin_nested():
+            out = repository.upsert_resource(session, w.entry.resource, w.patient_id)
+        entries.append(
+            {
+                "response": {
+                    "status": out.status,
+                    "location": f"{out.resource_type}/{out.id}/_history/{out.version_id}",
+                    "etag": f'W/"{out.version_id}"',
+                }
+            }
+        )
+    return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}
+
+
+def store_one(
+    session: Session, res: dict[str, Any], rtype: str, rid: str | None, codebook: Codebook
+) -> repository.WriteOutcome:
+    if res.get("resourceType") != rtype:
+        raise FhirError.one(400, "value", f"body resourceType must be {rtype}", "resourceType")
+    if rid is not None and res.get("id") not in (None, rid):
+        raise FhirError.one(400, "value", "body id differs from the id in the URL", f"{rtype}.id")
+    res = {**res, "id": rid or res.get("id") or repository.new_id()}
+    patient_id, issues = check_for_storage(Entry(res, rtype), codebook)
+    if issues:
+        raise FhirError(422, issues)
+    return repository.upsert_resource(session, res, patient_id)
+
+
+def evaluate_stored(
+    session: Session,
+    patient_id: str,
+    codebook: Codebook,
+    settings: Settings,
+    at: datetime | None,
+    recorded: datetime,
+) -> Evaluation:
+    """Grade the stored data of one patient and store (upsert) the RiskAssessments."""
+    resources = repository.patient_inputs(session, patient_id)
+    if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
+        raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
+    entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
+    evaluation = evaluate_entries(entries, codebook, settings, at, recorded)
+    repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
+    return evaluation

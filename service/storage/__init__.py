@@ -1,0 +1,1 @@
+"""Storage (sqlmodel): ingested FHIR resources and emitted assessments. SQLite or PostgreSQL."""

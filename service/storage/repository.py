@@ -1,0 +1,152 @@
+"""All queries live here. Callers pass a Session; they never commit (the request does)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from ..fhir.emit import systems
+from .models import EmittedResource, StoredResource
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    resource_type: str
+    id: str
+    version_id: int
+    status: str  # "201 Created" | "200 OK"
+
+
+def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
+    """A stored input resource as stored, with the server's version in meta.versionId."""
+    row = session.get(StoredResource, (rtype, rid))
+    if row is None:
+        return None
+    res: dict[str, Any] = orjson.loads(row.body)
+    res["meta"] = {**(res.get("meta") or {}), "versionId": str(row.version_id)}
+    return res
+
+
+def upsert_resource(session: Session, res: dict[str, Any], patient_id: str | None) -> WriteOutcome:
+    """Idempotent on id + version: the same version twice, or an older one, changes nothing."""
+    rtype, rid = res["resourceType"], res["id"]
+    meta = res.get("meta") or {}
+    source_version = str(meta.get("versionId") or "")
+    source_updated = str(meta.get("lastUpdated") or "")
+    body = orjson.dumps(res)
+    row = session.get(StoredResource, (rtype, rid))
+    if row is None:
+        session.add(
+            StoredResource(
+                resource_type=rtype,
+                id=rid,
+                patient_id=patient_id,
+                version_id=1,
+                source_version=source_version,
+                source_last_updated=source_updated,
+                body=body,
+            )
+        )
+        return WriteOutcome(rtype, rid, 1, "201 Created")
+    if _not_newer(source_version, source_updated, row) or row.body == body:
+        return WriteOutcome(rtype, rid, row.version_id, "200 OK")
+    row.body, row.patient_id = body, patient_id
+    row.source_version, row.source_last_updated = source_version, source_updated
+    row.version_id += 1
+    session.add(row)
+    return WriteOutcome(rtype, rid, row.version_id, "200 OK")
+
+
+def _not_newer(version: str, updated: str, row: StoredResource) -> bool:
+    if version and row.source_version:
+        if version.isdigit() and row.source_version.isdigit():
+            return int(version) <= int(row.source_version)
+        return version == row.source_version
+    if updated and row.source_last_updated:
+        return updated <= row.source_last_updated
+    return False
+
+
+def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
+    """The stored Patient and everything that references it (plus referenced Medications)."""
+    rows = session.exec(
+        select(StoredResource).where(
+            (col(StoredResource.patient_id) == patient_id)
+            | ((col(StoredResource.resource_type) == "Patient") & (col(StoredResource.id) == patient_id))
+        )
+    ).all()
+    resources = [orjson.loads(r.body) for r in rows]
+    med_ids = {
+        ref.split("/", 1)[1]
+        for r in resources
+        if r.get("resourceType") == "MedicationAdministration"
+        and isinstance(ref := (r.get("medicationReference") or {}).get("reference"), str)
+        and ref.startswith("Medication/")
+    }
+    if med_ids:
+        meds = session.exec(
+            select(StoredResource).where(
+                (col(StoredResource.resource_type) == "Medication") & col(StoredResource.id).in_(med_ids)
+            )
+        ).all()
+        resources += [orjson.loads(m.body) for m in meds]
+    return resources
+
+
+def save_emitted(session: Session, patient_id: str, resources: list[dict[str, Any]], base: str) -> None:
+    """Upsert RiskAssessments and their Provenance by their deterministic ids (never duplicates)."""
+    method_system = systems(base)["method"]
+    for res in resources:
+        rtype, rid = res["resourceType"], res["id"]
+        if rtype == "RiskAssessment":
+            method = next(c["code"] for c in res["method"]["coding"] if c["system"] == method_system)
+            code = res["code"]["coding"][0]["code"]
+            occurrence = datetime.fromisoformat(res["occurrenceDateTime"])
+        else:
+            method, code, occurrence = None, None, datetime.fromisoformat(res["recorded"])
+        row = session.get(EmittedResource, (rtype, rid))
+        if row is None:
+            row = EmittedResource(
+                resource_type=rtype,
+                id=rid,
+                patient_id=patient_id,
+                method=method,
+                code=code,
+                occurrence=occurrence,
+                version_id=1,
+                body=b"",
+            )
+        else:
+            row.version_id += 1
+        res.setdefault("meta", {})["versionId"] = str(row.version_id)
+        row.body = orjson.dumps(res)
+        session.add(row)
+
+
+def get_emitted(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
+    row = session.get(EmittedResource, (rtype, rid))
+    return None if row is None else orjson.loads(row.body)
+
+
+def search_assessments(
+    session: Session, patient_id: str | None, method: str | None, newest_first: bool, limit: int, offset: int
+) -> tuple[int, list[dict[str, Any]]]:
+    query = select(EmittedResource).where(col(EmittedResource.resource_type) == "RiskAssessment")
+    if patient_id is not None:
+        query = query.where(col(EmittedResource.patient_id) == patient_id)
+    if method is not None:
+        query = query.where(col(EmittedResource.method) == method)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    order = col(EmittedResource.occurrence).desc() if newest_first else col(EmittedResource.occurrence).asc()
+    rows = session.exec(query.order_by(order, col(EmittedResource.id)).offset(offset).limit(limit)).all()
+    return int(total), [orjson.loads(r.body) for r in rows]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
