@@ -72,7 +72,7 @@ def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
         server.should_exit = True
         thread.join(timeout=10)
     print(
-        f"The data stay in {settings.database_url}: run `iectox serve` and GET /fhir/RiskAssessment?subject=Patient/<id>"
+        f"Data stay in {settings.database_url}: run `iectox serve`, GET /fhir/RiskAssessment?subject=Patient/<id>"
     )
     return 0
 
