@@ -20,7 +20,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     if getattr(args, "database_url", None):
         overrides["database_url"] = args.database_url
-    return Settings(**overrides)  # type: ignore[arg-type]
+    return Settings(**overrides)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     host, port = args.host or settings.host, args.port or settings.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    # uvicorn's access log prints concrete paths (patient ids); the app logs route templates instead.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True, access_log=False)
     return 0
 
 

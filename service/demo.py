@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import uvicorn
@@ -25,12 +26,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _grade(ra: dict) -> str:  # type: ignore[type-arg]
+def _grade(ra: dict[str, Any]) -> str:
     code = ra["prediction"][0]["outcome"]["coding"][0]["code"]
     return "indet." if code == "indeterminate" else code.removeprefix("grade-")
 
 
-def _why(ra: dict) -> str:  # type: ignore[type-arg]
+def _why(ra: dict[str, Any]) -> str:
     verdict = ra["prediction"][0]["rationale"].split(" Window ")[0]
     verdict = verdict.split(": ", 1)[-1].replace(" (the worst domain decides).", "")
     return verdict if len(verdict) <= WHY_WIDTH else verdict[: WHY_WIDTH - 1] + "…"
@@ -38,7 +39,9 @@ def _why(ra: dict) -> str:  # type: ignore[type-arg]
 
 def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -71,9 +74,7 @@ def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    print(
-        f"Data stay in {settings.database_url}: run `iectox serve`, GET /fhir/RiskAssessment?subject=Patient/<id>"
-    )
+    print(f"Data stay in {settings.database_url}: run `iectox serve`, GET /fhir/RiskAssessment?subject=Patient/<id>")
     return 0
 
 

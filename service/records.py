@@ -120,10 +120,8 @@ def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, max_
     return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}
 
 
-def store_one(
-    session: Session, res: dict[str, Any], rtype: str, rid: str | None, codebook: Codebook
-) -> repository.WriteOutcome:
-    if res.get("resourceType") != rtype:
+def store_one(session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook) -> repository.WriteOutcome:
+    if not isinstance(res, dict) or res.get("resourceType") != rtype:
         raise FhirError.one(400, "value", f"body resourceType must be {rtype}", "resourceType")
     if rid is not None and res.get("id") not in (None, rid):
         raise FhirError.one(400, "value", "body id differs from the id in the URL", f"{rtype}.id")

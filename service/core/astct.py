@@ -59,14 +59,15 @@ FEVER_MASKING_DRUGS = ("tocilizumab", "anakinra", "dexamethasone", "methylpredni
 PALS_NEONATE_DAYS = 28
 
 
-def pals_sbp_below_mmhg(age_days: int) -> float:
+def pals_sbp_below_mmhg(age_days: int, age_years: int | None = None) -> float:
     if age_days <= PALS_NEONATE_DAYS:
         return 60.0
-    years = age_days / 365.25
+    # Age in completed years (a birthday on the day counts); days / 365.25 only as fallback.
+    years = age_years if age_years is not None else int(age_days / 365.25)
     if years < 1:
         return 70.0
     if years < 10:
-        return 70.0 + 2 * int(years)  # age in completed years
+        return 70.0 + 2 * years
     return 90.0
 
 
@@ -78,10 +79,15 @@ class HypotensionRule:
     adult_map_below_mmhg: float = 65.0
     adult_from_age_years: int = 18
 
-    def limits(self, age_days: int | None) -> tuple[float, float | None, str]:
+    def limits(self, age_days: int | None, age_years: int | None = None) -> tuple[float, float | None, str]:
         """(systolic limit, MAP limit or None, wording) for the patient's age."""
-        if age_days is not None and age_days < self.adult_from_age_years * 365.25:
-            sbp = pals_sbp_below_mmhg(age_days)
+        child = age_days is not None and (
+            age_years < self.adult_from_age_years
+            if age_years is not None
+            else age_days < self.adult_from_age_years * 365.25
+        )
+        if age_days is not None and child:
+            sbp = pals_sbp_below_mmhg(age_days, age_years)
             return sbp, None, f"systolic < {sbp:g} mmHg (PALS limit for age; configurable)"
         text = (
             f"systolic < {self.adult_sbp_below_mmhg:g} mmHg or MAP < {self.adult_map_below_mmhg:g} mmHg "
@@ -117,6 +123,7 @@ CONSCIOUSNESS_GRADE = {
 SEIZURE_GRADE = {"none": 0, "rapidly-resolving": 3, "prolonged": 4}
 MOTOR_GRADE = {"none": 0, "deep-focal": 4}
 EDEMA_GRADE = {"none": 0, "focal": 3, "diffuse": 4}
+TOOL_MAX_GRADE = max(g for _, _, g in ICE_BANDS + CAPD_BANDS)  # 3
 CODED_ICANS_DOMAINS = (
     ("consciousness", CONSCIOUSNESS_GRADE),
     ("seizure", SEIZURE_GRADE),
@@ -265,7 +272,8 @@ def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConf
     if pressors is not None:
         pressors.why += vaso_note
         return pressors
-    sbp_lim, map_lim, rule = cfg.hypotension.limits(age_days(data.birth_date, hi))
+    years = completed_years(data.birth_date, hi.date()) if data.birth_date else None
+    sbp_lim, map_lim, rule = cfg.hypotension.limits(age_days(data.birth_date, hi), years)
     sbp = in_window(data.series("systolic-bp"), lo, hi)
     maps = in_window(data.series("mean-arterial-pressure"), lo, hi)
     low = [s for s in sbp if s.value is not None and s.value < sbp_lim]
@@ -380,6 +388,10 @@ def _score_domain(
     return _Domain(name, grade, f"worst {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
 
 
+def _conscious_grade(domains: list[_Domain]) -> int:
+    return max((d.grade or 0 for d in domains if d.name == "consciousness"), default=0)
+
+
 def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
     lo = at - cfg.window
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
@@ -422,7 +434,9 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
         # A completed ICE/CAPD assessment implies the patient could be assessed.
         domains = [d for d in domains if d.name != "consciousness"]
         notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
-    elif tool.grade is None and conscious_known:
+    elif tool.grade is None and conscious_known and _conscious_grade(domains) >= TOOL_MAX_GRADE:
+        # Too drowsy for ICE/CAPD: the score can no longer raise the grade. Otherwise an
+        # unrecorded score could (up to grade 3), so it stays missing (never graded 0).
         domains = [d for d in domains if d is not tool]
         notes.append(f"{tool.name} not recorded; graded on the level of consciousness and findings.")
     notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")

@@ -1,0 +1,82 @@
+"""Shared fixtures: real databases (SQLite file and the local PostgreSQL), the app, clients.
+
+PostgreSQL tests never skip: if the server at IECTOX_TEST_POSTGRES_URL (default
+127.0.0.1:5432, database test, trust auth) is unreachable they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from sqlalchemy import Engine, create_engine, text
+from sqlmodel import SQLModel
+
+from service.api.app import create_app
+from service.settings import Settings
+from service.storage.db import make_engine, migrate, normalise_url
+
+PG_URL = os.environ.get("IECTOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+FIXED_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+def _pg_engine(schema: str) -> Engine:
+    return create_engine(normalise_url(PG_URL), connect_args={"options": f"-csearch_path={schema}"})
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A migrated database of each kind; PostgreSQL gets a private schema, dropped at the end."""
+    if request.param == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'iectox.db'}")
+        migrate(eng)
+        yield eng
+        eng.dispose()
+        return
+    schema = f"iectox_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalise_url(PG_URL))
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    eng = _pg_engine(schema)
+    migrate(eng)
+    yield eng
+    eng.dispose()
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def clean_engine(engine: Engine) -> Iterator[Engine]:
+    yield engine
+    with engine.begin() as conn:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(database_url="sqlite://", auto_migrate=False, max_body_bytes=200_000, max_bundle_entries=50)
+
+
+@pytest.fixture
+def app(settings: Settings, clean_engine: Engine):  # type: ignore[no-untyped-def]
+    return create_app(settings, engine=clean_engine, clock=lambda: FIXED_NOW)
+
+
+@pytest_asyncio.fixture
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://iectox.test") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
