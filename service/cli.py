@@ -62,6 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from .api.app import create_app
+
+    # An in-memory database: the spec does not depend on any deployment setting.
+    app = create_app(Settings(database_url="sqlite://"))
+    sys.stdout.buffer.write(orjson.dumps(app.openapi(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .storage.db import make_engine, migrate
 
@@ -105,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("openapi", help="print the OpenAPI document (openapi/openapi.json)")
+    p.set_defaults(func=cmd_openapi)
 
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=cmd_migrate)
