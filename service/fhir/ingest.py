@@ -69,10 +69,19 @@ class Entry:
         return f"{self.type}/{rid}" if rid else (self.full_url or "")
 
 
-def _version_key(res: dict[str, Any]) -> tuple[int, str, str]:
+def _version_key(res: dict[str, Any]) -> tuple[int, str, float]:
     meta = res.get("meta") or {}
     vid = str(meta.get("versionId") or "")
-    return (int(vid) if vid.isdigit() else -1, vid, str(meta.get("lastUpdated") or ""))
+    return (int(vid) if vid.isdigit() else -1, vid, _instant_key(meta.get("lastUpdated")))
+
+
+def _instant_key(raw: Any) -> float:
+    """meta.lastUpdated as POSIX time, so offsets compare as instants; -inf when absent or unreadable."""
+    try:
+        t = datetime.fromisoformat(str(raw))
+    except ValueError:
+        return float("-inf")
+    return t.timestamp() if t.tzinfo is not None else float("-inf")
 
 
 def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
