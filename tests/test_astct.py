@@ -427,7 +427,34 @@ DEVICES = [
 
 @pytest.mark.parametrize(("code", "grade"), DEVICES)
 def test_oxygen_device_grade(code: str, grade: int) -> None:
+    # With a low flow rate recorded (2 L/min alone is grade 2), the device class decides.
+    assert crs(temp(39.0), sbp(120), device(code), flow(2.0)).grade == max(grade, 2)
+
+
+POSITIVE_PRESSURE = [p for p in DEVICES if p.values[1] == 4]
+NEEDS_FLOW = [p for p in DEVICES if p.values[1] in (2, 3)]
+
+
+@pytest.mark.parametrize(("code", "grade"), POSITIVE_PRESSURE)
+def test_positive_pressure_counts_without_flow(code: str, grade: int) -> None:
     assert crs(temp(39.0), sbp(120), device(code)).grade == grade
+
+
+@pytest.mark.parametrize(("code", "grade"), NEEDS_FLOW)
+def test_device_without_flow_is_indeterminate_comfort_oxygen(code: str, grade: int) -> None:
+    # clinical-rules.md §1.1: oxygen for comfort is not hypoxia; a device with a flow rate counts.
+    result = crs(temp(39.0), sbp(120), device(code))
+    assert result.grade is None
+    assert result.missing == ("oxygen-flow",)
+    assert "comfort" in result.rationale
+
+
+def test_room_air_alone_is_known() -> None:
+    assert crs(temp(39.0), sbp(120), device("none")).grade == 1
+
+
+def test_uncredited_device_does_not_block_a_higher_known_grade() -> None:
+    assert crs(temp(39.0), sbp(120), device("face-mask"), device("bipap", -2)).grade == 4
 
 
 def test_every_device_is_in_the_table() -> None:
@@ -463,6 +490,8 @@ def test_high_flow_rate_through_a_low_flow_device_is_grade_3() -> None:
             id="two-counted+vasopressin",
         ),
         pytest.param((given("norepinephrine", -12, -8), given("epinephrine", -6)), 3, id="two-not-overlapping"),
+        pytest.param((given("norepinephrine", -12, -6), given("epinephrine", -6)), 3, id="switch-at-same-minute"),
+        pytest.param((given("norepinephrine", -12, -5), given("epinephrine", -6)), 4, id="one-hour-overlap"),
         pytest.param(
             (given("norepinephrine", -30, -20), given("epinephrine", -10)), 3, id="two-in-window-not-overlapping"
         ),
@@ -562,6 +591,7 @@ def test_masked_fever_needs_no_temperature_in_window() -> None:
         bolus("dexamethasone", FEVER_DAY1 + 1),
         sbp(120),
         device("high-flow-nasal-cannula"),
+        flow(30.0),
     )
     assert result.grade == 3
     assert result.missing == ()
@@ -591,7 +621,7 @@ def test_example_fever_one_pressor_low_flow_is_crs_3() -> None:
     [
         pytest.param((sbp(120), device("none")), id="grade-1"),
         pytest.param((sbp(85), device("none")), id="grade-2-hypotension"),
-        pytest.param((sbp(120), device("blow-by")), id="grade-2-hypoxia"),
+        pytest.param((sbp(120), device("blow-by"), flow(1.0)), id="grade-2-hypoxia"),
         pytest.param((given("norepinephrine", -3), device("none")), id="grade-3"),
         pytest.param((given("norepinephrine", -3), given("dopamine", -2)), id="grade-4"),
         pytest.param((device("mechanical-ventilation"),), id="grade-4-ventilated"),
@@ -699,7 +729,8 @@ def test_no_ice_and_no_consciousness_is_indeterminate() -> None:
 def test_rapid_seizure_without_ice_is_indeterminate_with_floor() -> None:
     result = icans(finding("seizure", "rapidly-resolving"))
     assert result.grade is None
-    assert set(result.missing) == {"ice-score", "consciousness"}
+    # ICE could give at most 3, which the seizure already gives: only consciousness matters.
+    assert set(result.missing) == {"consciousness"}
     assert "at least grade 3" in result.rationale
 
 
@@ -833,3 +864,18 @@ def test_age_unknown_uses_the_tool_recorded(items: tuple[Sample, ...], grade: in
     result = icans(*items, birth=None)
     assert result.grade == grade
     assert f"{tool} used as recorded" in result.rationale
+
+
+def test_masked_fever_without_hypotension_or_hypoxia_is_grade_0() -> None:
+    # ASTCT: after masking therapy the grade is driven by hypotension and hypoxia; a masked
+    # patient with neither is not held at grade 1 indefinitely.
+    result = crs(
+        bolus("cart-infusion", DAY0),
+        temp(39.2, FEVER_DAY1),
+        bolus("tocilizumab", -40),
+        temp(36.8),
+        sbp(120),
+        device("none"),
+    )
+    assert result.grade == 0
+    assert "masked" in result.rationale

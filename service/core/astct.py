@@ -172,6 +172,7 @@ class _Domain:
     refs: tuple[str, ...] = ()
     needs: str = ""
     required: bool = False
+    ceiling: int = MAX_GRADE  # the worst grade this domain could give if its data were there
 
 
 def _worst_coded(series: list[Sample], table: dict[str, int]) -> tuple[int, Sample] | None:
@@ -193,11 +194,12 @@ def _combine(
     considered: list[str],
 ) -> GradeResult:
     known = [d for d in domains if d.grade is not None]
-    unknown = [d for d in domains if d.grade is None]
     floor = max((d.grade for d in known if d.grade is not None), default=0)
+    # A domain without data matters only if it could still raise the grade.
+    unknown = [d for d in domains if d.grade is None and d.ceiling > floor]
     deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
     details = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
-    if unknown and floor < MAX_GRADE:
+    if unknown:
         missing = tuple(d.needs or d.name for d in unknown)
         verdict = f"Indeterminate: no {' / '.join(missing)} in the window" + (
             f"; at least grade {floor} from the data present." if floor else "."
@@ -253,7 +255,9 @@ def _pressors_running(data: PatientData, lo: datetime, hi: datetime) -> _Domain 
             if a.concept != b.concept:
                 start = max(a.start, b.start, lo)
                 end = min(a.end or hi, b.end or hi, hi)
-                if start <= end:
+                # Truly concurrent: one ending as the other starts is a switch, not two at once.
+                instant = a.start == a.end or b.start == b.end
+                if start < end or (instant and start == end):
                     why = (
                         f"multiple vasopressors ({a.concept} and {b.concept} running together "
                         f"from {_fmt_t(start)}; vasopressin not counted) -> grade {MULTIPLE_VASOPRESSORS_GRADE}"
@@ -294,25 +298,39 @@ def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConf
 
 
 def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> _Domain:
+    """Oxygen domain. Positive pressure counts on its own; other devices count only with a
+    flow rate recorded in the window, because oxygen given for comfort is not hypoxia
+    (clinical-rules.md §1.1) and a device alone cannot tell the two apart."""
     devices = [s for s in in_window(data.series("oxygen-device"), lo, hi) if s.code in OXYGEN_DEVICE_GRADE]
     flows = [s for s in in_window(data.series("oxygen-flow"), lo, hi) if s.value is not None]
     if not devices and not flows:
         return _Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
-    best: tuple[int, Sample, str] | None = None
+    flowing = [s for s in flows if (s.value or 0.0) > 0]
+    known: list[tuple[int, Sample, str]] = []
+    uncredited: list[tuple[int, Sample]] = []
     for s in devices:
         g = OXYGEN_DEVICE_GRADE[s.code or ""]
-        cand = (g, s, f"oxygen device {s.code} at {_fmt_t(s.t)}")
-        best = cand if best is None or g > best[0] else best
+        if g in (0, MAX_GRADE) or flowing:
+            known.append((g, s, f"oxygen device {s.code} at {_fmt_t(s.t)}"))
+        else:
+            uncredited.append((g, s))
     for s in flows:
         value = s.value or 0.0
         g = 3 if value > HIGH_FLOW_ABOVE_L_MIN else (2 if value > 0 else 0)
-        cand = (g, s, f"oxygen flow {s.shown} at {_fmt_t(s.t)} (high flow is > {HIGH_FLOW_ABOVE_L_MIN:g} L/min)")
-        best = cand if best is None or g > best[0] else best
+        known.append((g, s, f"oxygen flow {s.shown} at {_fmt_t(s.t)} (high flow is > {HIGH_FLOW_ABOVE_L_MIN:g} L/min)"))
+    best = max(known, key=lambda k: k[0], default=None)
+    worst_uncredited = max(uncredited, key=lambda u: u[0], default=None)
+    if worst_uncredited is not None and (best is None or worst_uncredited[0] > best[0]):
+        g, s = worst_uncredited
+        why = (
+            f"oxygen device {s.code} at {_fmt_t(s.t)} without a flow rate in the window: oxygen for comfort "
+            "cannot be excluded, so the device alone is not graded"
+        )
+        return _Domain("hypoxia", None, why, needs="oxygen-flow", ceiling=g)
     assert best is not None
     grade, sample, text = best
-    return _Domain(
-        "hypoxia", grade, f"{text} -> grade {grade}" if grade else f"no oxygen support ({text})", (sample.ref,)
-    )
+    why = f"{text} -> grade {grade}" if grade else f"no oxygen support ({text})"
+    return _Domain("hypoxia", grade, why, (sample.ref,))
 
 
 def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
@@ -334,9 +352,10 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
         f, drug = masked
         why = (
             f"fever masked: CRS fever {f.shown} at {_fmt_t(f.t)} followed by {drug.concept} at "
-            f"{_fmt_t(drug.start)}, so fever is no longer required (ASTCT)."
+            f"{_fmt_t(drug.start)}, so fever is no longer required and the grade is driven by hypotension "
+            "and hypoxia (ASTCT)."
         )
-        fever_dom = _Domain("fever", 1, why, (f.ref, drug.ref), required=True)
+        fever_dom = _Domain("fever", 0, why, (f.ref, drug.ref), required=True)
     elif fever is not None:
         why = f"no fever (max {fever.shown} at {_fmt_t(fever.t)}; < {FEVER_C:g} °C) and no masking therapy."
         return GradeResult(
@@ -381,15 +400,12 @@ def _score_domain(
 ) -> _Domain:
     scored = [s for s in series if s.value is not None]
     if not scored:
-        return _Domain(name, None, "not recorded.", needs=concept)
+        # ICE/CAPD alone give at most grade 3 (ICE 0 unarousable is the consciousness row).
+        return _Domain(name, None, "not recorded.", needs=concept, ceiling=TOOL_MAX_GRADE)
     pick = min if worst_is_low else max
     worst = pick(scored, key=lambda s: s.value or 0.0)
     grade = _band(worst.value or 0.0, bands)
     return _Domain(name, grade, f"worst {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
-
-
-def _conscious_grade(domains: list[_Domain]) -> int:
-    return max((d.grade or 0 for d in domains if d.name == "consciousness"), default=0)
 
 
 def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
@@ -434,10 +450,5 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
         # A completed ICE/CAPD assessment implies the patient could be assessed.
         domains = [d for d in domains if d.name != "consciousness"]
         notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
-    elif tool.grade is None and conscious_known and _conscious_grade(domains) >= TOOL_MAX_GRADE:
-        # Too drowsy for ICE/CAPD: the score can no longer raise the grade. Otherwise an
-        # unrecorded score could (up to grade 3), so it stays missing (never graded 0).
-        domains = [d for d in domains if d is not tool]
-        notes.append(f"{tool.name} not recorded; graded on the level of consciousness and findings.")
     notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")
     return _combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)
