@@ -59,7 +59,9 @@ def main() -> None:
     print(f"input: {n} resources, {len(body) / 1e6:.2f} MB")
     print(f"orjson.loads : best {loads_best * 1e3:7.1f} ms  median {loads_med * 1e3:7.1f} ms")
     print(f"$evaluate    : best {eval_best * 1e3:7.1f} ms  median {eval_med * 1e3:7.1f} ms")
-    print(f"ratio (best) : {ratio:.2f}x  (target <= {TARGET_RATIO:g}x: {'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    print(
+        f"ratio (best) : {ratio:.2f}x  (target <= {TARGET_RATIO:g}x: {'met' if ratio <= TARGET_RATIO else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -60,7 +59,6 @@ RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-_UUID_NS = uuid.UUID("5d1c1f5e-3c2a-4f7e-9a51-0c7c2a0d8e11")
 
 # UCUM code -> human-readable unit
 _UNIT_TEXT = {
@@ -531,16 +529,26 @@ def _plan(rng: random.Random, scenario: str, site: _Site) -> _Plan:
 class _Writer:
     """Collects one patient's resources, then sorts them in time and numbers them."""
 
-    def __init__(self, pid: str, day0: datetime, base: str, site: _Site) -> None:
+    def __init__(self, pid: str, day0: datetime, base: str, site: _Site, uuid_bits: int) -> None:
         self.pid = pid
         self.day0 = day0
         self.local = f"{base}/CodeSystem/local"
         self.site = site
         self.subject = {"reference": f"Patient/{pid}"}
         self.items: list[tuple[int, int, str, int, dict[str, Any]]] = []  # (t, seq, type, updated, res)
+        self._iso: dict[int, str] = {}
+        # fullUrls: random (seeded) UUID v4 prefix per patient + the entry number (cheaper than uuid5).
+        a, b, c, d = uuid_bits >> 48, (uuid_bits >> 32) & 0xFFFF, (uuid_bits >> 16) & 0xFFF, uuid_bits & 0x3FFF
+        self.uuid_prefix = f"urn:uuid:{a:08x}-{b:04x}-4{c:03x}-{0x8000 | d:04x}-"
 
     def iso(self, m: int) -> str:
-        return (self.day0 + timedelta(minutes=m)).isoformat()
+        s = self._iso.get(m)
+        if s is None:
+            s = self._iso[m] = (self.day0 + timedelta(minutes=m)).isoformat()
+        return s
+
+    def full_url(self, n: int) -> str:
+        return f"{self.uuid_prefix}{n:012x}"
 
     def add(self, m: int, rtype: str, res: dict[str, Any], updated: int | None = None) -> None:
         self.items.append((m, len(self.items), rtype, m + 5 if updated is None else updated, res))
@@ -559,7 +567,6 @@ class _Writer:
         issued: int | None = None,
     ) -> None:
         res: dict[str, Any] = {
-            "resourceType": "Observation",
             "status": "final",
             "category": [_cc(OBS_CATEGORY, category, _CATEGORY_TEXT[category])],
             "code": code,
@@ -599,7 +606,6 @@ class _Writer:
             "text": text or default_text,
         }
         res: dict[str, Any] = {
-            "resourceType": "MedicationAdministration",
             "status": "completed",
             "medicationCodeableConcept": concept,
             "subject": self.subject,
@@ -626,10 +632,11 @@ class _Writer:
         self.items.sort(key=lambda it: (it[0], it[1]))
         counters = {"Observation": 0, "MedicationAdministration": 0}
         out = []
-        for _, _, rtype, updated, res in self.items:
+        for n, (_, _, rtype, updated, res) in enumerate(self.items, start=1):
             counters[rtype] += 1
             rid = f"{self.pid}-{'obs' if rtype == 'Observation' else 'med'}-{counters[rtype]}"
-            out.append(_entry(rtype, rid, {"id": rid, "meta": _meta(self.iso(updated)), **res}))
+            resource = {"resourceType": rtype, "id": rid, "meta": _meta(self.iso(updated)), **res}
+            out.append({"fullUrl": self.full_url(n), "resource": resource, "request": _put(rtype, rid)})
         return out
 
 
@@ -649,13 +656,8 @@ def _meta(last_updated: str) -> dict[str, Any]:
     }
 
 
-def _entry(rtype: str, rid: str, res: dict[str, Any]) -> dict[str, Any]:
-    ordered = {"resourceType": rtype, **res}
-    return {
-        "fullUrl": f"urn:uuid:{uuid.uuid5(_UUID_NS, f'{rtype}/{rid}')}",
-        "resource": ordered,
-        "request": {"method": "PUT", "url": f"{rtype}/{rid}"},
-    }
+def _put(rtype: str, rid: str) -> dict[str, Any]:
+    return {"method": "PUT", "url": f"{rtype}/{rid}"}
 
 
 def _temp_value(c: float, unit: str) -> float:
@@ -732,7 +734,7 @@ def _vitals(w: _Writer, rng: random.Random, plan: _Plan, base: dict[str, int], m
         w.loinc(m, v, _L_FIO2, fio2, "%")
 
 
-def _vitals_times(plan: _Plan, rng: random.Random, end: int, every: int | None) -> list[int]:
+def _vitals_times(plan: _Plan, end: int, every: int | None) -> list[int]:
     times = []
     t = -_h(24)
     while t <= end:
@@ -803,6 +805,9 @@ def _labs(w: _Writer, rng: random.Random, plan: _Plan, day0: datetime, days: int
     plt_drop = (0.0, 0.1, 0.2, 0.35, 0.5, 0.55)[g]
     creat_amp = (0.0, 0.0, 0.1, 0.4, 0.8, 0.9)[g]
     lft_amp = (0.0, 0.2, 0.5, 1.5, 3.0, 3.5)[g]
+    anc_nadir = rng.uniform(0.005, 0.04)
+    anc_recovery = rng.randint(8, 16)
+    plt_nadir = rng.uniform(0.3, 0.6)
     lab = "laboratory"
     day0_min = day0.hour * 60 + day0.minute
     creat_ref = (0.3, 0.7) if plan.child else (0.6, 1.2)
@@ -819,14 +824,18 @@ def _labs(w: _Writer, rng: random.Random, plan: _Plan, day0: datetime, days: int
         a_crp = _activity(m, plan, 12, 30)
         a_ferr = _activity(m, plan, 24, 72)
         a_cell = _activity(m, plan, 12, 48)
-        # Lymphodepletion (days -5..-3) drives counts down from day -3 to a nadir around day +3..+10.
-        ld = min(1.0, max(0.0, (d + 3) / 5)) * (1.0 if d < 10 else max(0.4, 1 - (d - 10) * 0.08))
+        # Lymphodepletion (days -5..-3): neutrophils fall from day -2 to a nadir by about day +2
+        # and recover from a patient-specific day; platelets fall less and recover slowly.
+        anc_f = max(anc_nadir, math.exp(-0.9 * max(0, d + 3)))
+        if d > anc_recovery:
+            anc_f = min(0.8, anc_nadir * math.exp(0.45 * (d - anc_recovery)))
+        plt_f = max(plt_nadir, 1 - 0.12 * max(0, d + 3)) + max(0, d - 8) * 0.03
         crp = (base["crp"] + crp_amp * a_crp) * noise()
         ferritin = base["ferritin"] * (1 + ferr_amp * a_ferr) * noise()
         ldh = base["ldh"] * (1 + ldh_amp * a_cell) * noise()
-        plt = max(8.0, base["plt"] * (1 - 0.5 * ld) * (1 - plt_drop * a_cell) * noise())
+        plt = max(8.0, base["plt"] * plt_f * (1 - plt_drop * a_cell) * noise())
         creat = base["creat"] * (1 + creat_amp * a_cell) * noise()
-        anc = max(0.01, base["anc"] * (1 - 0.97 * ld) * noise())
+        anc = max(0.01, base["anc"] * anc_f * rng.uniform(0.8, 1.25))
         hb = max(7.0, (base["hb"] - 0.12 * max(0, d + 5)) * noise())
         ast = base["ast"] * (1 + lft_amp * _activity(m, plan, 24, 48)) * noise()
         alt = base["alt"] * (1 + lft_amp * _activity(m, plan, 36, 60)) * noise()
@@ -926,7 +935,8 @@ def generate_patient(
 ) -> SyntheticPatient:
     """One patient of `scenario` as a transaction Bundle, drawn only from `rng`.
 
-    Day 0 (the CAR T infusion) is `start` + (index % 7) days + 0-4 h, in the site's time zone.
+    Day 0 (the CAR T infusion) is on the date of `start` + (index % 7) days in the site's time
+    zone, between 09:00 and 13:00 local time.
     Vitals run from day -1 to day +days (q15-60 min while sick, q4h when well, or every
     `vitals_every_min` minutes when given); labs daily from day -6 (pre-lymphodepletion).
     """
@@ -941,10 +951,11 @@ def generate_patient(
     base = base.rstrip("/")
     site = rng.choices([s for s, _ in _SITES], weights=[wt for _, wt in _SITES])[0]
     pid = f"syn-{index:05d}-{rng.getrandbits(32):08x}"
-    day0 = (start + timedelta(days=index % 7, minutes=rng.randrange(0, 240, 5))).astimezone(site.tz)
+    local = (start + timedelta(days=index % 7)).astimezone(site.tz)
+    day0 = local.replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(minutes=rng.randrange(0, 240, 5))
     plan = _plan(rng, scenario, site)
     end = days * 1440
-    w = _Writer(pid, day0, base, site)
+    w = _Writer(pid, day0, base, site, rng.getrandbits(80))
 
     # Patient
     age_days = rng.randint(round(plan.age_years * 365.25) + 2, round((plan.age_years + 1) * 365.25) - 30)
@@ -960,7 +971,7 @@ def generate_patient(
         "gender": gender,
         "birthDate": birth.isoformat(),
     }
-    entries = [_entry("Patient", pid, patient)]
+    entries = [{"fullUrl": w.full_url(0), "resource": patient, "request": _put("Patient", pid)}]
 
     # Lymphodepletion (days -5..-3), premedication and CAR T infusion (day 0)
     bsa = math.sqrt(plan.weight * plan.height / 3600)
@@ -978,7 +989,6 @@ def generate_patient(
         0,
         "MedicationAdministration",
         {
-            "resourceType": "MedicationAdministration",
             "status": "completed",
             "medicationCodeableConcept": {
                 "coding": [{"system": w.local, "code": "cart-infusion", "display": "CAR T-cell infusion"}],
@@ -1006,7 +1016,7 @@ def generate_patient(
     base_vitals["sbp_limit"] = limit
     base_vitals["sbp_floor"] = max(limit + 6, 95)
     day0_min = day0.hour * 60 + day0.minute
-    for t in _vitals_times(plan, rng, end, vitals_every_min):
+    for t in _vitals_times(plan, end, vitals_every_min):
         _vitals(w, rng, plan, base_vitals, t, day0_min)
     _neuro(w, rng, plan, end)
     _labs(w, rng, plan, day0, days)

@@ -46,7 +46,7 @@ def validate_with_npm(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not isinstance(resources, list):
         raise TypeError("validate_with_npm expects a list of resource dicts")
     node = _check_node_setup()
-    proc = subprocess.run(  # noqa: S603 - fixed argv: resolved node + our script
+    proc = subprocess.run(
         [node, str(VALIDATE_SCRIPT)],
         input=json.dumps(resources),
         capture_output=True,

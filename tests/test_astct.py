@@ -808,15 +808,17 @@ CHILD = born_years_ago(5, 180)
     ("items", "grade"),
     [
         pytest.param((capd(0),), 0, id="capd-0"),
-        pytest.param((capd(1),), 1, id="capd-1"),
-        pytest.param((capd(8),), 1, id="capd-8"),
+        # CAPD 1-8 without a consciousness level: grade 1 or 2, so indeterminate.
+        pytest.param((capd(1),), None, id="capd-1-consciousness-missing"),
+        pytest.param((capd(8),), None, id="capd-8-consciousness-missing"),
+        pytest.param((capd(1), finding("consciousness", "alert")), 1, id="capd-1+alert"),
         pytest.param((capd(9),), 3, id="capd-9-positive"),
         pytest.param((capd(32),), 3, id="capd-32"),
         pytest.param((capd(8), finding("consciousness", "awakens-spontaneously")), 1, id="capd-8+spontaneously"),
         pytest.param((capd(8), finding("consciousness", "awakens-to-voice")), 2, id="capd-8+voice"),
         pytest.param((capd(3), finding("consciousness", "awakens-to-tactile")), 3, id="capd-3+tactile"),
         pytest.param((capd(3), finding("consciousness", "unarousable")), 4, id="capd-3+unarousable"),
-        pytest.param((capd(3), finding("cerebral-edema", "focal")), 3, id="capd-3+focal-edema"),
+        pytest.param((capd(3), finding("cerebral-edema", "focal")), 3, id="capd-3+focal-edema-decides"),
     ],
 )
 def test_capd(items: tuple[Sample, ...], grade: int) -> None:

@@ -99,10 +99,16 @@ def test_cli_codebook_json(tmp_path: Path) -> None:
 
 def test_site_overlay_adds_codes_without_code_change(tmp_path: Path) -> None:
     overlay = tmp_path / "site.json"
-    overlay.write_text(json.dumps({"concepts": {
-        "ice-score": {"codings": [{"system": "urn:site:flowsheet", "code": "ICE-1"}]},
-        "oxygen-device": {"values": {"face-mask": {"system": "urn:site:o2", "code": "FM"}}},
-    }}))
+    overlay.write_text(
+        json.dumps(
+            {
+                "concepts": {
+                    "ice-score": {"codings": [{"system": "urn:site:flowsheet", "code": "ICE-1"}]},
+                    "oxygen-device": {"values": {"face-mask": {"system": "urn:site:o2", "code": "FM"}}},
+                }
+            }
+        )
+    )
     env = {**os.environ, "IECTOX_CODEBOOK_PATH": str(overlay)}
     out = subprocess.run([*CLI, "codebook", "--json"], capture_output=True, text=True, env=env, check=True)
     book = json.loads(out.stdout)["concepts"]
@@ -133,8 +139,12 @@ def live_server(tmp_path: Path) -> Iterator[str]:
 
 def test_real_http_round_trip(live_server: str) -> None:
     with httpx.Client(base_url=live_server, timeout=30) as c:
-        r = c.post("/fhir/$evaluate", content=f.body(*crs3_resources()), params={"at": AT},
-                   headers={"Content-Type": "application/fhir+json"})
+        r = c.post(
+            "/fhir/$evaluate",
+            content=f.body(*crs3_resources()),
+            params={"at": AT},
+            headers={"Content-Type": "application/fhir+json"},
+        )
         assert r.status_code == 200 and r.headers["content-type"] == "application/fhir+json"
         big = orjson.dumps({"resourceType": "Bundle", "pad": "x" * 200_000})
         r = c.post("/fhir/$evaluate", content=big)

@@ -54,7 +54,8 @@ HYPOTENSION_NO_PRESSOR_GRADE = 2
 FEVER_MASKING_DRUGS = ("tocilizumab", "anakinra", "dexamethasone", "methylprednisolone", "acetaminophen")
 
 # Pediatric hypotension (ASTCT sets no number): systolic limits of the AHA Pediatric
-# Advanced Life Support definition of hypotension: < 60 mmHg term neonates (0-28 d),
+# Advanced Life Support (PALS/ATLS) definition of hypotension, as compared in
+# J Trauma Acute Care Surg 2019;86:448-453 (doi:10.1097/TA.0000000000002139): < 60 mmHg term neonates (0-28 d),
 # < 70 infants (1-12 mo), < 70 + 2 x age in years (1-10 y), < 90 from 10 y.
 PALS_NEONATE_DAYS = 28
 
@@ -290,7 +291,7 @@ def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConf
             f"rule: {rule}) -> grade {HYPOTENSION_NO_PRESSOR_GRADE}.{vaso_note}"
         )
         return _Domain("hypotension", HYPOTENSION_NO_PRESSOR_GRADE, why, tuple(s.ref for s in low[:5]))
-    if sbp or maps:
+    if sbp or (maps and map_lim is not None):  # the pediatric rule reads systolic pressure only
         why = f"no hypotension ({len(sbp) + len(maps)} pressures; rule: {rule}), no vasopressor.{vaso_note}"
         return _Domain("hypotension", 0, why)
     why = f"no blood pressure and no vasopressor recorded.{vaso_note}"
@@ -405,7 +406,7 @@ def _score_domain(
     pick = min if worst_is_low else max
     worst = pick(scored, key=lambda s: s.value or 0.0)
     grade = _band(worst.value or 0.0, bands)
-    return _Domain(name, grade, f"worst {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
+    return _Domain(name, grade, f"worst {name} {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
 
 
 def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
@@ -447,8 +448,16 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
         g, s = worst
         domains.append(_Domain(concept, g, f"{s.code} at {_fmt_t(s.t)} -> grade {g}", (s.ref,)))
     if tool.grade is not None and not conscious_known:
-        # A completed ICE/CAPD assessment implies the patient could be assessed.
-        domains = [d for d in domains if d.name != "consciousness"]
-        notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
+        if use_capd and tool.grade == CAPD_BANDS[1][2]:
+            # ASTCT pediatric table: CAPD 1-8 is grade 1 if the child awakens spontaneously
+            # and grade 2 if only to voice, so the unrecorded consciousness still matters.
+            for d in domains:
+                if d.name == "consciousness":
+                    d.ceiling = 2
+                    d.why = "not recorded; with CAPD 1-8 it decides between grade 1 and 2."
+        else:
+            # A completed ICE (or CAPD 0 / >= 9) assessment implies the patient could be assessed.
+            domains = [d for d in domains if d.name != "consciousness"]
+            notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
     notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")
     return _combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)

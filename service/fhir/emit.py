@@ -1,6 +1,6 @@
 """FHIR out: RiskAssessment, Provenance and Bundle, validated with fhir.resources R4B.
 
-Output contract (README "Output contract"): one RiskAssessment per method, status final,
+Output contract (docs/output-contract.md): one RiskAssessment per method, status final,
 occurrenceDateTime = at, method/code/outcome from the project CodeSystems, ICD-10-CM grade
 codings for grade >= 1, qualitativeRisk from risk-probability, rationale and basis.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B import FHIRAbstractModel
@@ -51,7 +51,7 @@ def systems(base: str) -> dict[str, str]:
 
 
 def business_key(patient_ref: str, method: str, code: str, at: datetime) -> str:
-    return f"{patient_ref}|{method}|{code}|{at.isoformat()}"
+    return f"{patient_ref}|{method}|{code}|{at.astimezone(UTC).isoformat()}"
 
 
 def assessment_id(key: str) -> str:
@@ -75,7 +75,7 @@ def _outcome(result: GradeResult, system: str) -> dict[str, Any]:
 
 def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str = "current-grade") -> dict[str, Any]:
     sy = systems(base)
-    key = business_key(patient_ref, result.method, code, result.at)
+    key = business_key(patient_ref, result.method, code, result.at)  # `at` in UTC: one id per instant
     prediction: dict[str, Any] = {"outcome": _outcome(result, sy["outcome"]), "rationale": result.rationale}
     if result.grade is not None:
         q = QUALITATIVE[result.grade]

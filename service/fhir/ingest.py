@@ -69,7 +69,8 @@ class Entry:
         return f"{self.type}/{rid}" if rid else (self.full_url or "")
 
 
-def _version_key(res: dict[str, Any]) -> tuple[int, str, float]:
+def version_key(res: dict[str, Any]) -> tuple[int, str, float]:
+    """Orders versions of one resource: meta.versionId (numeric), then meta.lastUpdated as an instant."""
     meta = res.get("meta") or {}
     vid = str(meta.get("versionId") or "")
     return (int(vid) if vid.isdigit() else -1, vid, _instant_key(meta.get("lastUpdated")))
@@ -134,7 +135,7 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
             continue
         key = f"{en.type}/{rid}"
         old = newest.get(key)
-        if old is None or _version_key(en.resource) > _version_key(old.resource):
+        if old is None or version_key(en.resource) > version_key(old.resource):
             newest[key] = en
     out.extend(newest.values())
     return out
@@ -375,8 +376,10 @@ class Normaliser:
             return
         if start is None:
             return
-        if status == "stopped" and end is None:
-            end = start  # stopped: counts only for the time it ran, unknown beyond its start
+        if status in ("stopped", "completed") and end is None:
+            # Finished, with no recorded end: counts at its start only, never as still running.
+            end = start
+            self.ignored.append(Ignored(en.ref, f"{concept} {status} without an end: counted at its start only"))
         dose = _RawDose(concept, start, end, en.ref, path)
         rate = (res.get("dosage") or {}).get("rateQuantity")
         if rate is not None and self.cb.concepts[concept].kind == "vasopressor":

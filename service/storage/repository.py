@@ -12,6 +12,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from ..fhir.emit import systems
+from ..fhir.ingest import version_key
 from .models import EmittedResource, StoredResource
 
 
@@ -34,7 +35,11 @@ def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | No
 
 
 def upsert_resource(session: Session, res: dict[str, Any], patient_id: str | None) -> WriteOutcome:
-    """Idempotent on id + version: the same version twice, or an older one, changes nothing."""
+    """Idempotent on id + version: the same version twice, or an older one, changes nothing.
+
+    Versions are ordered as in ingest (meta.versionId, then meta.lastUpdated as an instant);
+    a resource without either replaces the stored one when its content differs.
+    """
     rtype, rid = res["resourceType"], res["id"]
     meta = res.get("meta") or {}
     source_version = str(meta.get("versionId") or "")
@@ -54,23 +59,14 @@ def upsert_resource(session: Session, res: dict[str, Any], patient_id: str | Non
             )
         )
         return WriteOutcome(rtype, rid, 1, "201 Created")
-    if _not_newer(source_version, source_updated, row) or row.body == body:
+    versioned = bool(source_version or source_updated)
+    if row.body == body or (versioned and version_key(res) <= version_key(orjson.loads(row.body))):
         return WriteOutcome(rtype, rid, row.version_id, "200 OK")
     row.body, row.patient_id = body, patient_id
     row.source_version, row.source_last_updated = source_version, source_updated
     row.version_id += 1
     session.add(row)
     return WriteOutcome(rtype, rid, row.version_id, "200 OK")
-
-
-def _not_newer(version: str, updated: str, row: StoredResource) -> bool:
-    if version and row.source_version:
-        if version.isdigit() and row.source_version.isdigit():
-            return int(version) <= int(row.source_version)
-        return version == row.source_version
-    if updated and row.source_last_updated:
-        return updated <= row.source_last_updated
-    return False
 
 
 def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
