@@ -93,6 +93,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    logging.getLogger("iectox").setLevel(logging.WARNING)  # the table is the demo's output
     return run_demo(_settings(args), patients=args.patients, seed=args.seed, days=args.days)
 
 
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("iectox").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

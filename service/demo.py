@@ -4,6 +4,7 @@ The data stay in the database afterwards."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from .api.app import create_app
 from .settings import Settings
 from .synth import generate_cohort
 
-WHY_WIDTH = 70
+WHY_WIDTH = 58
 
 
 def _free_port() -> int:
@@ -32,8 +33,11 @@ def _grade(ra: dict[str, Any]) -> str:
 
 
 def _why(ra: dict[str, Any]) -> str:
+    """The verdict sentence of the rationale, shortened for a table row."""
     verdict = ra["prediction"][0]["rationale"].split(" Window ")[0]
     verdict = verdict.split(": ", 1)[-1].replace(" (the worst domain decides).", "")
+    verdict = re.sub(r" \(= [^)]*\)", "", verdict)  # drop the unit-converted echo
+    verdict = re.sub(r"(\d{4}-\d\d-\d\dT\d\d:\d\d)[+-]\d\d:\d\d", r"\1", verdict)
     return verdict if len(verdict) <= WHY_WIDTH else verdict[: WHY_WIDTH - 1] + "…"
 
 

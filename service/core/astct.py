@@ -211,8 +211,9 @@ def _combine(
         missing = ()
         grade = floor
         basis = tuple(r for d in deciding for r in d.refs)
-        why = "; ".join(d.why.split(" -> ")[0].rstrip(".") for d in deciding if d.grade)
-        verdict = f"Grade {grade}: {why or 'no domain above grade 0'} (the worst domain decides)."
+        shown = [d for d in deciding if d.grade] or known[:2]
+        why = "; ".join(d.why.split(" -> ")[0].rstrip(".") for d in shown)
+        verdict = f"Grade {grade}: {why} (the worst domain decides)."
     lines = [verdict, *details]
     return GradeResult(
         method=method,
