@@ -82,8 +82,11 @@ def test_observation_status(status: str, used: bool) -> None:
         assert "Observation/fever" in crs.basis
     else:
         assert data.series("body-temperature") == []
-        assert [(i.ref, i.reason) for i in data.ignored] == [("Observation/fever", f"Observation status {status}")]
+        assert [(i.ref, i.reason, i.concept) for i in data.ignored] == [
+            ("Observation/fever", f"status {status}", "body-temperature")
+        ]
         assert crs.grade is None  # the fever is not used: no temperature, never 0
+        assert f"Ignored: Observation/fever (body-temperature: status {status})" in crs.rationale
         assert crs.missing == ("body-temperature",)
 
 
@@ -133,8 +136,9 @@ def test_administration_status(status: str, used: bool) -> None:
     else:
         assert data.given("norepinephrine") == []
         assert [(i.ref, i.reason) for i in data.ignored] == [
-            ("MedicationAdministration/ne", f"norepinephrine administration status {status}")
+            ("MedicationAdministration/ne", f"status {status}")
         ]
+        assert "MedicationAdministration/ne (norepinephrine: status" in crs.rationale
         assert crs.grade == 1  # graded on the (normal) blood pressure
 
 
@@ -565,7 +569,7 @@ def test_procedure_not_done_is_not_day0() -> None:
     proc = f.procedure(f.local("cart-infusion"), DAY0, status="not-done")
     data = parse(proc)
     assert data.first_event("cart-infusion") is None
-    assert [i.reason for i in data.ignored] == ["cart-infusion procedure status not-done"]
+    assert [(i.reason, i.concept) for i in data.ignored] == [("status not-done", "cart-infusion")]
 
 
 # --- end to end ---------------------------------------------------------------------------

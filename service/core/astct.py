@@ -135,6 +135,32 @@ CODED_ICANS_DOMAINS = (
 
 # --- helpers -------------------------------------------------------------------------
 
+CRS_CONCEPTS = frozenset(
+    {
+        "body-temperature",
+        "systolic-bp",
+        "mean-arterial-pressure",
+        "oxygen-device",
+        "oxygen-flow",
+        *VASOPRESSORS_COUNTED,
+        VASOPRESSIN,
+        *FEVER_MASKING_DRUGS,
+        "cart-infusion",
+    }
+)
+ICANS_CONCEPTS = frozenset({"ice-score", "capd-score", *(c for c, _ in CODED_ICANS_DOMAINS)})
+IGNORED_SHOWN = 5
+
+
+def ignored_note(data: PatientData, concepts: frozenset[str]) -> list[str]:
+    """What was left out of grading, for the rationale (statuses, missing values, ...)."""
+    items = [i for i in data.ignored if i.concept in concepts]
+    if not items:
+        return []
+    shown = ", ".join(f"{i.ref} ({i.concept}: {i.reason})" for i in items[:IGNORED_SHOWN])
+    more = f" and {len(items) - IGNORED_SHOWN} more" if len(items) > IGNORED_SHOWN else ""
+    return [f"Ignored: {shown}{more}."]
+
 
 def _fmt_t(t: datetime) -> str:
     return t.isoformat(timespec="minutes")
@@ -342,6 +368,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
     since = day0.start if day0 else None
     notes = [] if day0 else ["No CAR T infusion (day 0) found: masked fever looked for over all data."]
     notes.append("Attribution to another cause cannot be judged from data; graded as recorded.")
+    notes += ignored_note(data, CRS_CONCEPTS)
     temps = in_window(data.series("body-temperature"), lo, at)
     considered = [s.ref for s in temps]
     fever = max(temps, key=lambda s: s.value or 0.0) if temps else None
@@ -461,4 +488,5 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
             domains = [d for d in domains if d.name != "consciousness"]
             notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
     notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")
+    notes += ignored_note(data, ICANS_CONCEPTS)
     return _combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)

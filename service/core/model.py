@@ -42,8 +42,11 @@ class Administration:
 
 @dataclass(frozen=True, slots=True)
 class Ignored:
+    """An input not used (or used only in part), and why: said in the rationale."""
+
     ref: str
     reason: str
+    concept: str
 
 
 @dataclass

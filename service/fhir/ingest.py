@@ -282,7 +282,7 @@ class Normaliser:
             if status not in OBS_IGNORED:
                 r.fail("value", f"unknown Observation.status {status!r}", f"{path}.status")
             else:
-                self.ignored.append(Ignored(en.ref, f"Observation status {status}"))
+                self.ignored.append(Ignored(en.ref, f"status {status}", concept or next(c for c in comp_concepts if c)))
             return
         start, _, found = r.when(res, path, "effective")
         if not found:
@@ -323,7 +323,7 @@ class Normaliser:
                 return
             self._add(Sample(concept, t, ref, code=value, shown=value))
         elif "dataAbsentReason" in holder or not any(k.startswith("value") for k in holder):
-            self.ignored.append(Ignored(ref, f"{concept}: no value"))
+            self.ignored.append(Ignored(ref, "no value", concept))
         else:
             self.r.fail("value", f"value type not usable for {concept} ({kind})", path)
         if kind == "score":
@@ -368,7 +368,7 @@ class Normaliser:
             if status not in MED_IGNORED:
                 r.fail("value", f"unknown MedicationAdministration.status {status!r}", f"{path}.status")
             else:
-                self.ignored.append(Ignored(en.ref, f"{concept} administration status {status}"))
+                self.ignored.append(Ignored(en.ref, f"status {status}", concept))
             return
         start, end, found = r.when(res, path, "effective")
         if not found:
@@ -379,7 +379,7 @@ class Normaliser:
         if status in ("stopped", "completed") and end is None:
             # Finished, with no recorded end: counts at its start only, never as still running.
             end = start
-            self.ignored.append(Ignored(en.ref, f"{concept} {status} without an end: counted at its start only"))
+            self.ignored.append(Ignored(en.ref, f"{status} without an end: counted at its start only", concept))
         dose = _RawDose(concept, start, end, en.ref, path)
         rate = (res.get("dosage") or {}).get("rateQuantity")
         if rate is not None and self.cb.concepts[concept].kind == "vasopressor":
@@ -409,7 +409,7 @@ class Normaliser:
             if status not in PROC_IGNORED:
                 r.fail("value", f"unknown Procedure.status {status!r}", f"{path}.status")
             else:
-                self.ignored.append(Ignored(en.ref, f"{concept} procedure status {status}"))
+                self.ignored.append(Ignored(en.ref, f"status {status}", concept))
             return
         start, end, found = r.when(res, path, "performed")
         if not found:
@@ -436,7 +436,7 @@ class Normaliser:
                 try:
                     rate = converter(d.concept, d.rate_unit)(d.rate, weight)
                 except UnitError:
-                    self.ignored.append(Ignored(d.ref, f"{d.concept} rate not normalised: no body weight"))
+                    self.ignored.append(Ignored(d.ref, "rate not normalised: no body weight", d.concept))
             admins.setdefault(d.concept, []).append(
                 Administration(d.concept, d.start, d.end, d.ref, rate=rate, shown=shown)
             )
