@@ -264,6 +264,16 @@ class Normaliser:
     def _add(self, s: Sample) -> None:
         self.samples.setdefault(s.concept, []).append(s)
 
+    def _usable(self, en: Entry, status: Any, used: frozenset[str], ignored: frozenset[str], concept: str) -> bool:
+        """Whether a status counts; an ignored status is noted, an unknown one is a 422."""
+        if status in used:
+            return True
+        if status in ignored:
+            self.ignored.append(Ignored(en.ref, f"status {status}", concept))
+        else:
+            self.r.fail("value", f"unknown {en.type}.status {status!r}", f"{en.path}.status")
+        return False
+
     # Observation ----------------------------------------------------------------
     def observation(self, en: Entry) -> None:
         res, path, r = en.resource, en.path, self.r
@@ -278,11 +288,7 @@ class Normaliser:
             if not isinstance(res.get("code"), dict):
                 r.fail("required", "Observation.code is required", f"{path}.code")
             return  # a code the codebook does not map: not an input to grading
-        if status not in OBS_USED:
-            if status not in OBS_IGNORED:
-                r.fail("value", f"unknown Observation.status {status!r}", f"{path}.status")
-            else:
-                self.ignored.append(Ignored(en.ref, f"status {status}", concept or next(c for c in comp_concepts if c)))
+        if not self._usable(en, status, OBS_USED, OBS_IGNORED, concept or next(c for c in comp_concepts if c)):
             return
         start, _, found = r.when(res, path, "effective")
         if not found:
@@ -364,11 +370,7 @@ class Normaliser:
         concept = self._medication_concept(res, path)
         if concept is None:
             return
-        if status not in MED_USED:
-            if status not in MED_IGNORED:
-                r.fail("value", f"unknown MedicationAdministration.status {status!r}", f"{path}.status")
-            else:
-                self.ignored.append(Ignored(en.ref, f"status {status}", concept))
+        if not self._usable(en, status, MED_USED, MED_IGNORED, concept):
             return
         start, end, found = r.when(res, path, "effective")
         if not found:
@@ -404,12 +406,7 @@ class Normaliser:
         concept = self.cb.concept_for(_codings(res.get("code")), _text(res.get("code")))
         if concept not in ("cart-infusion", "lymphodepletion"):
             return
-        status = res.get("status")
-        if status not in PROC_USED:
-            if status not in PROC_IGNORED:
-                r.fail("value", f"unknown Procedure.status {status!r}", f"{path}.status")
-            else:
-                self.ignored.append(Ignored(en.ref, f"status {status}", concept))
+        if not self._usable(en, res.get("status"), PROC_USED, PROC_IGNORED, concept):
             return
         start, end, found = r.when(res, path, "performed")
         if not found:
