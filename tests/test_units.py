@@ -38,6 +38,7 @@ CONVERSION_TABLE = [
     pytest.param("il6", "pg/mL", 40.0, None, 40.0, id="il6-pg/mL"),
     pytest.param("il6", "ng/L", 40.0, None, 40.0, id="il6-ng/L"),
     pytest.param("mcp1", "ng/L", 1343.5, None, 1343.5, id="mcp1-ng/L"),
+    pytest.param("bm-blasts", "%", 5.0, None, 5.0, id="bm-blasts-percent"),
     pytest.param("ldh", "U/L", 250.0, None, 250.0, id="ldh-U/L"),
     pytest.param("ldh", "[IU]/L", 250.0, None, 250.0, id="ldh-IU/L"),
     pytest.param("ast", "[IU]/L", 40.0, None, 40.0, id="ast-IU/L"),

@@ -17,6 +17,7 @@ from ..core.units import units_for
 
 DEFAULT_PATH = Path(__file__).with_name("default.json")
 Coding = tuple[str, str]  # (system, code)
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 
 
 class CodebookError(ValueError):
@@ -32,6 +33,7 @@ class Concept:
     codings: tuple[Coding, ...]
     values: dict[str, tuple[Coding, ...]] = field(default_factory=dict)
     text: tuple[str, ...] = ()  # lower-case substrings matched against text, last resort
+    value_text: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Codebook:
     by_coding: dict[Coding, str]
     value_by_coding: dict[str, dict[Coding, str]]
     text_patterns: tuple[tuple[str, str], ...]  # (lower-case pattern, concept)
+    value_text: dict[str, tuple[tuple[str, str], ...]]  # concept -> (lower-case pattern, value)
 
     def concept_for(self, codings: list[Coding], text: str | None) -> str | None:
         for c in codings:
@@ -53,11 +56,24 @@ class Codebook:
                     return name
         return None
 
-    def value_for(self, concept: str, codings: list[Coding]) -> str | None:
+    def value_for(self, concept: str, codings: list[Coding], text: str | None = None) -> str | None:
+        """The value name of a coded concept: exact coding, then ICD-10-CM parent category
+        (its codes are hierarchical by prefix: C83.31 falls under C83.3), then text."""
         table = self.value_by_coding.get(concept, {})
         for c in codings:
             if c in table:
                 return table[c]
+        for system, code in codings:
+            if system == ICD10CM:
+                for cut in range(len(code) - 1, 2, -1):
+                    parent = (system, code[:cut].rstrip("."))
+                    if parent in table:
+                        return table[parent]
+        if text:
+            low = text.lower()
+            for pattern, value in self.value_text.get(concept, ()):
+                if pattern in low:
+                    return value
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -73,6 +89,8 @@ class Codebook:
                 v: dict[str, Any] = {"system": s, "code": k}
                 if also:
                     v["also"] = [{"system": s2, "code": k2} for s2, k2 in also]
+                if c.value_text.get(value):
+                    v["text"] = list(c.value_text[value])
                 entry["values"][value] = v
             if c.text:
                 entry["text"] = list(c.text)
@@ -104,13 +122,18 @@ def _merge(concepts: dict[str, dict[str, Any]], doc: Any, base: str, source: str
             raise CodebookError("unknown concept (overlays may only add codes to existing concepts)", path)
         if not isinstance(spec, dict):
             raise CodebookError("expected an object", path)
-        entry = concepts.setdefault(name, {"kind": spec.get("kind"), "codings": [], "values": {}, "text": []})
+        entry = concepts.setdefault(
+            name, {"kind": spec.get("kind"), "codings": [], "values": {}, "text": [], "value_text": {}}
+        )
         entry["codings"] += _codings(spec.get("codings", []), f"{path}.codings", base)
         for value, raw in (spec.get("values") or {}).items():
             if overlay and value not in entry["values"]:
                 raise CodebookError("unknown value name", f"{path}.values.{value}")
             entry["values"].setdefault(value, [])
             entry["values"][value] += _codings(raw, f"{path}.values.{value}", base)
+            for item in raw if isinstance(raw, list) else [raw]:
+                entry["value_text"].setdefault(value, [])
+                entry["value_text"][value] += [str(t).lower() for t in item.get("text", [])]
         entry["text"] += [str(t).lower() for t in spec.get("text", [])]
 
 
@@ -136,6 +159,7 @@ def load_codebook(base: str, overlay: Path | None = None) -> Codebook:
             tuple(dict.fromkeys(e["codings"])),
             {v: tuple(dict.fromkeys(cs)) for v, cs in e["values"].items()},
             tuple(dict.fromkeys(e["text"])),
+            {v: tuple(dict.fromkeys(ts)) for v, ts in e["value_text"].items() if ts},
         )
         concepts[name] = c
         for coding in c.codings:
@@ -144,4 +168,5 @@ def load_codebook(base: str, overlay: Path | None = None) -> Codebook:
                 raise CodebookError(f"coding {coding} is mapped to both {other} and {name}", f"concepts.{name}")
         value_by_coding[name] = {coding: v for v, cs in c.values.items() for coding in cs}
         patterns += [(t, name) for t in c.text]
-    return Codebook(concepts, by_coding, value_by_coding, tuple(patterns))
+    value_text = {name: tuple((t, v) for v, ts in c.value_text.items() for t in ts) for name, c in concepts.items()}
+    return Codebook(concepts, by_coding, value_by_coding, tuple(patterns), value_text)

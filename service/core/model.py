@@ -35,6 +35,7 @@ class Administration:
     rate: float | None = None  # canonical unit of the concept, when a rate was sent
     unit: str | None = None
     shown: str = ""
+    product: str | None = None  # cart-infusion: the codebook product value, when known
 
     def overlaps(self, lo: datetime, hi: datetime) -> bool:
         return self.start <= hi and (self.end is None or self.end >= lo)
@@ -58,6 +59,7 @@ class PatientData:
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # concept -> sorted by t
     administrations: dict[str, list[Administration]] = field(default_factory=dict)
     ignored: list[Ignored] = field(default_factory=list)
+    indications: list[tuple[str, str]] = field(default_factory=list)  # (codebook value, Condition ref)
 
     def series(self, concept: str) -> list[Sample]:
         return self.samples.get(concept, [])

@@ -92,6 +92,7 @@ CONVERSIONS: dict[str, dict[str, Conversion]] = {
     "alt": _ENZYME,
     "il6": _PG_ML,
     "mcp1": _PG_ML,
+    "bm-blasts": {"%": _same("%")},
     "norepinephrine": _UG_MIN,
     "epinephrine": _UG_MIN,
     "phenylephrine": _UG_MIN,

@@ -30,8 +30,6 @@ MED_USED = frozenset({"in-progress", "completed", "stopped"})
 MED_IGNORED = frozenset({"not-done", "entered-in-error", "on-hold", "unknown"})
 PROC_USED = frozenset({"completed", "in-progress"})
 PROC_IGNORED = frozenset({"preparation", "not-done", "on-hold", "stopped", "entered-in-error", "unknown"})
-# Resource types that feed grading; other valid FHIR types are accepted and not used.
-GRADED_TYPES = frozenset({"Patient", "Observation", "MedicationAdministration", "Procedure", "Medication"})
 
 
 @lru_cache(maxsize=512)
@@ -219,6 +217,7 @@ class _RawDose:
     path: str
     rate: float | None = None
     rate_unit: str | None = None
+    product: str | None = None
 
 
 class Normaliser:
@@ -231,6 +230,7 @@ class Normaliser:
         self.doses: list[_RawDose] = []
         self.ignored: list[Ignored] = []
         self.medications: dict[str, dict[str, Any]] = {}
+        self.indications: list[tuple[str, str]] = []
 
     # Quantities -----------------------------------------------------------------
     def _quantity(self, concept: str, q: Any, path: str) -> tuple[float, str, str] | None:
@@ -346,20 +346,28 @@ class Normaliser:
                 self.r.fail("value", f"{concept} must be an integer 0-{top}", path)
 
     # MedicationAdministration / Procedure ---------------------------------------------
-    def _medication_concept(self, res: dict[str, Any], path: str) -> str | None:
+    def _medication(self, res: dict[str, Any], path: str) -> tuple[str | None, str | None]:
+        """(concept, product) of a MedicationAdministration's medication[x]."""
         if "medicationCodeableConcept" in res:
             cc = res["medicationCodeableConcept"]
-            return self.cb.concept_for(_codings(cc), _text(cc))
-        ref = (res.get("medicationReference") or {}).get("reference")
-        if not isinstance(ref, str):
-            self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
-            return None
-        med = self.medications.get(ref)
-        if med is None and ref.startswith("#"):
-            med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
-        if med is None:
-            return None
-        return self.cb.concept_for(_codings(med.get("code")), _text(med.get("code")))
+        else:
+            ref = (res.get("medicationReference") or {}).get("reference")
+            if not isinstance(ref, str):
+                self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
+                return None, None
+            med = self.medications.get(ref)
+            if med is None and ref.startswith("#"):
+                med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
+            if med is None:
+                return None, None
+            cc = med.get("code")
+        return self._concept_and_product(cc)
+
+    def _concept_and_product(self, cc: Any) -> tuple[str | None, str | None]:
+        codings, text = _codings(cc), _text(cc)
+        concept = self.cb.concept_for(codings, text)
+        product = self.cb.value_for(concept, codings, text) if concept == "cart-infusion" else None
+        return concept, product
 
     def administration(self, en: Entry) -> None:
         res, path, r = en.resource, en.path, self.r
@@ -367,7 +375,7 @@ class Normaliser:
         if status is None:
             r.fail("required", "MedicationAdministration.status is required", f"{path}.status")
             return
-        concept = self._medication_concept(res, path)
+        concept, product = self._medication(res, path)
         if concept is None:
             return
         if not self._usable(en, status, MED_USED, MED_IGNORED, concept):
@@ -382,7 +390,7 @@ class Normaliser:
             # Finished, with no recorded end: counts at its start only, never as still running.
             end = start
             self.ignored.append(Ignored(en.ref, f"{status} without an end: counted at its start only", concept))
-        dose = _RawDose(concept, start, end, en.ref, path)
+        dose = _RawDose(concept, start, end, en.ref, path, product=product)
         rate = (res.get("dosage") or {}).get("rateQuantity")
         if rate is not None and self.cb.concepts[concept].kind == "vasopressor":
             p = f"{path}.dosage.rateQuantity"
@@ -403,7 +411,7 @@ class Normaliser:
 
     def procedure(self, en: Entry) -> None:
         res, path, r = en.resource, en.path, self.r
-        concept = self.cb.concept_for(_codings(res.get("code")), _text(res.get("code")))
+        concept, product = self._concept_and_product(res.get("code"))
         if concept not in ("cart-infusion", "lymphodepletion"):
             return
         if not self._usable(en, res.get("status"), PROC_USED, PROC_IGNORED, concept):
@@ -412,7 +420,20 @@ class Normaliser:
         if not found:
             r.fail("required", "performed[x] is required to place the procedure in time", f"{path}.performed[x]")
         elif start is not None:
-            self.doses.append(_RawDose(concept, start, end if end is not None else start, en.ref, path))
+            end = end if end is not None else start
+            self.doses.append(_RawDose(concept, start, end, en.ref, path, product=product))
+
+    def condition(self, en: Entry) -> None:
+        """A diagnosis the codebook maps to an indication (product baseline, disease burden)."""
+        res = en.resource
+        value = self.cb.value_for("indication", _codings(res.get("code")), _text(res.get("code")))
+        if value is None:
+            return
+        verification = {c for _, c in _codings(res.get("verificationStatus"))}
+        if verification & {"refuted", "entered-in-error"}:
+            self.ignored.append(Ignored(en.ref, f"verificationStatus {'/'.join(sorted(verification))}", "indication"))
+            return
+        self.indications.append((value, en.ref))
 
     # Assembly -------------------------------------------------------------------------
     def finish(self, patient_ref: str, birth: date | None) -> PatientData:
@@ -435,11 +456,11 @@ class Normaliser:
                 except UnitError:
                     self.ignored.append(Ignored(d.ref, "rate not normalised: no body weight", d.concept))
             admins.setdefault(d.concept, []).append(
-                Administration(d.concept, d.start, d.end, d.ref, rate=rate, shown=shown)
+                Administration(d.concept, d.start, d.end, d.ref, rate=rate, shown=shown, product=d.product)
             )
         for adm in admins.values():
             adm.sort(key=lambda a: a.start)
-        return PatientData(patient_ref, birth, self.samples, admins, self.ignored)
+        return PatientData(patient_ref, birth, self.samples, admins, self.ignored, self.indications)
 
 
 @dataclass
@@ -497,6 +518,8 @@ def parse_patient_entries(entries: list[Entry], codebook: Codebook) -> Parsed:
                     norm.administration(en)
             elif t == "Procedure" and _subject_ok(en.resource, refs, en.path, r):
                 norm.procedure(en)
+            elif t == "Condition" and _subject_ok(en.resource, refs, en.path, r):
+                norm.condition(en)
     except _Issues:
         pass
     if r.issues:
@@ -539,6 +562,8 @@ def check_for_storage(en: Entry, codebook: Codebook) -> tuple[str | None, list[I
                     norm.administration(en)
                 elif rtype == "Procedure":
                     norm.procedure(en)
+                elif rtype == "Condition":
+                    norm.condition(en)
     except _Issues:
         pass
     return patient_id, r.issues
