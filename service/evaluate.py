@@ -9,7 +9,8 @@ from typing import Any
 from .codebook import Codebook
 from .core.astct import GradingConfig, HypotensionRule, grade_crs, grade_icans
 from .core.model import GradeResult
-from .fhir.emit import collection, provenance, risk_assessment, validate_emitted
+from .core.scores import ScoreConfig, ScoreResult, all_scores
+from .fhir.emit import collection, provenance, risk_assessment, score_assessment, validate_emitted
 from .fhir.errors import FhirError
 from .fhir.ingest import Entry, load_json, parse_patient_entries, split_entries
 from .settings import Settings
@@ -27,11 +28,19 @@ def grading_config(settings: Settings) -> GradingConfig:
     )
 
 
+def score_config(settings: Settings) -> ScoreConfig:
+    return ScoreConfig(
+        tolerance=timedelta(hours=settings.score_tolerance_hours),
+        pre_ld_lookback=timedelta(hours=settings.pre_lymphodepletion_lookback_hours),
+    )
+
+
 @dataclass(frozen=True)
 class Evaluation:
     patient_ref: str
     at: datetime
     results: list[GradeResult]
+    scores: list[ScoreResult]
     assessments: list[dict[str, Any]]
     provenance: dict[str, Any]
 
@@ -65,12 +74,15 @@ def evaluate_entries(
         raise FhirError.one(422, "required", "no timed input: give the evaluation time `at`", "at")
     cfg = grading_config(settings)
     results = [grade_crs(data, at, cfg), grade_icans(data, at, cfg)]
+    scores = all_scores(data, at, score_config(settings))
     base = settings.canonical_base
     assessments = [risk_assessment(r, data.patient_ref, base) for r in results]
+    assessments += [score_assessment(s, data.patient_ref, base) for s in scores]
     inputs = [data.patient_ref] + [ref for r in results for ref in (*r.considered, *r.basis)]
+    inputs += [ref for s in scores for ref in s.basis]
     prov = provenance(assessments, inputs, base, recorded)
     validate_emitted([*assessments, prov])
-    return Evaluation(data.patient_ref, at, results, assessments, prov)
+    return Evaluation(data.patient_ref, at, results, scores, assessments, prov)
 
 
 def evaluate_body(

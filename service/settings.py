@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # Age from which the adult rule applies; below it the PALS systolic limits apply.
     adult_from_age_years: int = 18
 
+    # Risk scores: a time point takes the value nearest to it within +/- this (never after `at`);
+    # "before lymphodepletion" takes the latest value in this many hours before its start.
+    score_tolerance_hours: float = Field(default=24.0, gt=0, le=24 * 7)
+    pre_lymphodepletion_lookback_hours: float = Field(default=72.0, gt=0, le=24 * 30)
+
     # Request limits (413 beyond them).
     max_body_bytes: int = 50 * 1024 * 1024
     max_bundle_entries: int = 50_000

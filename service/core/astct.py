@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from .model import Administration, GradeResult, PatientData, Sample
+from .model import fmt_time as _fmt_t
 
 CRS_METHOD = "astct-crs"
 ICANS_METHOD = "astct-icans"
@@ -160,10 +161,6 @@ def ignored_note(data: PatientData, concepts: frozenset[str]) -> list[str]:
     shown = ", ".join(f"{i.ref} ({i.concept}: {i.reason})" for i in items[:IGNORED_SHOWN])
     more = f" and {len(items) - IGNORED_SHOWN} more" if len(items) > IGNORED_SHOWN else ""
     return [f"Ignored: {shown}{more}."]
-
-
-def _fmt_t(t: datetime) -> str:
-    return t.isoformat(timespec="minutes")
 
 
 def in_window(series: list[Sample], lo: datetime, hi: datetime) -> list[Sample]:

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 
+def fmt_time(t: datetime) -> str:
+    """A time for rationales: ISO 8601 to the minute, with its offset."""
+    return t.isoformat(timespec="minutes")
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One observed value of a concept, in the concept's canonical unit.

@@ -19,6 +19,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from .. import __version__
 from ..core.model import GradeResult
+from ..core.scores import ScoreResult
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
@@ -47,6 +48,7 @@ def systems(base: str) -> dict[str, str]:
         "outcome": f"{base}/CodeSystem/outcome",
         "identifier": f"{base}/identifier/risk-assessment",
         "device": f"{base}/identifier/software",
+        "score": f"{base}/StructureDefinition/score",
     }
 
 
@@ -93,6 +95,52 @@ def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str 
         "code": {"coding": [{"system": sy["assessment"], "code": code}]},
         "prediction": [prediction],
     }
+    if result.basis:
+        ra["basis"] = [{"reference": r} for r in result.basis]
+    return ra
+
+
+def score_assessment(result: ScoreResult, patient_ref: str, base: str) -> dict[str, Any]:
+    """A risk score as a RiskAssessment: code risk-score, the score value in the /score extension,
+    probabilities as fractions 0-1, qualitativeRisk only where a verified cut-off exists."""
+    sy = systems(base)
+    code = "risk-score"
+    # The time point's label is part of the key: indeterminate points share the evaluation time.
+    key = business_key(patient_ref, result.method, f"{code}@{result.label}", result.at)
+    predictions = []
+    for p in result.predictions:
+        if result.indeterminate:
+            outcome = {
+                "coding": [{"system": sy["outcome"], "code": "indeterminate", "display": "Indeterminate"}],
+                "text": f"{p.text}: indeterminate, missing {', '.join(result.missing)}",
+            }
+        else:
+            outcome = {"coding": [{"system": sy["outcome"], "code": p.outcome, "display": p.text}], "text": p.text}
+        pred: dict[str, Any] = {"outcome": outcome, "rationale": p.rationale}
+        if p.probability is not None:
+            pred["probabilityDecimal"] = p.probability
+        if p.qualitative is not None:
+            pred["qualitativeRisk"] = {
+                "coding": [
+                    {"system": RISK_PROBABILITY, "code": p.qualitative, "display": QUALITATIVE_DISPLAY[p.qualitative]}
+                ]
+            }
+        if p.relative_risk is not None:
+            pred["relativeRisk"] = p.relative_risk
+        predictions.append(pred)
+    ra: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": assessment_id(key),
+        "identifier": [{"system": sy["identifier"], "value": key}],
+        "status": "final",
+        "subject": {"reference": patient_ref},
+        "occurrenceDateTime": result.at.isoformat(),
+        "method": {"coding": [{"system": sy["method"], "code": result.method}], "text": result.citation},
+        "code": {"coding": [{"system": sy["assessment"], "code": code}], "text": f"{result.method} at {result.label}"},
+        "prediction": predictions,
+    }
+    if result.value is not None:
+        ra["extension"] = [{"url": sy["score"], "valueDecimal": round(result.value, 6)}]
     if result.basis:
         ra["basis"] = [{"reference": r} for r in result.basis]
     return ra

@@ -1,0 +1,413 @@
+"""Published risk scores before and after infusion (clinical-rules.md §3).
+
+Every number here is quoted, with its source, in docs/score-sources.md. Scores whose numbers
+could not be verified there (CAR-HEMATOTOX points, Hay 2017, ICAHT) are not computed.
+Missing inputs give an indeterminate result naming them, never a value.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from .model import Administration, PatientData, Sample
+from .model import fmt_time as _t
+
+# --- results -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    outcome: str  # project outcome code
+    text: str
+    probability: float | None = None  # a fraction 0-1 (docs/output-contract.md)
+    qualitative: str | None = None  # risk-probability code, only where a verified cut-off exists
+    relative_risk: float | None = None
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    method: str
+    citation: str
+    at: datetime  # the time point (occurrenceDateTime)
+    label: str  # e.g. "pre-lymphodepletion", "day +1"
+    value: float | None  # the score; None when indeterminate or when the score is not a number
+    predictions: tuple[Prediction, ...]
+    basis: tuple[str, ...]
+    missing: tuple[str, ...] = ()
+
+    @property
+    def indeterminate(self) -> bool:
+        return bool(self.missing)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    # A time point uses the value nearest to it within +/- this, never after `at`.
+    tolerance: timedelta = timedelta(hours=24)
+    # "Before lymphodepletion": the latest value in [LD - lookback, LD), never at or after LD.
+    pre_ld_lookback: timedelta = timedelta(hours=72)
+
+
+# --- choosing lab values ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a time point may take its values from: [lo, hi], nearest to `target`."""
+
+    target: datetime
+    lo: datetime
+    hi: datetime
+    latest: bool = False  # pre-lymphodepletion: the latest value, not the nearest
+
+    def pick(self, series: list[Sample]) -> Sample | None:
+        times = [s.t for s in series]
+        i, j = bisect_left(times, self.lo), bisect_right(times, self.hi)
+        candidates = [s for s in series[i:j] if s.value is not None]
+        if not candidates:
+            return None
+        if self.latest:
+            return candidates[-1]
+        return min(candidates, key=lambda s: abs((s.t - self.target).total_seconds()))
+
+
+def around(target: datetime, at: datetime, cfg: ScoreConfig) -> Window:
+    return Window(target, target - cfg.tolerance, min(target + cfg.tolerance, at))
+
+
+def before_lymphodepletion(ld: datetime, at: datetime, cfg: ScoreConfig) -> Window:
+    # A lab drawn at or after the start of lymphodepletion is never "pre".
+    return Window(ld, ld - cfg.pre_ld_lookback, min(ld - timedelta(microseconds=1), at), latest=True)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
+# --- EASIX family (Luft 2017; Korell 2022; Pennisi 2021) ------------------------------
+
+EASIX_CITATION = (
+    "EASIX = LDH (U/L) x creatinine (mg/dL) / platelets (10^9/L) (Luft T et al., Lancet Haematol "
+    "2017;4:e414-23); EASIX-pre cut-off > 4.67 (Korell F et al., Front Immunol 2022, "
+    "doi:10.3389/fimmu.2022.877477)"
+)
+PENNISI = "Pennisi M et al., Blood Adv 2021;5:3397-3406, doi:10.1182/bloodadvances.2020003885"
+M_EASIX_CITATION = f"m-EASIX = LDH (U/L) x CRP (mg/dL) / platelets (10^9/L) ({PENNISI})"
+S_EASIX_CITATION = f"s-EASIX = LDH (U/L) / platelets (10^9/L) ({PENNISI})"
+
+# Korell 2022: "An EASIX-pre cutoff >4.67 ... associated with a 4.3-fold increased odds ratio
+# of severe CRS/ICANS in the independent cohort" (grade >= 3 CRS and/or ICANS).
+EASIX_PRE_CUTOFF = 4.67
+EASIX_PRE_OR = 4.3
+SEVERE_CRS_ICANS = "severe-crs-or-icans"
+SEVERE_CRS_ICANS_TEXT = "Grade >= 3 CRS and/or ICANS"
+# Pennisi 2021: m-EASIX AUC for severe (grade >= 3) CRS by time point; no cut-off published.
+M_EASIX_AUC = {"lymphodepletion": "80.4%", "day -1": "73.0%", "day +1": "75.4%"}
+PENNISI_POPULATION = "118 adults: 53 B-ALL (1928z CAR T) and 65 DLBCL (axi-cel or tisa-cel)"
+
+
+@dataclass(frozen=True)
+class Formula:
+    method: str
+    citation: str
+    inputs: tuple[str, ...]  # concepts, canonical units: ldh U/L, creatinine/crp mg/dL, platelets 10^9/L
+    compute: Callable[[dict[str, float]], float]
+
+
+EASIX = Formula(
+    "easix", EASIX_CITATION, ("ldh", "creatinine", "platelets"), lambda v: v["ldh"] * v["creatinine"] / v["platelets"]
+)
+M_EASIX = Formula(
+    "m-easix", M_EASIX_CITATION, ("ldh", "crp", "platelets"), lambda v: v["ldh"] * v["crp"] / v["platelets"]
+)
+S_EASIX = Formula("s-easix", S_EASIX_CITATION, ("ldh", "platelets"), lambda v: v["ldh"] / v["platelets"])
+
+
+@dataclass
+class _Inputs:
+    values: dict[str, float] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def shown(self) -> str:
+        return ", ".join(f"{s.concept} {s.shown} at {_t(s.t)}" for s in self.samples)
+
+
+def _gather(data: PatientData, concepts: tuple[str, ...], window: Window) -> _Inputs:
+    got = _Inputs()
+    for c in concepts:
+        s = window.pick(data.series(c))
+        if s is None or s.value is None:
+            got.missing.append(c)
+            continue
+        got.values[c] = s.value
+        got.samples.append(s)
+    return got
+
+
+def _formula_result(
+    f: Formula, data: PatientData, window: Window, label: str, prediction: Callable[[float | None], Prediction]
+) -> ScoreResult:
+    got = _gather(data, f.inputs, window)
+    span = f"values from {_t(window.lo)} to {_t(window.hi)}"
+    if got.missing or got.values.get("platelets") == 0:
+        missing = tuple(got.missing) or ("platelets (non-zero)",)
+        p = prediction(None)
+        text = f"Indeterminate at {label}: no {', '.join(missing)} ({span}). {p.rationale}"
+        return ScoreResult(f.method, f.citation, window.target, label, None, (_with(p, text),), (), missing)
+    value = f.compute(got.values)
+    p = prediction(value)
+    text = f"{f.method} {_fmt(value)} at {label} from {got.shown()}. {p.rationale}"
+    return ScoreResult(
+        f.method, f.citation, window.target, label, value, (_with(p, text),), tuple(s.ref for s in got.samples)
+    )
+
+
+def _with(p: Prediction, rationale: str) -> Prediction:
+    return Prediction(p.outcome, p.text, p.probability, p.qualitative, p.relative_risk, rationale)
+
+
+def _easix_pre_prediction(value: float | None) -> Prediction:
+    if value is None:
+        return Prediction(SEVERE_CRS_ICANS, SEVERE_CRS_ICANS_TEXT, rationale="Korell 2022 cut-off not applied.")
+    high = value > EASIX_PRE_CUTOFF
+    why = (
+        f"Korell 2022: EASIX-pre > {EASIX_PRE_CUTOFF:g} gave OR {EASIX_PRE_OR:g} for grade >= 3 CRS and/or ICANS "
+        f"(CD19 CAR T; validation cohort of 121 patients); {_fmt(value)} is "
+        f"{'above' if high else 'not above'} the cut-off: {'high' if high else 'low'} risk."
+    )
+    return Prediction(SEVERE_CRS_ICANS, SEVERE_CRS_ICANS_TEXT, qualitative="high" if high else "low", rationale=why)
+
+
+def _easix_point_prediction(_: float | None) -> Prediction:
+    why = "No verified cut-off outside the pre-lymphodepletion time point (Korell 2022): value only, no category."
+    return Prediction(SEVERE_CRS_ICANS, SEVERE_CRS_ICANS_TEXT, rationale=why)
+
+
+def _pennisi_prediction(label: str) -> Callable[[float | None], Prediction]:
+    def make(_: float | None) -> Prediction:
+        auc = M_EASIX_AUC.get(label)
+        perf = f"m-EASIX AUC for severe CRS at {label}: {auc}" if auc else "AUC at this time point not verified"
+        if label == "day +3":
+            perf = "at day +3 also discriminated severe ICANS (AUC not verified)"
+        why = (
+            f"Pennisi 2021 ({PENNISI_POPULATION}): {perf}; the three EASIX formulas performed similarly. "
+            "No verified cut-off: value only, no risk category."
+        )
+        return Prediction("severe-crs", "Grade >= 3 CRS (and ICANS at day +3)", rationale=why)
+
+    return make
+
+
+def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[ScoreResult]:
+    """EASIX before lymphodepletion (with the Korell cut-off) and at every LDH time point."""
+    out: list[ScoreResult] = []
+    ld = data.first_event("lymphodepletion")
+    if ld is None:
+        missing = ("lymphodepletion",)
+        p = _easix_pre_prediction(None)
+        why = "Indeterminate: no lymphodepletion recorded, so there is no pre-lymphodepletion time point."
+        out.append(ScoreResult("easix", EASIX_CITATION, at, "pre-lymphodepletion", None, (_with(p, why),), (), missing))
+    elif ld.start <= at:
+        window = before_lymphodepletion(ld.start, at, cfg)
+        out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction))
+    for s in data.series("ldh"):
+        if s.t > at:
+            break
+        if ld is not None and s.t < ld.start and ld.start <= at:
+            continue  # before lymphodepletion: reported once, as EASIX-pre
+        result = _formula_result(EASIX, data, around(s.t, at, cfg), f"{_t(s.t)}", _easix_point_prediction)
+        if not result.indeterminate:  # "the value at each time point that has its inputs"
+            out.append(result)
+    return out
+
+
+def pennisi_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[ScoreResult]:
+    """m-EASIX and s-EASIX at lymphodepletion, day -1, day +1 and day +3 (Pennisi 2021)."""
+    ld = data.first_event("lymphodepletion")
+    day0 = data.first_event("cart-infusion")
+    points: list[tuple[str, Window | None, str]] = [
+        ("lymphodepletion", before_lymphodepletion(ld.start, at, cfg) if ld else None, "lymphodepletion"),
+    ]
+    if day0 is None:  # one indeterminate result for the three infusion-relative points
+        points.append(("day -1, +1 and +3", None, "cart-infusion"))
+    else:
+        for label, days in (("day -1", -1), ("day +1", 1), ("day +3", 3)):
+            points.append((label, around(day0.start + timedelta(days=days), at, cfg), "cart-infusion"))
+    out: list[ScoreResult] = []
+    for f in (M_EASIX, S_EASIX):
+        for label, window, anchor in points:
+            if window is None:
+                p = _pennisi_prediction(label)(None)
+                why = f"Indeterminate at {label}: no {anchor} recorded to place the time point."
+                out.append(ScoreResult(f.method, f.citation, at, label, None, (_with(p, why),), (), (anchor,)))
+            elif window.target <= at:  # time points still in the future are not reported
+                out.append(_formula_result(f, data, window, label, _pennisi_prediction(label)))
+    return out
+
+
+# --- Product baseline (seed 003, Brudno, Maus & Hinrichs, JAMA 2024, Table 1) ---------------
+
+PRODUCT_CITATION = (
+    "Pivotal-trial incidence of any-grade CRS and neurologic toxicity, Brudno JN, Maus MV, Hinrichs CS, "
+    "JAMA 2024, Table 1"
+)
+
+
+@dataclass(frozen=True)
+class ProductRate:
+    product: str
+    indication: str
+    population: str
+    crs: float  # fraction 0-1
+    neuro: float
+
+
+# Any-grade CRS / neurologic toxicity (%) from the trials leading to approval (seed 003 Table 1,
+# every row checked in docs/score-sources.md §7). The seed notes the CRS rates come from
+# different grading scales.
+PRODUCT_RATES: tuple[ProductRate, ...] = (
+    ProductRate("tisagenlecleucel", "b-all", "pediatric/young adult B-ALL", 0.77, 0.39),
+    ProductRate("tisagenlecleucel", "lbcl", "LBCL", 0.57, 0.20),
+    ProductRate("tisagenlecleucel", "fl", "FL", 0.49, 0.37),
+    ProductRate("axicabtagene-ciloleucel", "lbcl", "LBCL", 0.93, 0.64),
+    ProductRate("axicabtagene-ciloleucel", "fl", "FL", 0.78, 0.56),
+    ProductRate("brexucabtagene-autoleucel", "mcl", "MCL", 0.91, 0.63),
+    ProductRate("brexucabtagene-autoleucel", "b-all", "adult B-ALL", 0.89, 0.60),
+    ProductRate("lisocabtagene-maraleucel", "lbcl", "LBCL", 0.42, 0.30),
+    ProductRate("lisocabtagene-maraleucel", "cll", "CLL", 0.85, 0.45),
+    ProductRate("lisocabtagene-maraleucel", "fl", "FL", 0.58, 0.15),
+    ProductRate("lisocabtagene-maraleucel", "mcl", "MCL", 0.61, 0.31),
+    ProductRate("idecabtagene-vicleucel", "mm", "MM", 0.84, 0.18),
+    ProductRate("ciltacabtagene-autoleucel", "mm", "MM", 0.95, 0.22),
+)
+CRS_ANY = "crs-any-grade"
+NEURO_ANY = "neurotoxicity-any-grade"
+
+
+def _indication(data: PatientData) -> tuple[str | None, str, tuple[str, ...]]:
+    """(indication, why-not, refs): exactly one distinct mapped indication is needed."""
+    values = sorted({v for v, _ in data.indications})
+    refs = tuple(r for _, r in data.indications)
+    if len(values) == 1:
+        return values[0], "", refs
+    if not values:
+        return None, "no Condition mapped to an indication in the codebook", ()
+    return None, f"several indications recorded ({', '.join(values)})", refs
+
+
+def product_baseline(data: PatientData, at: datetime) -> list[ScoreResult]:
+    infusion = data.first_event("cart-infusion")
+    indication, why_not, cond_refs = _indication(data)
+    missing: list[str] = []
+    reasons: list[str] = []
+    if infusion is None or infusion.product is None:
+        missing.append("cart-infusion product")
+        reasons.append("no CAR T infusion recorded" if infusion is None else "infused product not identified")
+    if indication is None:
+        missing.append("indication")
+        reasons.append(why_not)
+    when = infusion.start if infusion else at
+    if infusion is not None and infusion.start > at:
+        return []
+    row = next(
+        (r for r in PRODUCT_RATES if infusion and r.product == infusion.product and r.indication == indication), None
+    )
+    if row is None and not missing:
+        missing.append("product-indication pair")
+        reasons.append(f"no pivotal-trial rate for {infusion.product if infusion else '?'} in {indication}")
+    if missing:
+        text = f"Indeterminate: {'; '.join(reasons)}."
+        preds = (
+            Prediction(CRS_ANY, "Any-grade CRS", rationale=text),
+            Prediction(NEURO_ANY, "Any-grade neurologic toxicity", rationale=text),
+        )
+        return [ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (), tuple(missing))]
+    assert row is not None and infusion is not None
+    common = (
+        f"{row.product} for {row.population}: pivotal-trial incidence (seed 003 Table 1). A population rate, not an "
+        "individual prediction; the CRS rates come from different grading scales."
+    )
+    preds = (
+        Prediction(CRS_ANY, "Any-grade CRS", probability=row.crs, rationale=f"Any-grade CRS {row.crs:.0%}. {common}"),
+        Prediction(
+            NEURO_ANY,
+            "Any-grade neurologic toxicity",
+            probability=row.neuro,
+            rationale=f"Any-grade neurologic toxicity {row.neuro:.0%}. {common}",
+        ),
+    )
+    return [
+        ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (infusion.ref, *cond_refs))
+    ]
+
+
+# --- Disease burden (seed 001, Wudhikarn et al., Blood 2021, Table 2) ---------------------
+
+BURDEN_CITATION = (
+    "Disease status before lymphodepletion, morphologic (BM blasts >= 5% or extramedullary disease) vs MRD: "
+    "HR 2.20 (95% CI 1.09-4.41), univariate, for relapsed/refractory disease after 19-28z CD19 CAR T in adult "
+    "B-ALL (Wudhikarn K et al., Blood 2021, Table 2)"
+)
+MORPHOLOGIC_BLASTS_PCT = 5.0  # "BM blasts >= 5%" (seed 001)
+BURDEN_HR = 2.20
+
+
+def _latest_before(series: list[Sample], t: datetime) -> Sample | None:
+    before = [s for s in series if s.t < t]
+    return before[-1] if before else None
+
+
+def disease_burden(data: PatientData, at: datetime) -> list[ScoreResult]:
+    indication, why_not, cond_refs = _indication(data)
+    if indication is not None and indication != "b-all":
+        return []  # applies only to B-ALL
+    ld = data.first_event("lymphodepletion")
+    day0 = data.first_event("cart-infusion")
+    anchor: Administration | None = ld or day0
+    label = "pre-lymphodepletion" if ld else "pre-infusion"
+    missing: list[str] = [] if indication else ["indication"]
+    if anchor is None:
+        missing.append("lymphodepletion or cart-infusion")
+    elif anchor.start > at:
+        return []
+    cut = anchor.start if anchor else at
+    blasts = _latest_before(data.series("bm-blasts"), cut)
+    emd = _latest_before(data.series("extramedullary-disease"), cut)
+    scope = "Applies only to B-ALL (seed 001 cohort: 56 adults, 19-28z). ICD-10-CM C91.0 does not tell B- from T-ALL."
+    morphologic = (blasts is not None and (blasts.value or 0) >= MORPHOLOGIC_BLASTS_PCT) or (
+        emd is not None and emd.code == "present"
+    )
+    mrd_only = blasts is not None and emd is not None and not morphologic
+    if not (morphologic or mrd_only):
+        missing += [c for c, s in (("bm-blasts", blasts), ("extramedullary-disease", emd)) if s is None]
+    if missing:
+        text = f"Indeterminate: missing {', '.join(missing)}{' (' + why_not + ')' if why_not else ''}. {scope}"
+        pred = Prediction("relapse-after-car-t", "Relapsed/refractory disease after CAR T", rationale=text)
+        return [ScoreResult("disease-burden", BURDEN_CITATION, cut, label, None, (pred,), (), tuple(missing))]
+    used = [s for s in (blasts, emd) if s is not None]
+    facts = "; ".join(f"{s.concept} {s.shown} at {_t(s.t)}" for s in used)
+    if morphologic:
+        rr, group = BURDEN_HR, f"morphologic disease (BM blasts >= {MORPHOLOGIC_BLASTS_PCT:g}% or extramedullary)"
+    else:
+        rr, group = 1.0, "MRD-only (the reference group)"
+    text = f"{group}: {facts}. Relative risk {rr:g} against MRD-only (HR 2.20, 95% CI 1.09-4.41). {scope}"
+    pred = Prediction(
+        "relapse-after-car-t", "Relapsed/refractory disease after CAR T", relative_risk=rr, rationale=text
+    )
+    return [
+        ScoreResult("disease-burden", BURDEN_CITATION, cut, label, None, (pred,), (*(s.ref for s in used), *cond_refs))
+    ]
+
+
+def all_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[ScoreResult]:
+    return [
+        *easix_scores(data, at, cfg),
+        *pennisi_scores(data, at, cfg),
+        *product_baseline(data, at),
+        *disease_burden(data, at),
+    ]
