@@ -97,6 +97,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), patients=args.patients, seed=args.seed, days=args.days)
 
 
+def _days(raw: str) -> int:
+    from .synth import MIN_DAYS
+
+    days = int(raw)
+    if days < MIN_DAYS:
+        raise argparse.ArgumentTypeError(f"at least {MIN_DAYS} days, so every scenario's course is recorded")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iectox", description=__doc__)
     parser.add_argument("--database-url", help="overrides IECTOX_DATABASE_URL")
@@ -125,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic cohort as FHIR Bundles")
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--days", type=int, default=10)
+    p.add_argument("--days", type=_days, default=10)
     p.add_argument("--out", default="synthetic")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="start the server on SQLite, post a synthetic cohort, print the grades")
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--days", type=int, default=8)
+    p.add_argument("--days", type=_days, default=8)
     p.set_defaults(func=cmd_demo)
     return parser
 

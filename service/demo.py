@@ -41,6 +41,33 @@ def _why(ra: dict[str, Any]) -> str:
     return verdict if len(verdict) <= WHY_WIDTH else verdict[: WHY_WIDTH - 1] + "…"
 
 
+def _risk_line(resources: list[dict[str, Any]]) -> str:
+    """Pre-infusion scores of one evaluation, in a line: EASIX-pre, product baseline, disease burden."""
+    parts = []
+    for ra in resources:
+        if ra.get("resourceType") != "RiskAssessment" or ra["code"]["coding"][0]["code"] != "risk-score":
+            continue
+        method, label = ra["method"]["coding"][0]["code"], ra["code"].get("text", "")
+        preds = ra["prediction"]
+        indeterminate = preds[0]["outcome"]["coding"][0]["code"] == "indeterminate"
+        if method == "easix" and label.endswith("pre-lymphodepletion"):
+            if indeterminate:
+                parts.append("EASIX-pre indeterminate")
+            else:
+                score = ra["extension"][0]["valueDecimal"]
+                risk = preds[0]["qualitativeRisk"]["coding"][0]["code"]
+                parts.append(f"EASIX-pre {score:.2f} ({risk})")
+        elif method == "product-baseline":
+            if indeterminate:
+                parts.append("product baseline indeterminate")
+            else:
+                crs, neuro = (p["probabilityDecimal"] for p in preds)
+                parts.append(f"product baseline CRS {crs:.0%} / neurotoxicity {neuro:.0%}")
+        elif method == "disease-burden" and not indeterminate:
+            parts.append(f"disease burden RR {preds[0]['relativeRisk']:g}")
+    return " | ".join(parts)
+
+
 def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
     port = _free_port()
     server = uvicorn.Server(
@@ -69,7 +96,10 @@ def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
                     at = (p.day0 + timedelta(days=day, hours=12)).isoformat()
                     r = client.post(f"/fhir/Patient/{p.patient_id}/$evaluate", params={"at": at})
                     r.raise_for_status()
-                    crs, icans = (e["resource"] for e in r.json()["entry"][:2])
+                    entries = [e["resource"] for e in r.json()["entry"]]
+                    if day == 0:
+                        print(f"{p.patient_id[:14]:14} pre-infusion risk: {_risk_line(entries)}")
+                    crs, icans = entries[:2]
                     print(
                         f"{p.patient_id[:14]:14} {p.scenario[:20]:20} {day:>3} {_grade(crs):>6} {_grade(icans):>6}"
                         f"  {_why(crs)} | {_why(icans)}"

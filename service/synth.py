@@ -137,6 +137,16 @@ _ROUTES = {
     "iv": (SNOMED, "47625008", "Intravenous route"),
     "po": (SNOMED, "26643006", "Oral route"),
 }
+# The indication each product is given for here (ICD-10-CM; seed 003 Table 1 pairs).
+_INDICATION = {
+    "axicabtagene ciloleucel": ("C83.38", "Diffuse large B-cell lymphoma, lymph nodes of multiple sites"),
+    "tisagenlecleucel": ("C83.38", "Diffuse large B-cell lymphoma, lymph nodes of multiple sites"),
+    "lisocabtagene maraleucel": ("C83.38", "Diffuse large B-cell lymphoma, lymph nodes of multiple sites"),
+    "brexucabtagene autoleucel": ("C83.18", "Mantle cell lymphoma, lymph nodes of multiple sites"),
+    "idecabtagene vicleucel": ("C90.00", "Multiple myeloma not having achieved remission"),
+    "ciltacabtagene autoleucel": ("C90.00", "Multiple myeloma not having achieved remission"),
+}
+_CHILD_INDICATION = ("C91.00", "Acute lymphoblastic leukemia not having achieved remission")
 _ADULT_PRODUCTS = (
     "axicabtagene ciloleucel",
     "axicabtagene ciloleucel",
@@ -630,11 +640,12 @@ class _Writer:
 
     def entries(self) -> list[dict[str, Any]]:
         self.items.sort(key=lambda it: (it[0], it[1]))
-        counters = {"Observation": 0, "MedicationAdministration": 0}
+        counters = {"Observation": 0, "MedicationAdministration": 0, "Condition": 0}
+        prefix = {"Observation": "obs", "MedicationAdministration": "med", "Condition": "cond"}
         out = []
         for n, (_, _, rtype, updated, res) in enumerate(self.items, start=1):
             counters[rtype] += 1
-            rid = f"{self.pid}-{'obs' if rtype == 'Observation' else 'med'}-{counters[rtype]}"
+            rid = f"{self.pid}-{prefix[rtype]}-{counters[rtype]}"
             resource = {"resourceType": rtype, "id": rid, "meta": _meta(self.iso(updated)), **res}
             out.append({"fullUrl": self.full_url(n), "resource": resource, "request": _put(rtype, rid)})
         return out
@@ -999,6 +1010,30 @@ def generate_patient(
         },
         cart_end + 5,
     )
+    # The indication (a Condition) and, for B-ALL, the disease burden before lymphodepletion.
+    icd, icd_text = _CHILD_INDICATION if plan.child else _INDICATION[product]
+    w.add(
+        -30 * 1440,
+        "Condition",
+        {
+            "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", "active"),
+            "verificationStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed"),
+            "code": _cc("http://hl7.org/fhir/sid/icd-10-cm", icd, icd_text),
+            "subject": w.subject,
+            "recordedDate": w.iso(-30 * 1440),
+        },
+    )
+    if plan.child:
+        marrow = -8 * 1440
+        blasts = rng.choice((0.5, 2.0, 3.5, 12.0, 35.0, 60.0))
+        w.obs(marrow, "laboratory", w.local_cc("bm-blasts", "Bone marrow blasts"), {"valueQuantity": _qty(blasts, "%")})
+        w.coded(
+            marrow,
+            "exam",
+            "extramedullary-disease",
+            rng.choice(("absent", "absent", "present")),
+            "Extramedullary disease",
+        )
     for med in plan.meds:
         if med.start <= end:
             if med.end is not None and med.end > end:
