@@ -215,11 +215,15 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
     elif ld.start <= at:
         window = before_lymphodepletion(ld.start, at, cfg)
         out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction))
+    seen: set[datetime] = set()
     for s in data.series("ldh"):
         if s.t > at:
             break
         if ld is not None and s.t < ld.start and ld.start <= at:
             continue  # before lymphodepletion: reported once, as EASIX-pre
+        if s.t in seen:
+            continue  # two LDH results at one instant are one time point (one RiskAssessment id)
+        seen.add(s.t)
         result = _formula_result(EASIX, data, around(s.t, at, cfg), f"{_t(s.t)}", _easix_point_prediction)
         if not result.indeterminate:  # "the value at each time point that has its inputs"
             out.append(result)
