@@ -321,7 +321,8 @@ def test_m_and_s_easix_hand_computed(label: str, m_easix: float, s_easix: float)
         ra = ra_for(ev, method, label)
         assert score_value(ra) == pytest.approx(expected)
         assert qualitative(ra) is None  # no verified m-EASIX / s-EASIX cut-off
-        assert outcome(ra) == "severe-crs"
+        # Pennisi 2021: severe CRS at each point; at day +3 also severe ICANS.
+        assert outcome(ra) == ("severe-crs-or-icans" if label == "day +3" else "severe-crs")
         rationale = ra["prediction"][0]["rationale"]
         assert "Pennisi 2021" in rationale and "no risk category" in rationale
         if label in PENNISI_AUC:
@@ -912,3 +913,43 @@ def test_every_score_assessment_is_valid_fhir() -> None:
         for p in ra["prediction"]:
             if "probabilityDecimal" in p:
                 assert 0 <= p["probabilityDecimal"] <= 1
+
+
+# --- anchoring: which treatment is lymphodepletion, and stale disease status -----------------
+
+
+def test_earlier_cyclophosphamide_is_not_lymphodepletion() -> None:
+    # A bridging cyclophosphamide two months before: EASIX-pre anchors on the real course.
+    bridging = lymphodepletion(LD - timedelta(days=60))
+    bridging["id"] = "bridging"
+    ev = evaluate(bridging, lymphodepletion(), infusion(), *easix_labs(250, 1.2, 150, hours(LD, -2)))
+    pre = results(ev, "easix")["pre-lymphodepletion"]
+    assert pre.value == pytest.approx(2.0)  # 250 x 1.2 / 150, labs 2 h before the real LD
+    assert pre.at == LD
+
+
+def test_lymphodepletion_without_infusion_is_the_last_course() -> None:
+    old = lymphodepletion(LD - timedelta(days=60))
+    old["id"] = "old-course"
+    ev = evaluate(old, lymphodepletion(), *easix_labs(250, 1.2, 150, hours(LD, -2)))
+    assert results(ev, "easix")["pre-lymphodepletion"].at == LD
+
+
+def test_marrow_older_than_30_days_does_not_describe_pre_ld_status() -> None:
+    ev = evaluate(
+        condition("C91.00"),
+        lymphodepletion(),
+        infusion("Kymriah"),
+        blasts(40.0, LD - timedelta(days=45)),
+        extramedullary("absent", hours(LD, -24)),
+    )
+    burden = results(ev, "disease-burden")["pre-lymphodepletion"]
+    assert burden.missing == ("bm-blasts",)
+
+
+def test_local_product_code_alone_identifies_the_infusion() -> None:
+    code = f.cc(f.LOCAL, "cart-infusion.axicabtagene-ciloleucel")
+    cart = f.administration(code, at=iso(DAY0), status="completed", id="cart-local")
+    ev = evaluate(condition("C83.38"), lymphodepletion(), cart)
+    crs, neuro = results(ev, "product-baseline")["infusion"].predictions
+    assert (crs.probability, neuro.probability) == (0.93, 0.64)

@@ -162,7 +162,9 @@ def load_codebook(base: str, overlay: Path | None = None) -> Codebook:
             {v: tuple(dict.fromkeys(ts)) for v, ts in e["value_text"].items() if ts},
         )
         concepts[name] = c
-        for coding in c.codings:
+        # An event's value codes (cart-infusion.<product>) also identify the event itself.
+        own = c.codings + (tuple(x for cs in c.values.values() for x in cs) if c.kind == "event" else ())
+        for coding in own:
             other = by_coding.setdefault(coding, name)
             if other != name:
                 raise CodebookError(f"coding {coding} is mapped to both {other} and {name}", f"concepts.{name}")

@@ -52,6 +52,32 @@ class ScoreConfig:
     pre_ld_lookback: timedelta = timedelta(hours=72)
 
 
+# --- anchoring time points ----------------------------------------------------------------
+
+# Lymphodepletion (fludarabine/cyclophosphamide) runs over the days before infusion; an earlier
+# cyclophosphamide (bridging, a prior regimen) must not become "lymphodepletion".
+LD_COURSE_BEFORE_INFUSION = timedelta(days=14)
+LD_COURSE_GAP = timedelta(days=7)
+
+
+def lymphodepletion(data: PatientData) -> Administration | None:
+    """The first administration of the lymphodepletion course that precedes the CAR T infusion:
+    within 14 days before day 0, or without day 0, the last run of doses no more than 7 days apart."""
+    given = data.given("lymphodepletion")
+    day0 = data.first_event("cart-infusion")
+    if day0 is not None:
+        course = [a for a in given if day0.start - LD_COURSE_BEFORE_INFUSION <= a.start <= day0.start]
+        return course[0] if course else None
+    if not given:
+        return None
+    first = given[-1]
+    for a in reversed(given[:-1]):
+        if first.start - a.start > LD_COURSE_GAP:
+            break
+        first = a
+    return first
+
+
 # --- choosing lab values ----------------------------------------------------------------
 
 
@@ -188,17 +214,22 @@ def _easix_point_prediction(_: float | None) -> Prediction:
     return Prediction(SEVERE_CRS_ICANS, SEVERE_CRS_ICANS_TEXT, rationale=why)
 
 
-def _pennisi_prediction(label: str) -> Callable[[float | None], Prediction]:
+def _pennisi_prediction(method: str, label: str) -> Callable[[float | None], Prediction]:
     def make(_: float | None) -> Prediction:
         auc = M_EASIX_AUC.get(label)
-        perf = f"m-EASIX AUC for severe CRS at {label}: {auc}" if auc else "AUC at this time point not verified"
         if label == "day +3":
-            perf = "at day +3 also discriminated severe ICANS (AUC not verified)"
+            perf = "m-EASIX at day +3 also discriminated severe ICANS (AUC not verified)"
+            outcome = (SEVERE_CRS_ICANS, SEVERE_CRS_ICANS_TEXT)
+        else:
+            perf = f"m-EASIX AUC for severe CRS at {label}: {auc}" if auc else "AUC at this time point not verified"
+            outcome = ("severe-crs", "Grade >= 3 CRS")
+        if method != "m-easix":
+            perf += f" ({method} AUC per time point not verified)"
         why = (
             f"Pennisi 2021 ({PENNISI_POPULATION}): {perf}; the three EASIX formulas performed similarly. "
             "No verified cut-off: value only, no risk category."
         )
-        return Prediction("severe-crs", "Grade >= 3 CRS (and ICANS at day +3)", rationale=why)
+        return Prediction(*outcome, rationale=why)
 
     return make
 
@@ -206,7 +237,7 @@ def _pennisi_prediction(label: str) -> Callable[[float | None], Prediction]:
 def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[ScoreResult]:
     """EASIX before lymphodepletion (with the Korell cut-off) and at every LDH time point."""
     out: list[ScoreResult] = []
-    ld = data.first_event("lymphodepletion")
+    ld = lymphodepletion(data)
     if ld is None:
         missing = ("lymphodepletion",)
         p = _easix_pre_prediction(None)
@@ -232,7 +263,7 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
 
 def pennisi_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[ScoreResult]:
     """m-EASIX and s-EASIX at lymphodepletion, day -1, day +1 and day +3 (Pennisi 2021)."""
-    ld = data.first_event("lymphodepletion")
+    ld = lymphodepletion(data)
     day0 = data.first_event("cart-infusion")
     points: list[tuple[str, Window | None, str]] = [
         ("lymphodepletion", before_lymphodepletion(ld.start, at, cfg) if ld else None, "lymphodepletion"),
@@ -246,11 +277,11 @@ def pennisi_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Sc
     for f in (M_EASIX, S_EASIX):
         for label, window, anchor in points:
             if window is None:
-                p = _pennisi_prediction(label)(None)
+                p = _pennisi_prediction(f.method, label)(None)
                 why = f"Indeterminate at {label}: no {anchor} recorded to place the time point."
                 out.append(ScoreResult(f.method, f.citation, at, label, None, (_with(p, why),), (), (anchor,)))
             elif window.target <= at:  # time points still in the future are not reported
-                out.append(_formula_result(f, data, window, label, _pennisi_prediction(label)))
+                out.append(_formula_result(f, data, window, label, _pennisi_prediction(f.method, label)))
     return out
 
 
@@ -361,8 +392,13 @@ MORPHOLOGIC_BLASTS_PCT = 5.0  # "BM blasts >= 5%" (seed 001)
 BURDEN_HR = 2.20
 
 
+# A marrow or imaging result older than this before lymphodepletion does not describe the
+# disease status "before lymphodepletion" (operational choice; seed 001 gives no window).
+BURDEN_LOOKBACK = timedelta(days=30)
+
+
 def _latest_before(series: list[Sample], t: datetime) -> Sample | None:
-    before = [s for s in series if s.t < t]
+    before = [s for s in series if t - BURDEN_LOOKBACK <= s.t < t]
     return before[-1] if before else None
 
 
@@ -370,7 +406,7 @@ def disease_burden(data: PatientData, at: datetime) -> list[ScoreResult]:
     indication, why_not, cond_refs = _indication(data)
     if indication is not None and indication != "b-all":
         return []  # applies only to B-ALL
-    ld = data.first_event("lymphodepletion")
+    ld = lymphodepletion(data)
     day0 = data.first_event("cart-infusion")
     anchor: Administration | None = ld or day0
     label = "pre-lymphodepletion" if ld else "pre-infusion"
