@@ -38,6 +38,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every scale side by side: current grade, maximum grade since day 0, onset and duration."""
+    from .evaluate import evaluate_body, parse_at
+
+    settings = _settings(args)
+    codebook = load_codebook(settings.canonical_base, settings.codebook_path)
+    try:
+        evaluation = evaluate_body(
+            Path(args.bundle).read_bytes(), codebook, settings, parse_at(args.at), datetime.now(UTC)
+        )
+    except FhirError as exc:
+        sys.stdout.buffer.write(orjson.dumps(operation_outcome(exc.issues)) + b"\n")
+        return 2
+    current = {r.method: r.grade for r in evaluation.results}
+
+    def grade(g: int | None) -> str:
+        return "indet." if g is None else str(g)
+
+    print(f"at {evaluation.at.isoformat()}")
+    header = f"{'scale':14} {'current':>8} {'max':>6}  {'onset':25} {'duration':>10}  peak at"
+    print(header)
+    print("-" * len(header))
+    for c in evaluation.courses:
+        onset = c.onset.isoformat() if c.onset else "-"
+        if c.duration is not None:
+            duration = f"{c.duration.total_seconds() / 3600:g} h"
+        else:
+            duration = "ongoing" if c.onset else "-"
+        peak = c.peak_time.isoformat() if c.peak_time and c.peak_grade else "-"
+        now = grade(current.get(c.method))
+        print(f"{c.method:14} {now:>8} {grade(c.peak_grade):>6}  {onset:25} {duration:>10}  {peak}")
+    return 0
+
+
 def cmd_codebook(args: argparse.Namespace) -> int:
     settings = _settings(args)
     book = load_codebook(settings.canonical_base, settings.codebook_path).to_json()
@@ -115,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--at", help="evaluation time, ISO 8601 with timezone (default: latest input)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="every grading scale side by side: current, maximum, onset, duration")
+    p.add_argument("bundle")
+    p.add_argument("--at", help="evaluation time, ISO 8601 with timezone (default: latest input)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("codebook", help="print the codebook (codes -> grading concepts)")
     p.add_argument("--json", action="store_true")

@@ -139,12 +139,15 @@ def evaluate_stored(
     settings: Settings,
     at: datetime | None,
     recorded: datetime,
+    *,
+    store: bool = True,
 ) -> Evaluation:
-    """Grade the stored data of one patient and store (upsert) the RiskAssessments."""
+    """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off."""
     resources = repository.patient_inputs(session, patient_id)
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
     evaluation = evaluate_entries(entries, codebook, settings, at, recorded)
-    repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
+    if store:
+        repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
     return evaluation

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # Age from which the adult rule applies; below it the PALS systolic limits apply.
     adult_from_age_years: int = 18
 
+    # Course of a patient: the current grade is sampled every this many minutes from day 0;
+    # resolution is a return to grade 0 held for this many hours.
+    course_step_minutes: int = Field(default=60, ge=5, le=24 * 60)
+    resolution_hours: float = Field(default=24.0, gt=0, le=24 * 14)
+
     # Risk scores: a time point takes the value nearest to it within +/- this (never after `at`);
     # "before lymphodepletion" takes the latest value in this many hours before its start.
     score_tolerance_hours: float = Field(default=24.0, gt=0, le=24 * 7)

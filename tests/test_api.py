@@ -248,10 +248,12 @@ async def test_stored_evaluation_updates_never_duplicates(client: httpx.AsyncCli
     await client.post("/fhir/Patient/p1/$evaluate", params={"at": "2026-01-06T11:00:00+00:00"})
     search = (await client.get("/fhir/RiskAssessment", params={"subject": "Patient/p1", "_sort": "-date"})).json()
     assert search["type"] == "searchset"
-    dates = [e["resource"]["occurrenceDateTime"] for e in search["entry"]]
+    dates = [
+        r.get("occurrenceDateTime") or r["occurrencePeriod"]["end"] for r in (e["resource"] for e in search["entry"])
+    ]
     assert dates == sorted(dates, reverse=True)
     crs_only = (await client.get("/fhir/RiskAssessment", params={"subject": "p1", "method": "astct-crs"})).json()
-    assert crs_only["total"] == 2
+    assert crs_only["total"] == 4  # current grade and maximum grade, at two evaluation times
     ra_id = search["entry"][0]["resource"]["id"]
     read = await client.get(f"/fhir/RiskAssessment/{ra_id}")
     assert read.status_code == 200 and read.json()["meta"]["versionId"] in ("1", "2")

@@ -86,6 +86,26 @@ def evaluate_patient(
     return FhirResponse(evaluation.bundle())
 
 
+@router.get(
+    "/Patient/{patient_id}/$course",
+    summary="The course of a stored patient on every scale",
+    description="From day 0 (the CAR T infusion) to `at`, for each scale: current and maximum grade, onset, peak "
+    "time, resolution, duration and the daily maximum grade, as a FHIR Parameters resource with one `course` "
+    "parameter per scale. Nothing is stored.",
+    response_model=FhirResource,
+)
+def course(
+    patient_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    codebook: CodebookDep,
+    clock: ClockDep,
+    at: AtQuery = None,
+) -> FhirResponse:
+    evaluation = evaluate_stored(session, patient_id, codebook, settings, parse_at(at), clock(), store=False)
+    return FhirResponse(evaluation.course_parameters(settings))
+
+
 @router.get("/RiskAssessment/{ra_id}", summary="Read a stored RiskAssessment", response_model=FhirResource)
 def read_assessment(ra_id: str, session: SessionDep) -> FhirResponse:
     res = repository.get_emitted(session, "RiskAssessment", ra_id)

@@ -163,10 +163,6 @@ def ignored_note(data: PatientData, concepts: frozenset[str]) -> list[str]:
     return [f"Ignored: {shown}{more}."]
 
 
-def in_window(series: list[Sample], lo: datetime, hi: datetime) -> list[Sample]:
-    return [s for s in series if lo <= s.t <= hi]
-
-
 def age_days(birth: date | None, at: datetime) -> int | None:
     return None if birth is None else (at.date() - birth).days
 
@@ -303,8 +299,8 @@ def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConf
         return pressors
     years = completed_years(data.birth_date, hi.date()) if data.birth_date else None
     sbp_lim, map_lim, rule = cfg.hypotension.limits(age_days(data.birth_date, hi), years)
-    sbp = in_window(data.series("systolic-bp"), lo, hi)
-    maps = in_window(data.series("mean-arterial-pressure"), lo, hi)
+    sbp = data.window("systolic-bp", lo, hi)
+    maps = data.window("mean-arterial-pressure", lo, hi)
     low = [s for s in sbp if s.value is not None and s.value < sbp_lim]
     if map_lim is not None:
         low += [s for s in maps if s.value is not None and s.value < map_lim]
@@ -326,8 +322,8 @@ def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> _Domain:
     """Oxygen domain. Positive pressure counts on its own; other devices count only with a
     flow rate recorded in the window, because oxygen given for comfort is not hypoxia
     (clinical-rules.md §1.1) and a device alone cannot tell the two apart."""
-    devices = [s for s in in_window(data.series("oxygen-device"), lo, hi) if s.code in OXYGEN_DEVICE_GRADE]
-    flows = [s for s in in_window(data.series("oxygen-flow"), lo, hi) if s.value is not None]
+    devices = [s for s in data.window("oxygen-device", lo, hi) if s.code in OXYGEN_DEVICE_GRADE]
+    flows = [s for s in data.window("oxygen-flow", lo, hi) if s.value is not None]
     if not devices and not flows:
         return _Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
     flowing = [s for s in flows if (s.value or 0.0) > 0]
@@ -366,7 +362,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
     notes = [] if day0 else ["No CAR T infusion (day 0) found: masked fever looked for over all data."]
     notes.append("Attribution to another cause cannot be judged from data; graded as recorded.")
     notes += ignored_note(data, CRS_CONCEPTS)
-    temps = in_window(data.series("body-temperature"), lo, at)
+    temps = data.window("body-temperature", lo, at)
     considered = [s.ref for s in temps]
     fever = max(temps, key=lambda s: s.value or 0.0) if temps else None
     masked = _masking(data, since, at)
@@ -410,7 +406,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
     hypox = _hypoxia(data, lo, at)
     considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
     for c in ("systolic-bp", "mean-arterial-pressure", "oxygen-device", "oxygen-flow"):
-        considered += [s.ref for s in in_window(data.series(c), lo, at)]
+        considered += [s.ref for s in data.window(c, lo, at)]
     for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN):
         considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
     if day0:
@@ -438,8 +434,8 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
     lo = at - cfg.window
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
     notes: list[str] = []
-    ice = in_window(data.series("ice-score"), lo, at)
-    capd = in_window(data.series("capd-score"), lo, at)
+    ice = data.window("ice-score", lo, at)
+    capd = data.window("capd-score", lo, at)
     if data.birth_date is None:
         use_capd = bool(capd) and not ice
         notes.append(f"Age unknown (no Patient.birthDate): {'CAPD' if use_capd else 'ICE'} used as recorded.")
@@ -459,7 +455,7 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
     considered = [s.ref for s in (capd if use_capd else ice)]
     conscious_known = False
     for concept, table in CODED_ICANS_DOMAINS:
-        series = in_window(data.series(concept), lo, at)
+        series = data.window(concept, lo, at)
         considered += [s.ref for s in series]
         worst = _worst_coded(series, table)
         if worst is None:

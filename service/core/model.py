@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -66,8 +67,20 @@ class PatientData:
     ignored: list[Ignored] = field(default_factory=list)
     indications: list[tuple[str, str]] = field(default_factory=list)  # (codebook value, Condition ref)
 
+    _times: dict[str, list[datetime]] = field(default_factory=dict, repr=False, compare=False)
+
     def series(self, concept: str) -> list[Sample]:
         return self.samples.get(concept, [])
+
+    def window(self, concept: str, lo: datetime, hi: datetime) -> list[Sample]:
+        """The samples of a concept with lo <= t <= hi (series are sorted: bisect, not a scan)."""
+        series = self.samples.get(concept)
+        if not series:
+            return []
+        times = self._times.get(concept)
+        if times is None:
+            times = self._times[concept] = [s.t for s in series]
+        return series[bisect_left(times, lo) : bisect_right(times, hi)]
 
     def given(self, concept: str) -> list[Administration]:
         return self.administrations.get(concept, [])
@@ -75,6 +88,11 @@ class PatientData:
     def first_event(self, concept: str) -> Administration | None:
         events = self.given(concept)
         return min(events, key=lambda a: a.start) if events else None
+
+    def earliest_time(self) -> datetime | None:
+        times = [s[0].t for s in self.samples.values() if s]
+        times += [a.start for adm in self.administrations.values() for a in adm]
+        return min(times) if times else None
 
     def latest_time(self) -> datetime | None:
         times = [s[-1].t for s in self.samples.values() if s]

@@ -14,14 +14,17 @@ from typing import Any
 
 from fhir.resources.R4B import FHIRAbstractModel
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.parameters import Parameters
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from .. import __version__
+from ..core.course import Course, CourseConfig
 from ..core.model import GradeResult
 from ..core.scores import ScoreResult
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+UCUM = "http://unitsofmeasure.org"
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 PROVENANCE_ROLE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 ID_NAMESPACE = uuid.UUID("6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10")
@@ -100,6 +103,88 @@ def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str 
     return ra
 
 
+def course_assessment(
+    course: Course, peak: GradeResult | None, patient_ref: str, base: str, cfg: CourseConfig
+) -> dict[str, Any]:
+    """The maximum grade since day 0 on one scale: code max-grade, occurrencePeriod day 0 to `at`."""
+    sy = systems(base)
+    code = "max-grade"
+    key = business_key(patient_ref, course.method, code, course.at)
+    summary = GradeResult(
+        course.method,
+        course.scale,
+        course.at,
+        course.peak_grade,
+        "",
+        (),
+        () if course.peak_grade is not None else ("gradable data since day 0",),
+    )
+    prediction: dict[str, Any] = {"outcome": _outcome(summary, sy["outcome"]), "rationale": course.rationale(cfg)}
+    if course.peak_grade is not None:
+        q = QUALITATIVE[course.peak_grade]
+        prediction["qualitativeRisk"] = {
+            "coding": [{"system": RISK_PROBABILITY, "code": q, "display": QUALITATIVE_DISPLAY[q]}]
+        }
+    ra: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": assessment_id(key),
+        "identifier": [{"system": sy["identifier"], "value": key}],
+        "status": "final",
+        "subject": {"reference": patient_ref},
+        "occurrencePeriod": {"start": course.start.isoformat(), "end": course.at.isoformat()},
+        "method": {"coding": [{"system": sy["method"], "code": course.method}], "text": course.scale},
+        "code": {"coding": [{"system": sy["assessment"], "code": code}], "text": "Maximum grade since day 0"},
+        "prediction": [prediction],
+    }
+    if peak is not None and peak.basis:
+        ra["basis"] = [{"reference": r} for r in peak.basis]
+    return ra
+
+
+def course_parameters(
+    courses: list[Course], current: dict[str, GradeResult], base: str, cfg: CourseConfig
+) -> dict[str, Any]:
+    """`$course`: the course of every scale, as a Parameters resource (one `course` per scale)."""
+    sy = systems(base)
+
+    def grade(g: int | None) -> dict[str, Any]:
+        code = "indeterminate" if g is None else f"grade-{g}"
+        return {"system": sy["outcome"], "code": code, "display": "Indeterminate" if g is None else f"Grade {g}"}
+
+    params = []
+    for c in courses:
+        parts: list[dict[str, Any]] = [
+            {"name": "method", "valueCoding": {"system": sy["method"], "code": c.method}},
+            {"name": "scale", "valueString": c.scale},
+            {"name": "start", "valueDateTime": c.start.isoformat()},
+            {"name": "end", "valueDateTime": c.at.isoformat()},
+        ]
+        if c.method in current:
+            parts.append({"name": "current-grade", "valueCoding": grade(current[c.method].grade)})
+        parts.append({"name": "max-grade", "valueCoding": grade(c.peak_grade)})
+        for name, t in (("onset", c.onset), ("peak-time", c.peak_time), ("resolution", c.resolution)):
+            if t is not None:
+                parts.append({"name": name, "valueDateTime": t.isoformat()})
+        if c.duration is not None:
+            hours = round(c.duration.total_seconds() / 3600, 2)
+            parts.append(
+                {"name": "duration", "valueQuantity": {"value": hours, "unit": "h", "system": UCUM, "code": "h"}}
+            )
+        for day, g in c.daily_max:
+            parts.append(
+                {
+                    "name": "daily-max",
+                    "part": [
+                        {"name": "day", "valueInteger": day},
+                        {"name": "grade", "valueCoding": grade(g)},
+                    ],
+                }
+            )
+        parts.append({"name": "rationale", "valueString": c.rationale(cfg)})
+        params.append({"name": "course", "part": parts})
+    return {"resourceType": "Parameters", "parameter": params}
+
+
 def score_assessment(result: ScoreResult, patient_ref: str, base: str) -> dict[str, Any]:
     """A risk score as a RiskAssessment: code risk-score, the score value in the /score extension,
     probabilities as fractions 0-1, qualitativeRisk only where a verified cut-off exists."""
@@ -176,6 +261,7 @@ def validate_emitted(resources: list[dict[str, Any]]) -> None:
         "RiskAssessment": RiskAssessment,
         "Provenance": Provenance,
         "Bundle": Bundle,
+        "Parameters": Parameters,
     }
     for res in resources:
         models[res["resourceType"]].model_validate(res)

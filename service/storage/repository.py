@@ -103,7 +103,8 @@ def save_emitted(session: Session, patient_id: str, resources: list[dict[str, An
         if rtype == "RiskAssessment":
             method = next(c["code"] for c in res["method"]["coding"] if c["system"] == method_system)
             code = res["code"]["coding"][0]["code"]
-            occurrence = datetime.fromisoformat(res["occurrenceDateTime"])
+            when = res.get("occurrenceDateTime") or res["occurrencePeriod"]["end"]  # max-grade: the period's end
+            occurrence = datetime.fromisoformat(when)
         else:
             method, code, occurrence = None, None, datetime.fromisoformat(res["recorded"])
         row = session.get(EmittedResource, (rtype, rid))
