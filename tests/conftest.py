@@ -62,7 +62,7 @@ def clean_engine(engine: Engine) -> Iterator[Engine]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(database_url="sqlite://", auto_migrate=False, max_body_bytes=200_000, max_bundle_entries=50)
+    return Settings(database_url="sqlite://", auto_migrate=False, max_body_bytes=200_000, max_bundle_entries=300)
 
 
 @pytest.fixture

@@ -155,7 +155,7 @@ BAD_INPUTS = [
         422,
         "Bundle.entry[1].resource.valueQuantity.code",
     ),
-    ("too-many-entries", f.body(f.patient(), *[f.temperature(37, T0) for _ in range(60)]), 413, "Bundle.entry"),
+    ("too-many-entries", f.body(f.patient(), *[f.temperature(37, T0) for _ in range(310)]), 413, "Bundle.entry"),
     ("body-too-large", orjson.dumps({"resourceType": "Bundle", "type": "collection", "pad": "x" * 300_000}), 413, None),
 ]
 
