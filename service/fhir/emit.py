@@ -78,26 +78,38 @@ def _outcome(result: GradeResult, system: str) -> dict[str, Any]:
     return {"coding": coding, "text": f"{result.scale}: grade {g}"}
 
 
-def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str = "current-grade") -> dict[str, Any]:
+def _qualitative(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": RISK_PROBABILITY, "code": code, "display": QUALITATIVE_DISPLAY[code]}]}
+
+
+def _envelope(
+    base: str, key: str, patient_ref: str, method: str, method_text: str, code: str, code_text: str | None = None
+) -> dict[str, Any]:
+    """What every RiskAssessment shares: stable id and identifier, status, subject, method, code."""
     sy = systems(base)
-    key = business_key(patient_ref, result.method, code, result.at)  # `at` in UTC: one id per instant
-    prediction: dict[str, Any] = {"outcome": _outcome(result, sy["outcome"]), "rationale": result.rationale}
-    if result.grade is not None:
-        q = QUALITATIVE[result.grade]
-        prediction["qualitativeRisk"] = {
-            "coding": [{"system": RISK_PROBABILITY, "code": q, "display": QUALITATIVE_DISPLAY[q]}]
-        }
-    ra: dict[str, Any] = {
+    code_cc: dict[str, Any] = {"coding": [{"system": sy["assessment"], "code": code}]}
+    if code_text:
+        code_cc["text"] = code_text
+    return {
         "resourceType": "RiskAssessment",
         "id": assessment_id(key),
         "identifier": [{"system": sy["identifier"], "value": key}],
         "status": "final",
         "subject": {"reference": patient_ref},
-        "occurrenceDateTime": result.at.isoformat(),
-        "method": {"coding": [{"system": sy["method"], "code": result.method}], "text": result.scale},
-        "code": {"coding": [{"system": sy["assessment"], "code": code}]},
-        "prediction": [prediction],
+        "method": {"coding": [{"system": sy["method"], "code": method}], "text": method_text},
+        "code": code_cc,
     }
+
+
+def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str = "current-grade") -> dict[str, Any]:
+    sy = systems(base)
+    key = business_key(patient_ref, result.method, code, result.at)  # `at` in UTC: one id per instant
+    prediction: dict[str, Any] = {"outcome": _outcome(result, sy["outcome"]), "rationale": result.rationale}
+    if result.grade is not None:
+        prediction["qualitativeRisk"] = _qualitative(QUALITATIVE[result.grade])
+    ra = _envelope(base, key, patient_ref, result.method, result.scale, code)
+    ra["occurrenceDateTime"] = result.at.isoformat()
+    ra["prediction"] = [prediction]
     if result.basis:
         ra["basis"] = [{"reference": r} for r in result.basis]
     return ra
@@ -121,21 +133,10 @@ def course_assessment(
     )
     prediction: dict[str, Any] = {"outcome": _outcome(summary, sy["outcome"]), "rationale": course.rationale(cfg)}
     if course.peak_grade is not None:
-        q = QUALITATIVE[course.peak_grade]
-        prediction["qualitativeRisk"] = {
-            "coding": [{"system": RISK_PROBABILITY, "code": q, "display": QUALITATIVE_DISPLAY[q]}]
-        }
-    ra: dict[str, Any] = {
-        "resourceType": "RiskAssessment",
-        "id": assessment_id(key),
-        "identifier": [{"system": sy["identifier"], "value": key}],
-        "status": "final",
-        "subject": {"reference": patient_ref},
-        "occurrencePeriod": {"start": course.start.isoformat(), "end": course.at.isoformat()},
-        "method": {"coding": [{"system": sy["method"], "code": course.method}], "text": course.scale},
-        "code": {"coding": [{"system": sy["assessment"], "code": code}], "text": "Maximum grade since day 0"},
-        "prediction": [prediction],
-    }
+        prediction["qualitativeRisk"] = _qualitative(QUALITATIVE[course.peak_grade])
+    ra = _envelope(base, key, patient_ref, course.method, course.scale, code, "Maximum grade since day 0")
+    ra["occurrencePeriod"] = {"start": course.start.isoformat(), "end": course.at.isoformat()}
+    ra["prediction"] = [prediction]
     if peak is not None and peak.basis:
         ra["basis"] = [{"reference": r} for r in peak.basis]
     return ra
@@ -205,25 +206,13 @@ def score_assessment(result: ScoreResult, patient_ref: str, base: str) -> dict[s
         if p.probability is not None:
             pred["probabilityDecimal"] = p.probability
         if p.qualitative is not None:
-            pred["qualitativeRisk"] = {
-                "coding": [
-                    {"system": RISK_PROBABILITY, "code": p.qualitative, "display": QUALITATIVE_DISPLAY[p.qualitative]}
-                ]
-            }
+            pred["qualitativeRisk"] = _qualitative(p.qualitative)
         if p.relative_risk is not None:
             pred["relativeRisk"] = p.relative_risk
         predictions.append(pred)
-    ra: dict[str, Any] = {
-        "resourceType": "RiskAssessment",
-        "id": assessment_id(key),
-        "identifier": [{"system": sy["identifier"], "value": key}],
-        "status": "final",
-        "subject": {"reference": patient_ref},
-        "occurrenceDateTime": result.at.isoformat(),
-        "method": {"coding": [{"system": sy["method"], "code": result.method}], "text": result.citation},
-        "code": {"coding": [{"system": sy["assessment"], "code": code}], "text": f"{result.method} at {result.label}"},
-        "prediction": predictions,
-    }
+    ra = _envelope(base, key, patient_ref, result.method, result.citation, code, f"{result.method} at {result.label}")
+    ra["occurrenceDateTime"] = result.at.isoformat()
+    ra["prediction"] = predictions
     if result.value is not None:
         ra["extension"] = [{"url": sy["score"], "valueDecimal": round(result.value, 6)}]
     if result.basis:
