@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
@@ -23,10 +23,6 @@ AtQuery = Annotated[
     Query(description="Evaluation time (FHIR dateTime with timezone). Default: the latest input time."),
 ]
 INPUT_TYPES = ("Observation", "MedicationAdministration", "Patient", "Procedure")
-
-
-def _bundle_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
 
 
 @router.get("/metadata", summary="CapabilityStatement", response_model=FhirResource)
