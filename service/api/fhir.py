@@ -34,8 +34,11 @@ def metadata(settings: SettingsDep) -> FhirResponse:
     "/$evaluate",
     summary="Grade a Bundle statelessly (ASTCT 2019 CRS and ICANS)",
     description="Body: a collection, batch or transaction Bundle holding one Patient and its Observations, "
-    "MedicationAdministrations and Procedures. Returns a collection Bundle of one RiskAssessment per method "
-    "and a Provenance. Nothing is stored.",
+    "MedicationAdministrations, Procedures and Conditions. Returns a collection Bundle: per scale a RiskAssessment "
+    "with code `current-grade` and one with code `max-grade` (the course since day 0); the risk scores as "
+    "RiskAssessments with code `risk-score`, whose value is in the extension `<base>/StructureDefinition/score` "
+    "(valueDecimal), with probabilities as fractions 0-1 and qualitativeRisk only where a verified cut-off exists; "
+    "and one Provenance. Nothing is stored.",
     response_model=FhirBundle,
     openapi_extra=fhir_body(FhirBundle, "Bundle with the Patient and its inputs"),
 )
