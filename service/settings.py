@@ -50,3 +50,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+
+    # --- Inbound security (bearer JWT, SMART scopes, dev mode, audit) ---
+
+    # --- EHR FHIR client (SMART Backend Services, retries) ---
+
+    # --- Outbox and worker (write-back) ---
+
+    # --- CDS Hooks and subscriptions ---

@@ -35,3 +35,76 @@ class EmittedResource(SQLModel, table=True):
     occurrence: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
     version_id: int = 1
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+# --- EHR integration (issue 5) -------------------------------------------------------------
+
+
+class OutboxRow(SQLModel, table=True):
+    """A transaction Bundle waiting for delivery to the EHR FHIR server.
+
+    Written in the same database transaction as the evaluation it carries, so a stored
+    evaluation is never without its write-back. Delivered by `iectox worker`.
+    """
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    patient_id: str = Field(index=True, max_length=64)
+    target: str = Field(default="default", max_length=64)  # FHIR server name (settings)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # transaction Bundle JSON
+    status: str = Field(default="pending", index=True, max_length=16)  # pending | delivered | dead
+    attempts: int = 0
+    next_attempt_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    # A claim lease: a worker that dies mid-delivery loses the row when the lease expires.
+    claimed_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    last_error: str = Field(default="", max_length=200)  # status code / error class; never clinical text
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who read or wrote what, and when (the application log carries no patient identifiers)."""
+
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    recorded: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    actor: str = Field(max_length=256)  # token iss + sub / client id, or "dev"
+    action: str = Field(max_length=32)  # read | search | create | update | evaluate | hook | notify
+    route: str = Field(max_length=128)  # route template
+    resource_type: str | None = Field(default=None, max_length=64)
+    resource_id: str | None = Field(default=None, max_length=64)
+    patient_id: str | None = Field(default=None, index=True, max_length=64)
+    status: int = 0
+
+
+class SeenToken(SQLModel, table=True):
+    """JWT ids already accepted (replay protection), kept until the token expires."""
+
+    __tablename__ = "seen_token"
+
+    key: str = Field(primary_key=True, max_length=300)  # iss + " " + jti
+    expires: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+
+
+class CdsFeedback(SQLModel, table=True):
+    """CDS Hooks feedback as received."""
+
+    __tablename__ = "cds_feedback"
+
+    id: int | None = Field(default=None, primary_key=True)
+    service_id: str = Field(index=True, max_length=64)
+    received: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class WatchedPatient(SQLModel, table=True):
+    """A patient the reconciliation poll watches, with its `_lastUpdated` checkpoint."""
+
+    __tablename__ = "watched_patient"
+
+    target: str = Field(primary_key=True, max_length=64)  # FHIR server name (settings)
+    patient_id: str = Field(primary_key=True, max_length=64)
+    checkpoint: str = Field(default="", max_length=40)  # server meta.lastUpdated high-water mark
+    updated: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
