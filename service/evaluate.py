@@ -18,8 +18,10 @@ from .core.astct import (
     grade_crs,
     grade_icans,
 )
+from .core.config import ATLANTA_FIO2_POINTS, OlderConfig
 from .core.course import Course, CourseConfig, course_of
 from .core.model import GradeResult, PatientData
+from .core.older import CRES_METHOD, CRES_SCALE, CRS_SCALES, Facts, facts_at, grade_cres, grade_scale
 from .core.scores import ScoreConfig, ScoreResult, all_scores
 from .fhir.emit import (
     collection,
@@ -44,14 +46,50 @@ def grading_config(settings: Settings) -> GradingConfig:
         hypotension=HypotensionRule(
             settings.adult_sbp_below_mmhg, settings.adult_map_below_mmhg, settings.adult_from_age_years
         ),
+        older=OlderConfig(
+            high_dose=settings.high_dose_vasopressors,
+            fio2_points=ATLANTA_FIO2_POINTS
+            if settings.fio2_estimate_points is None
+            else tuple(sorted(settings.fio2_estimate_points)),
+            ctcae_organ_version=settings.ctcae_organ_version,
+            uln_creatinine_mg_dl=settings.uln_creatinine_mg_dl,
+            uln_ast_u_l=settings.uln_ast_u_l,
+            uln_alt_u_l=settings.uln_alt_u_l,
+            baseline_lookback=timedelta(hours=settings.pre_lymphodepletion_lookback_hours),
+        ),
     )
 
 
+class Grader:
+    """Grades one patient's data at any time on every scale; the older scales share one set of
+    per-window facts per time point (computed once, not once per scale)."""
+
+    def __init__(self, data: PatientData, cfg: GradingConfig) -> None:
+        self.data, self.cfg = data, cfg
+        self._facts: dict[datetime, Facts] = {}
+
+    def facts(self, t: datetime) -> Facts:
+        f = self._facts.get(t)
+        if f is None:
+            f = self._facts[t] = facts_at(self.data, t, self.cfg)
+        return f
+
+    def grade(self, method: str, t: datetime) -> GradeResult:
+        older = OLDER_BY_METHOD.get(method)
+        if older is not None:
+            return grade_scale(older, self.facts(t))
+        return DIRECT[method](self.data, t, self.cfg)
+
+
 GradeFn = Callable[[PatientData, datetime, GradingConfig], GradeResult]
-# Every grading scale: (method code, scale name, grading function). The course is computed for each.
-SCALES: tuple[tuple[str, str, GradeFn], ...] = (
-    (CRS_METHOD, CRS_SCALE, grade_crs),
-    (ICANS_METHOD, ICANS_SCALE, grade_icans),
+DIRECT: dict[str, GradeFn] = {CRS_METHOD: grade_crs, ICANS_METHOD: grade_icans, CRES_METHOD: grade_cres}
+OLDER_BY_METHOD = {sc.method: sc for sc in CRS_SCALES}
+# Every grading scale, in output order: (method code, scale name). The course is computed for each.
+SCALES: tuple[tuple[str, str], ...] = (
+    (CRS_METHOD, CRS_SCALE),
+    (ICANS_METHOD, ICANS_SCALE),
+    *((sc.method, sc.name) for sc in CRS_SCALES),
+    (CRES_METHOD, CRES_SCALE),
 )
 
 
@@ -62,20 +100,19 @@ def course_config(settings: Settings) -> CourseConfig:
     )
 
 
-def courses(
-    data: PatientData, at: datetime, cfg: GradingConfig, ccfg: CourseConfig
-) -> list[tuple[Course, GradeResult | None]]:
+def courses(grader: Grader, at: datetime, ccfg: CourseConfig) -> list[tuple[Course, GradeResult | None]]:
     """The course of every scale since day 0 (or the first input), with the result at its peak."""
+    data = grader.data
     day0 = data.first_event("cart-infusion")
     start = day0.start if day0 else min(data.earliest_time() or at, at)
     out = []
-    for method, scale, fn in SCALES:
+    for method, scale in SCALES:
 
-        def grade_at(t: datetime, fn: GradeFn = fn) -> int | None:
-            return fn(data, t, cfg).grade
+        def grade_at(t: datetime, method: str = method) -> int | None:
+            return grader.grade(method, t).grade
 
         c = course_of(method, scale, grade_at, start, at, ccfg, start_is_infusion=day0 is not None)
-        peak = fn(data, c.peak_time, cfg) if c.peak_time is not None else None
+        peak = grader.grade(method, c.peak_time) if c.peak_time is not None else None
         out.append((c, peak))
     return out
 
@@ -132,10 +169,10 @@ def evaluate_entries(
     at = at or data.latest_time()
     if at is None:
         raise FhirError.one(422, "required", "no timed input: give the evaluation time `at`", "at")
-    cfg = grading_config(settings)
-    results = [fn(data, at, cfg) for _, _, fn in SCALES]
+    grader = Grader(data, grading_config(settings))
+    results = [grader.grade(method, at) for method, _ in SCALES]
     ccfg = course_config(settings)
-    course_results = courses(data, at, cfg, ccfg)
+    course_results = courses(grader, at, ccfg)
     scores = all_scores(data, at, score_config(settings))
     base = settings.canonical_base
     assessments = [risk_assessment(r, data.patient_ref, base) for r in results]

@@ -7,9 +7,12 @@ test) and passed down explicitly.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .core.config import HighDoseRule
 
 
 class Settings(BaseSettings):
@@ -34,6 +37,20 @@ class Settings(BaseSettings):
     # Age from which the adult rule applies; below it the PALS systolic limits apply.
     adult_from_age_years: int = 18
 
+    # Older CRS scales (docs/scale-sources.md). "High-dose vasopressors" (Lee 2014 Table 2) could
+    # not be verified: no default; until a site sets it, a scale that needs it is indeterminate.
+    # JSON, e.g. IECTOX_HIGH_DOSE_VASOPRESSORS='{"norepinephrine_ug_min": 20, ...}' (all fields).
+    high_dose_vasopressors: HighDoseRule | None = None
+    # FiO2 estimated from flow, [[L/min, FiO2 %], ...]; unset = the revised Atlanta table (Banks
+    # 2013), [] = never estimate (a charted FiO2 is then needed).
+    fio2_estimate_points: list[tuple[float, float]] | None = None
+    # CTCAE version for "grade N organ toxicity" (creatinine, AST, ALT increased).
+    ctcae_organ_version: Literal["5.0", "4.03"] = "5.0"
+    # Upper limits of normal when a lab carries no referenceRange (lab-specific: no default).
+    uln_creatinine_mg_dl: float | None = Field(default=None, gt=0)
+    uln_ast_u_l: float | None = Field(default=None, gt=0)
+    uln_alt_u_l: float | None = Field(default=None, gt=0)
+
     # Course of a patient: the current grade is sampled every this many minutes from day 0;
     # resolution is a return to grade 0 held for this many hours.
     course_step_minutes: int = Field(default=60, ge=5, le=24 * 60)
@@ -52,9 +69,47 @@ class Settings(BaseSettings):
     port: int = 8000
 
     # --- Inbound security (bearer JWT, SMART scopes, dev mode, audit) ---
+    # Validated at start-up by service/security/config.py; see docs/security.md.
+    # "jwt" (default): every /fhir call except GET /fhir/metadata needs a bearer JWT from
+    # `auth_issuer`. "dev": no token, the actor is "dev"; refused unless bound to loopback.
+    auth_mode: str = Field(default="jwt", pattern="^(jwt|dev)$")
+    auth_issuer: str | None = None  # exact `iss` of accepted access tokens
+    auth_audience: str | None = None  # required `aud` (usually this service's FHIR base URL)
+    # The issuer's public keys: a JWKS as inline JSON, a file, and/or a URL (fetched, cached).
+    auth_jwks: str | None = None
+    auth_jwks_path: Path | None = None
+    auth_jwks_url: str | None = None
+    auth_jwks_cache_seconds: int = Field(default=300, ge=0, le=24 * 3600)
+    # Accepted signature algorithms (a subset of RS384 ES384 RS256 ES256; never none or HMAC).
+    auth_algorithms: tuple[str, ...] = ("RS384", "ES384")
+    # Clock skew allowed on exp / iat / nbf.
+    auth_leeway_seconds: int = Field(default=60, ge=0, le=300)
+    # Public base URL (scheme://host[:port]) behind a proxy, for the CDS Hooks JWT `aud`.
+    auth_public_base_url: str | None = None
+    # CDS Hooks clients: iss -> {"jwks": {...}, "jwks_path": "...", "jwks_url": "...",
+    # "jku_prefixes": ["https://ehr.example.org/jwks/"]} (validated at start-up).
+    auth_cds_clients: dict[str, dict[str, object]] = Field(default_factory=dict)
+    # A CDS client JWT may live at most this long (exp - iat); its jti is kept until exp.
+    auth_cds_max_lifetime_seconds: int = Field(default=3600, ge=60, le=24 * 3600)
 
     # --- EHR FHIR client (SMART Backend Services, retries) ---
 
     # --- Outbox and worker (write-back) ---
+    # Name of the `ehr_servers` entry that stored evaluations are written back to. None (the
+    # default): no outbox rows are written and `iectox worker` has nothing to do.
+    writeback_target: str | None = None
+    # Worker loop: rows claimed per poll, seconds between polls when idle, claim lease (a row
+    # claimed by a worker that died is claimable again after it; keep it above the client timeout).
+    outbox_batch_size: int = Field(default=10, ge=1, le=500)
+    outbox_poll_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    outbox_lease_s: float = Field(default=120.0, gt=0, le=24 * 3600)
+    # Retries: delay = min(max, base * 2^(attempts-1)), minus up to `jitter` of it at random;
+    # dead-lettered after `outbox_max_attempts` failed deliveries (non-retryable 4xx at once).
+    outbox_backoff_base_s: float = Field(default=5.0, gt=0)
+    outbox_backoff_max_s: float = Field(default=3600.0, gt=0)
+    outbox_backoff_jitter: float = Field(default=0.2, ge=0, le=1)
+    outbox_max_attempts: int = Field(default=12, ge=1, le=1000)
+    # Delivered rows (they hold clinical content) are deleted by the worker after this many hours.
+    outbox_keep_delivered_hours: float = Field(default=168.0, ge=0)
 
     # --- CDS Hooks and subscriptions ---

@@ -15,7 +15,7 @@ import pytest
 from service.core.astct import GradingConfig, grade_crs
 from service.core.course import CourseConfig, course_of
 from service.core.model import Administration, PatientData, Sample
-from service.evaluate import courses
+from service.evaluate import Grader, courses
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 
@@ -83,8 +83,18 @@ def test_indeterminate_samples_break_resolution_and_never_count_as_zero() -> Non
 
 
 def test_every_scale_has_a_course() -> None:
-    out = courses(trajectory(), h(10 * 24), GradingConfig(), CourseConfig())
-    assert [c.method for c, _ in out] == ["astct-crs", "astct-icans"]
+    out = courses(Grader(trajectory(), GradingConfig()), h(10 * 24), CourseConfig())
+    assert [c.method for c, _ in out] == [
+        "astct-crs",
+        "astct-icans",
+        "lee2014-crs",
+        "penn-crs",
+        "mskcc-crs",
+        "cartox-crs",
+        "ctcae4-crs",
+        "ctcae5-crs",
+        "cartox-cres",
+    ]
     _, peak = out[0]
     assert peak is not None and peak.grade == 3 and "MedicationAdministration/ne" in peak.basis
 

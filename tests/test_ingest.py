@@ -10,7 +10,7 @@ import pytest
 
 from service.codebook import load_codebook
 from service.core.model import PatientData
-from service.evaluate import EVALUATE_BUNDLE_TYPES, Evaluation, evaluate_body
+from service.evaluate import SCALES, EVALUATE_BUNDLE_TYPES, Evaluation, evaluate_body
 from service.fhir.errors import FhirError
 from service.fhir.ingest import parse_patient_entries, split_entries
 from service.settings import Settings
@@ -575,10 +575,10 @@ def test_procedure_not_done_is_not_day0() -> None:
 
 def test_evaluate_emits_one_assessment_per_method_with_provenance() -> None:
     ev = evaluate(f.temperature(39.0, NOW, id="fever"), *normal_vitals(), f.ice_score(8, NOW, id="ice"))
-    assert [r.method for r in ev.results] == ["astct-crs", "astct-icans"]
-    assert [r.grade for r in ev.results] == [1, 1]
+    assert [r.method for r in ev.results] == [m for m, _ in SCALES]
+    assert [r.grade for r in ev.results][:2] == [1, 1]
     grades = [ra for ra in ev.assessments if ra["code"]["coding"][0]["code"] == "current-grade"]
-    assert len(grades) == 2
+    assert len(grades) == len(SCALES)
     assert ev.provenance["resourceType"] == "Provenance"
     assert ev.patient_ref == f.PATIENT_REF
     assert "Observation/ice" in ev.results[1].basis

@@ -12,9 +12,10 @@ result indeterminate (clinical-rules.md rule 3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
+from .config import VASOPRESSIN, OlderConfig
 from .model import Administration, GradeResult, PatientData, Sample
 from .model import fmt_time as _fmt_t
 
@@ -46,7 +47,6 @@ OXYGEN_DEVICE_GRADE: dict[str, int] = {
 # Hypotension: "requiring a vasopressor with or without vasopressin" grade 3; "requiring
 # multiple vasopressors (excluding vasopressin)" grade 4. Vasopressin never counts.
 VASOPRESSORS_COUNTED = ("norepinephrine", "epinephrine", "phenylephrine", "dopamine")
-VASOPRESSIN = "vasopressin"
 ONE_VASOPRESSOR_GRADE = 3
 MULTIPLE_VASOPRESSORS_GRADE = 4
 HYPOTENSION_NO_PRESSOR_GRADE = 2
@@ -105,6 +105,7 @@ class GradingConfig:
     window: timedelta = timedelta(hours=24)
     capd_max_age_years: int = 12
     hypotension: HypotensionRule = HypotensionRule()
+    older: OlderConfig = field(default_factory=OlderConfig)  # the older CRS scales (service/core/older.py)
 
 
 # --- ICANS (tables "ASTCT ICANS Consensus Grading for Adults/Children") -------------
@@ -354,54 +355,74 @@ def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> _Domain:
     return _Domain("hypoxia", grade, why, (sample.ref,))
 
 
-def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
-    lo = at - cfg.window
-    window = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+@dataclass(frozen=True)
+class FeverGate:
+    """Whether CRS is present in the window (ASTCT: fever >= 38 °C, or a CRS fever since day 0
+    masked by antipyretic/anti-cytokine therapy). `domain` is set when present; otherwise
+    `grade` is 0 (no fever) or None (no temperature) with `why`."""
+
+    domain: _Domain | None
+    grade: int | None
+    why: str
+    temps: tuple[Sample, ...]
+    day0: Administration | None
+
+
+def fever_gate(data: PatientData, lo: datetime, at: datetime) -> FeverGate:
     day0 = data.first_event("cart-infusion")
     since = day0.start if day0 else None
-    notes = [] if day0 else ["No CAR T infusion (day 0) found: masked fever looked for over all data."]
-    notes.append("Attribution to another cause cannot be judged from data; graded as recorded.")
-    notes += ignored_note(data, CRS_CONCEPTS)
-    temps = data.window("body-temperature", lo, at)
-    considered = [s.ref for s in temps]
+    temps = tuple(data.window("body-temperature", lo, at))
     fever = max(temps, key=lambda s: s.value or 0.0) if temps else None
-    masked = _masking(data, since, at)
     if fever is not None and (fever.value or 0.0) >= FEVER_C:
-        fever_dom = _Domain(
-            "fever", 1, f"fever {fever.shown} at {_fmt_t(fever.t)} (>= {FEVER_C:g} °C)", (fever.ref,), required=True
-        )
-    elif masked is not None:
+        why = f"fever {fever.shown} at {_fmt_t(fever.t)} (>= {FEVER_C:g} °C)"
+        return FeverGate(_Domain("fever", 1, why, (fever.ref,), required=True), 1, why, temps, day0)
+    masked = _masking(data, since, at)
+    if masked is not None:
         f, drug = masked
         why = (
             f"fever masked: CRS fever {f.shown} at {_fmt_t(f.t)} followed by {drug.concept} at "
             f"{_fmt_t(drug.start)}, so fever is no longer required and the grade is driven by hypotension "
             "and hypoxia (ASTCT)."
         )
-        fever_dom = _Domain("fever", 0, why, (f.ref, drug.ref), required=True)
-    elif fever is not None:
+        return FeverGate(_Domain("fever", 0, why, (f.ref, drug.ref), required=True), 0, why, temps, day0)
+    if fever is not None:
         why = f"no fever (max {fever.shown} at {_fmt_t(fever.t)}; < {FEVER_C:g} °C) and no masking therapy."
-        return GradeResult(
-            CRS_METHOD,
-            CRS_SCALE,
-            at,
-            0,
-            f"Grade 0: {why} {window} " + " ".join(notes),
-            tuple(s.ref for s in temps),
-            (),
-            tuple(considered),
-        )
-    else:
-        why = "no body temperature recorded in the window and no masking therapy after a CRS fever."
-        return GradeResult(
-            CRS_METHOD,
-            CRS_SCALE,
-            at,
-            None,
-            f"Indeterminate: {why} {window} " + " ".join(notes),
-            (),
-            ("body-temperature",),
-            tuple(considered),
-        )
+        return FeverGate(None, 0, why, temps, day0)
+    why = "no body temperature recorded in the window and no masking therapy after a CRS fever."
+    return FeverGate(None, None, why, temps, day0)
+
+
+def crs_notes(gate: FeverGate) -> list[str]:
+    notes = [] if gate.day0 else ["No CAR T infusion (day 0) found: masked fever looked for over all data."]
+    notes.append("Attribution to another cause cannot be judged from data; graded as recorded.")
+    return notes
+
+
+def no_crs(method: str, scale: str, at: datetime, gate: FeverGate, head: str, notes: list[str]) -> GradeResult:
+    """Grade 0 (no fever) or indeterminate (no temperature): CRS is not established."""
+    refs = tuple(s.ref for s in gate.temps)
+    verdict = "Grade 0" if gate.grade == 0 else "Indeterminate"
+    return GradeResult(
+        method,
+        scale,
+        at,
+        gate.grade,
+        f"{verdict}: {gate.why} {head} " + " ".join(notes),
+        refs if gate.grade == 0 else (),
+        () if gate.grade == 0 else ("body-temperature",),
+        refs,
+    )
+
+
+def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
+    lo = at - cfg.window
+    window = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+    gate = fever_gate(data, lo, at)
+    notes = crs_notes(gate) + ignored_note(data, CRS_CONCEPTS)
+    if gate.domain is None:
+        return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes)
+    fever_dom = gate.domain
+    considered = [s.ref for s in gate.temps]
     hypo = _hypotension(data, lo, at, cfg)
     hypox = _hypoxia(data, lo, at)
     considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
@@ -409,8 +430,8 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
         considered += [s.ref for s in data.window(c, lo, at)]
     for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN):
         considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
-    if day0:
-        considered.append(day0.ref)
+    if gate.day0:
+        considered.append(gate.day0.ref)
     return _combine(CRS_METHOD, CRS_SCALE, at, [fever_dom, hypo, hypox], window, notes, considered)
 
 

@@ -28,6 +28,7 @@ class Sample:
     unit: str | None = None
     code: str | None = None
     shown: str = ""
+    ref_high: float | None = None  # upper limit of normal (referenceRange.high), canonical unit
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,7 @@ CONVERSIONS: dict[str, dict[str, Conversion]] = {
     "body-weight": _WEIGHT,
     "ice-score": _SCORE,
     "capd-score": _SCORE,
+    "cartox-10": _SCORE,
     "crp": _MG_DL,
     "ferritin": _NG_ML,
     "ldh": _ENZYME,

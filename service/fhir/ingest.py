@@ -311,7 +311,8 @@ class Normaliser:
             q = self._quantity(concept, holder["valueQuantity"], f"{path}.valueQuantity")
             if q is not None:
                 v, unit, shown = q
-                self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown))
+                high = self._reference_high(concept, holder.get("referenceRange"), path)
+                self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown, ref_high=high))
         elif "valueInteger" in holder and kind == "score":
             v = holder["valueInteger"]
             if isinstance(v, bool) or not isinstance(v, int):
@@ -335,9 +336,19 @@ class Normaliser:
         if kind == "score":
             self._check_score_range(concept, path)
 
+    def _reference_high(self, concept: str, ranges: Any, path: str) -> float | None:
+        """The upper limit of normal: the first referenceRange with a `high`, in the concept's unit."""
+        if not isinstance(ranges, list):
+            return None
+        for i, rr in enumerate(ranges):
+            if isinstance(rr, dict) and "high" in rr:
+                q = self._quantity(concept, rr["high"], f"{path}.referenceRange[{i}].high")
+                return q[0] if q is not None else None
+        return None
+
     def _check_score_range(self, concept: str, path: str) -> None:
-        # ICE is 0-10 (ASTCT 2019); CAPD is 0-32 (Traube 2014).
-        top = {"ice-score": 10, "capd-score": 32}.get(concept)
+        # ICE is 0-10 (ASTCT 2019); CAPD is 0-32 (Traube 2014); CARTOX-10 is 0-10 (Neelapu 2018).
+        top = {"ice-score": 10, "capd-score": 32, "cartox-10": 10}.get(concept)
         series = self.samples.get(concept)
         if top is not None and series:
             v = series[-1].value

@@ -1,0 +1,91 @@
+"""Configuration of the older CRS scales (service/core/older.py) that no scale fixes by itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+VASOPRESSIN = "vasopressin"
+
+
+@dataclass(frozen=True)
+class HighDoseRule:
+    """ "High-dose vasopressors" (Lee 2014 Table 2, as transcribed in clinical-rules.md §2).
+
+    Not verified against the paper (docs/scale-sources.md §1), so there is no default: a site
+    enters the values it has read. Thresholds are >=; doses in each agent's canonical unit.
+    Norepinephrine equivalent = NE + dopamine / dopamine_divisor + epinephrine + phenylephrine
+    / phenylephrine_divisor (ug/min; dopamine in ug/kg/min).
+    """
+
+    norepinephrine_ug_min: float
+    dopamine_ug_kg_min: float
+    phenylephrine_ug_min: float
+    epinephrine_ug_min: float
+    with_vasopressin_ne_eq_ug_min: float
+    combination_ne_eq_ug_min: float
+    dopamine_divisor: float
+    phenylephrine_divisor: float
+    sustained_hours: float
+
+    def ne_equivalent(self, rates: dict[str, float]) -> float:
+        return (
+            rates.get("norepinephrine", 0.0)
+            + rates.get("dopamine", 0.0) / self.dopamine_divisor
+            + rates.get("epinephrine", 0.0)
+            + rates.get("phenylephrine", 0.0) / self.phenylephrine_divisor
+        )
+
+    def is_high(self, rates: dict[str, float]) -> tuple[bool, str]:
+        """Whether the agents running at one moment (agent -> rate) are high-dose, and why."""
+        agents = [a for a in rates if a != VASOPRESSIN]
+        if not agents:
+            return False, "vasopressin alone (no high-dose rule for it)"
+        ne_eq = self.ne_equivalent(rates)
+        if VASOPRESSIN in rates:
+            limit, rule = self.with_vasopressin_ne_eq_ug_min, "with vasopressin: norepinephrine equivalent"
+            return ne_eq >= limit, f"{rule} {ne_eq:g} ug/min (high-dose >= {limit:g})"
+        if len(agents) > 1:
+            limit = self.combination_ne_eq_ug_min
+            return ne_eq >= limit, f"combination: norepinephrine equivalent {ne_eq:g} ug/min (high-dose >= {limit:g})"
+        agent = agents[0]
+        limit, unit = {
+            "norepinephrine": (self.norepinephrine_ug_min, "ug/min"),
+            "dopamine": (self.dopamine_ug_kg_min, "ug/kg/min"),
+            "phenylephrine": (self.phenylephrine_ug_min, "ug/min"),
+            "epinephrine": (self.epinephrine_ug_min, "ug/min"),
+        }[agent]
+        return rates[agent] >= limit, f"{agent} alone {rates[agent]:g} {unit} (high-dose >= {limit:g})"
+
+
+# FiO2 (%) estimated from oxygen flow (L/min) where no FiO2 is charted: revised Atlanta
+# classification, modified Marshall score (Banks PA et al., Gut 2013;62:102-111): room air 21%,
+# 2 L/min 25%, 4 L/min 30%, 6-8 L/min 40%, 9-10 L/min 50%. It names no device; it is applied to
+# low-flow nasal cannula and to a flow with no device recorded. Between two points the FiO2 is
+# only known to lie between their values; above the last point it is at least the last value.
+ATLANTA_FIO2_POINTS: tuple[tuple[float, float], ...] = (
+    (0.0, 21.0),
+    (2.0, 25.0),
+    (4.0, 30.0),
+    (6.0, 40.0),
+    (8.0, 40.0),
+    (9.0, 50.0),
+    (10.0, 50.0),
+)
+ATLANTA_SOURCE = "revised Atlanta / modified Marshall table, Banks 2013"
+FIO2_ESTIMATE_DEVICES = frozenset({"low-flow-nasal-cannula"})
+
+
+@dataclass(frozen=True)
+class OlderConfig:
+    high_dose: HighDoseRule | None = None
+    fio2_points: tuple[tuple[float, float], ...] = ATLANTA_FIO2_POINTS  # () disables the estimate
+    ctcae_organ_version: str = "5.0"  # "5.0" or "4.03"
+    # Upper limits of normal when an Observation carries no referenceRange (no default: lab-specific).
+    uln_creatinine_mg_dl: float | None = None
+    uln_ast_u_l: float | None = None
+    uln_alt_u_l: float | None = None
+    # Organ-toxicity baseline: the latest value in this period before lymphodepletion starts.
+    baseline_lookback: timedelta = timedelta(hours=72)
+    # High-dose runs and vasopressor duration look back this far before the window.
+    pressor_lookback: timedelta = timedelta(hours=72)
