@@ -194,6 +194,7 @@ class _Domain:
     needs: str = ""
     required: bool = False
     ceiling: int = MAX_GRADE  # the worst grade this domain could give if its data were there
+    at_least: int = 0  # what an unknown domain already gives for sure (e.g. a pressor of unknown dose)
 
 
 def _worst_coded(series: list[Sample], table: dict[str, int]) -> tuple[int, Sample] | None:
@@ -215,7 +216,7 @@ def _combine(
     considered: list[str],
 ) -> GradeResult:
     known = [d for d in domains if d.grade is not None]
-    floor = max((d.grade for d in known if d.grade is not None), default=0)
+    floor = max([d.grade for d in known if d.grade is not None] + [d.at_least for d in domains], default=0)
     # A domain without data matters only if it could still raise the grade.
     unknown = [d for d in domains if d.grade is None and d.ceiling > floor]
     deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
@@ -252,14 +253,12 @@ def _combine(
 
 def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[Sample, Administration] | None:
     """The first CRS fever since day 0 followed, before `at`, by a masking drug."""
-    fevers = [
-        s
-        for s in data.series("body-temperature")
-        if s.value is not None and s.value >= FEVER_C and s.t <= at and (since is None or s.t >= since)
-    ]
-    if not fevers:
+    temps = data.series("body-temperature")
+    if since is not None and temps:
+        temps = data.window("body-temperature", since, at)
+    first = next((s for s in temps if s.value is not None and s.value >= FEVER_C and s.t <= at), None)
+    if first is None:
         return None
-    first = fevers[0]
     drugs = [a for c in FEVER_MASKING_DRUGS for a in data.given(c) if first.t < a.start <= at]
     return (first, min(drugs, key=lambda a: a.start)) if drugs else None
 

@@ -431,6 +431,10 @@ def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfi
             fio2 = (ROOM_AIR_FIO2_PCT, ROOM_AIR_FIO2_PCT)
             why = f"room air (oxygen device none at {_fmt_t(devices[-1].t)})"
             fio2_refs = (devices[-1].ref,)
+        elif flowing and not other:
+            top = max(flowing, key=lambda s: s.value or 0.0)
+            why = f"oxygen flow {top.shown} at {_fmt_t(top.t)} without a charted FiO2 (estimate switched off)"
+            needs = "fio2"
         elif other or nippv:
             s = (other or nippv)[-1]
             why = f"oxygen device {s.code} at {_fmt_t(s.t)} without a charted FiO2 (no estimate for this device)"
@@ -467,20 +471,21 @@ def _uln(sample: Sample, concept: str, cfg: OlderConfig) -> tuple[float | None, 
     return configured, "configured ULN"
 
 
-def _baseline(data: PatientData, concept: str, cfg: OlderConfig) -> Sample | None:
-    ld = lymphodepletion(data)
+def _baseline(data: PatientData, concept: str, ld: Administration | None, cfg: OlderConfig) -> Sample | None:
     if ld is None:
         return None
     before = [s for s in data.window(concept, ld.start - cfg.baseline_lookback, ld.start) if s.t < ld.start]
     return before[-1] if before and before[-1].value is not None else None
 
 
-def _lab_grade(data: PatientData, concept: str, kind: str, lo: datetime, at: datetime, cfg: OlderConfig) -> OrganFacts:
+def _lab_grade(
+    data: PatientData, concept: str, kind: str, lo: datetime, at: datetime, ld: Administration | None, cfg: OlderConfig
+) -> OrganFacts:
     version = cfg.ctcae_organ_version
     values = [s for s in data.window(concept, lo, at) if s.value is not None]
     if not values:
         return OrganFacts(None, f"no {concept} in the window", (), concept)
-    base = _baseline(data, concept, cfg)
+    base = _baseline(data, concept, ld, cfg)
     best: OrganFacts | None = None
     for s in values:
         uln, uln_src = _uln(s, concept, cfg)
@@ -514,8 +519,9 @@ def _lab_grade(data: PatientData, concept: str, kind: str, lo: datetime, at: dat
 
 def _organ_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> dict[str, OrganFacts]:
     out: dict[str, OrganFacts] = {}
+    ld = lymphodepletion(data)
     for kind in ("creatinine", "transaminase"):
-        parts = [_lab_grade(data, c, k, lo, at, cfg) for c, k in ORGAN_LABS if k == kind]
+        parts = [_lab_grade(data, c, k, lo, at, ld, cfg) for c, k in ORGAN_LABS if k == kind]
         known = [p for p in parts if p.grade is not None]
         unknown = [p for p in parts if p.grade is None]
         worst = max(known, key=lambda p: p.grade or 0) if known else None
@@ -602,7 +608,13 @@ def _hypotension_domain(sc: Scale, f: Facts) -> _Domain:
         if p.high is None:
             why = "; ".join(parts) + f"; high-dose unknown: {p.high_why}"
             return _Domain(
-                "hypotension", None, why, refs, needs="high-dose vasopressor rule or rates", ceiling=sc.high_dose
+                "hypotension",
+                None,
+                why,
+                refs,
+                needs="high-dose vasopressor rule or rates",
+                ceiling=sc.high_dose,
+                at_least=grade,
             )
         parts.append(p.high_why if p.high else f"not high-dose ({p.high_why})")
         if p.high:
