@@ -8,16 +8,22 @@ that need it configure the values transcribed in clinical-rules.md §2 explicitl
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from datetime import timedelta
 
 import pytest
 
+from service.codebook import load_codebook
 from service.core.astct import GradingConfig
 from service.core.config import HighDoseRule, OlderConfig
 from service.core.course import CourseConfig
 from service.core.model import GradeResult, Sample
 from service.core.older import CARTOX10_BANDS, facts_at
-from service.evaluate import SCALES, Grader, courses
+from service.evaluate import SCALES, Grader, courses, evaluate_body, grading_config
+from service.fhir.errors import FhirError
+from service.settings import Settings
+from tests import factories as f
 from tests.test_astct import AT, _ids, device, finding, flow, given, obs, patient, sbp, t, temp
 
 # clinical-rules.md §2 "High-dose vasopressors" (Lee 2014 Table 2; unverified, test configuration).
@@ -34,6 +40,7 @@ HIGH_DOSE = HighDoseRule(
 )
 CFG = GradingConfig(older=OlderConfig(high_dose=HIGH_DOSE))
 BARE = GradingConfig()  # no high-dose rule, no ULN: the shipped defaults
+CODEBOOK = load_codebook(Settings().canonical_base)
 OLDER = ("lee2014-crs", "penn-crs", "mskcc-crs", "cartox-crs", "ctcae4-crs", "ctcae5-crs")
 
 
@@ -404,3 +411,77 @@ def test_lee_course_peaks_at_3_on_day_4_and_resolves_on_day_7() -> None:
     # The last fever (164 h) leaves the 24 h window at 189 h: grade 0 from then on (day 7).
     assert lee.resolution == day0 + timedelta(hours=189) and lee.duration == timedelta(hours=189 - 72)
     assert out["ctcae4-crs"].peak_grade == 1
+
+
+def test_organ_toxicity_after_masked_fever_needs_another_active_sign() -> None:
+    masked = (given("cart-infusion", -96, -96), temp(39.5, -80), given("tocilizumab", -78, -78), temp(37.0, -2))
+    r = results(*masked, sbp(120), device("none"), *labs(creatinine=2.0))
+    assert (r["lee2014-crs"].grade, r["penn-crs"].grade) == (0, 0)
+    assert "Organ toxicity not graded" in r["lee2014-crs"].rationale
+    g = grades(*masked, sbp(120), device("none"), obs("fio2", -2, 30), *labs(creatinine=2.0))
+    assert pick(g, "lee2014-crs", "penn-crs") == (2, 3)
+
+
+# --- through FHIR: referenceRange, CARTOX-10, settings ---------------------------------------------
+
+
+def fhir_at(hours: float) -> str:
+    return t(hours).isoformat()
+
+
+def creatinine_obs(value: float, unit: str, high: dict[str, object] | None, when: str) -> dict[str, object]:
+    extra: dict[str, object] = {"valueQuantity": f.quantity(value, unit)}
+    if high is not None:
+        extra["referenceRange"] = [{"high": high}]
+    return f.observation(("http://loinc.org", "14682-9"), when, id="creat", **extra)
+
+
+def test_reference_range_gives_the_uln_in_the_canonical_unit() -> None:
+    when = fhir_at(-2)
+    # 221 umol/L against a ULN of 106 umol/L = 2.08 x ULN -> CTCAE grade 2 -> Lee 2.
+    body = f.body(
+        f.patient(),
+        f.temperature(39.0, when),
+        f.systolic(120, when),
+        f.oxygen_device("none", when),
+        creatinine_obs(221, "umol/L", f.quantity(106, "umol/L"), when),
+        f.observation(
+            ("http://loinc.org", "1920-8"),
+            when,
+            valueQuantity=f.quantity(20, "U/L"),
+            referenceRange=[{"high": f.quantity(40, "U/L")}],
+        ),
+        f.observation(
+            ("http://loinc.org", "1742-6"),
+            when,
+            valueQuantity=f.quantity(20, "U/L"),
+            referenceRange=[{"high": f.quantity(40, "U/L")}],
+        ),
+    )
+    ev = evaluate_body(body, CODEBOOK, Settings(), AT, AT)
+    lee = next(r for r in ev.results if r.method == "lee2014-crs")
+    assert lee.grade == 2 and "2.08 x ULN 1.19882" in lee.rationale and "Observation/creat" in lee.basis
+
+
+def test_reference_range_in_an_unknown_unit_is_rejected_with_its_path() -> None:
+    when = fhir_at(-2)
+    body = f.body(f.patient(), creatinine_obs(1.0, "mg/dL", f.quantity(1.2, "mmol/L"), when))
+    with pytest.raises(FhirError) as err:
+        evaluate_body(body, CODEBOOK, Settings(), AT, AT)
+    assert err.value.status == 422
+    assert err.value.issues[0].expression == "Bundle.entry[1].resource.referenceRange[0].high.code"
+
+
+def test_cartox10_from_the_codebook() -> None:
+    when = fhir_at(-2)
+    obs_ = f.observation((f"{Settings().canonical_base}/CodeSystem/local", "cartox-10"), when, valueInteger=5)
+    ev = evaluate_body(f.body(f.patient(), obs_), CODEBOOK, Settings(), AT, AT)
+    cres = next(r for r in ev.results if r.method == "cartox-cres")
+    assert cres.grade == 2
+
+
+def test_high_dose_rule_and_fio2_table_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IECTOX_HIGH_DOSE_VASOPRESSORS", json.dumps(dataclasses.asdict(HIGH_DOSE)))
+    monkeypatch.setenv("IECTOX_FIO2_ESTIMATE_POINTS", "[[0, 21], [5, 40]]")
+    cfg = grading_config(Settings())
+    assert cfg.older.high_dose == HIGH_DOSE and cfg.older.fio2_points == ((0.0, 21.0), (5.0, 40.0))

@@ -677,7 +677,15 @@ def grade_scale(sc: Scale, f: Facts) -> GradeResult:
     notes += f.ignored
     if f.gate.domain is None:
         return no_crs(sc.method, sc.name, f.at, f.gate, head, notes)
-    domains = [f.gate.domain, _hypotension_domain(sc, f), _oxygen_domain(sc, f), *_organ_domains(sc, f)]
+    domains = [f.gate.domain, _hypotension_domain(sc, f), _oxygen_domain(sc, f)]
+    organ = _organ_domains(sc, f)
+    if organ and f.gate.grade == 0 and all(d.grade == 0 for d in domains[1:]):
+        # Masked fever with no hypotension or hypoxia: nothing shows CRS is still active, so a
+        # lab abnormality is not attributed to it (iectox choice; ASTCT: the grade is then
+        # driven by hypotension and hypoxia, and a masked fever never expires).
+        notes.append("Organ toxicity not graded: fever masked and no hypotension or hypoxia in the window.")
+        organ = []
+    domains += organ
     return _combine(sc.method, sc.name, f.at, domains, head, notes, list(f.considered))
 
 
