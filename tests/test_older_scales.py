@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import timedelta
+import random
+from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from service.codebook import load_codebook
@@ -23,7 +25,9 @@ from service.core.older import CARTOX10_BANDS, facts_at
 from service.evaluate import SCALES, Grader, courses, evaluate_body, grading_config
 from service.fhir.errors import FhirError
 from service.settings import Settings
+from service.synth import generate_patient
 from tests import factories as f
+from tests.fhir_validators import assert_valid_fhir
 from tests.test_astct import AT, _ids, device, finding, flow, given, obs, patient, sbp, t, temp
 
 # clinical-rules.md §2 "High-dose vasopressors" (Lee 2014 Table 2; unverified, test configuration).
@@ -485,3 +489,21 @@ def test_high_dose_rule_and_fio2_table_from_the_environment(monkeypatch: pytest.
     monkeypatch.setenv("IECTOX_FIO2_ESTIMATE_POINTS", "[[0, 21], [5, 40]]")
     cfg = grading_config(Settings())
     assert cfg.older.high_dose == HIGH_DOSE and cfg.older.fio2_points == ((0.0, 21.0), (5.0, 40.0))
+
+
+def test_every_scale_emits_resources_that_pass_both_npm_validators() -> None:
+    settings = Settings(high_dose_vasopressors=HIGH_DOSE)
+    start = datetime(2026, 1, 5, 8, tzinfo=UTC)
+    p = generate_patient(
+        random.Random(7),  # noqa: S311 (synthetic data, not security)
+        0,
+        "crs-4",
+        days=10,
+        base=settings.canonical_base,
+        start=start,
+    )
+    ev = evaluate_body(orjson.dumps(p.bundle), CODEBOOK, settings, None, start)
+    methods = {ra["method"]["coding"][0]["code"] for ra in ev.assessments}
+    assert {m for m, _ in SCALES} <= methods
+    assert {r.method: r.grade for r in ev.results if r.method in OLDER}  # graded, not empty
+    assert_valid_fhir([ev.bundle()])
