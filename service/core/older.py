@@ -111,7 +111,7 @@ class Scale:
 
 VENTILATOR_READING = (
     "'Ventilator' / 'mechanical ventilation' read as invasive mechanical ventilation; CPAP and BiPAP "
-    "are oxygen support graded by FiO2 (iectox choice, docs/clinical-choices.md)."
+    "are oxygen support graded by FiO2 (iectox choice, docs/older-scales.md)."
 )
 
 LEE = Scale(
