@@ -1,4 +1,4 @@
-"""The `iectox` command line: evaluate, codebook, serve, migrate, synth, demo."""
+"""The `iectox` command line: evaluate, compare, codebook, serve, migrate, synth, demo, worker, poll."""
 
 from __future__ import annotations
 
@@ -88,19 +88,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .security import SecurityConfigError, check_bind
 
     settings = _settings(args)
     host, port = args.host or settings.host, args.port or settings.port
+    settings = settings.model_copy(update={"host": host, "port": port})  # the app checks the real bind
+    try:
+        check_bind(settings, host)  # dev mode (no authentication) only on loopback
+        app = create_app(settings)
+    except SecurityConfigError as exc:
+        print(f"iectox serve: refusing to start: {exc}", file=sys.stderr)
+        return 2
     # uvicorn's access log prints concrete paths (patient ids); the app logs route templates instead.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True, access_log=False)
     return 0
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
     from .api.app import create_app
 
-    # An in-memory database: the spec does not depend on any deployment setting.
-    app = create_app(Settings(database_url="sqlite://"))
+    # An in-memory database: the spec does not depend on any deployment setting (nor on the
+    # auth mode: the bearer scheme is declared either way; dev mode just needs no keys here).
+    logging.getLogger("iectox.security").setLevel(logging.ERROR)  # no dev-mode warning for a spec
+    app = create_app(Settings(database_url="sqlite://", auth_mode="dev", host="127.0.0.1"))
     sys.stdout.buffer.write(orjson.dumps(app.openapi(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     return 0
 
@@ -129,6 +139,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logging.getLogger("iectox").setLevel(logging.WARNING)  # the table is the demo's output
     return run_demo(_settings(args), patients=args.patients, seed=args.seed, days=args.days)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .storage import outbox
+    from .storage.db import make_engine
+    from .worker import main as worker_main
+    from .worker import utc_now
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    try:
+        if args.requeue_dead:
+            print(f"{outbox.requeue_dead(engine, utc_now())} dead row(s) back to pending")
+            return 0
+        return asyncio.run(worker_main(settings, engine, once=args.once))
+    finally:
+        engine.dispose()
+
+
+def cmd_poll(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .api.deps import utc_now
+    from .codebook import load_codebook
+    from .ehr.poll import run_poll
+    from .storage.db import make_engine, migrate
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    try:
+        if settings.auto_migrate:
+            migrate(engine)
+        codebook = load_codebook(settings.canonical_base, settings.codebook_path)
+        return asyncio.run(run_poll(settings, engine, codebook, utc_now, once=args.once))
+    finally:
+        engine.dispose()
 
 
 def _days(raw: str) -> int:
@@ -169,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("worker", help="deliver the write-back outbox to the EHR FHIR server (docs/writeback.md)")
+    p.add_argument("--once", action="store_true", help="deliver every due row, then exit (no waiting for backoffs)")
+    p.add_argument("--requeue-dead", action="store_true", help="put dead-lettered rows back to pending, then exit")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("poll", help="reconciliation poll: re-read watched patients changed since their checkpoint")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=cmd_poll)
 
     p = sub.add_parser("synth", help="write a synthetic cohort as FHIR Bundles")
     p.add_argument("--patients", type=int, default=8)

@@ -69,6 +69,8 @@ def _risk_line(resources: list[dict[str, Any]]) -> str:
 
 
 def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
+    # Dev mode (no tokens): the demo's server listens on loopback only and is stopped at the end.
+    settings = settings.model_copy(update={"auth_mode": "dev", "host": "127.0.0.1"})
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)

@@ -18,6 +18,7 @@ from .fhir.errors import FhirError, Issue, operation_outcome
 from .fhir.ingest import Entry, check_for_storage, is_resource_type
 from .settings import Settings
 from .storage import repository
+from .writeback import enqueue_writeback
 
 WRITE_METHODS = ("POST", "PUT")
 
@@ -142,7 +143,11 @@ def evaluate_stored(
     *,
     store: bool = True,
 ) -> Evaluation:
-    """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off."""
+    """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
+
+    With a write-back target configured, storing also enqueues the outbox rows (transaction
+    Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
+    """
     resources = repository.patient_inputs(session, patient_id)
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
@@ -150,4 +155,5 @@ def evaluate_stored(
     evaluation = evaluate_entries(entries, codebook, settings, at, recorded)
     if store:
         repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
+        enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded)  # same transaction
     return evaluation

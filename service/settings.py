@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core.config import HighDoseRule
+from .ehr.client import FhirServerConfig
 
 
 class Settings(BaseSettings):
@@ -93,11 +94,21 @@ class Settings(BaseSettings):
     auth_cds_max_lifetime_seconds: int = Field(default=3600, ge=60, le=24 * 3600)
 
     # --- EHR FHIR client (SMART Backend Services, retries) ---
+    # EHR FHIR servers by name (env IECTOX_EHR_SERVERS, JSON: {"default": {"base_url": ...,
+    # "client_id": ..., "private_key_path": ..., "key_id": ..., "alg": "RS384"}}); "default" is
+    # the default target. Fields, retries and scopes: docs/ehr-integration.md.
+    ehr_servers: dict[str, FhirServerConfig] = Field(default_factory=dict)
 
     # --- Outbox and worker (write-back) ---
     # Name of the `ehr_servers` entry that stored evaluations are written back to. None (the
     # default): no outbox rows are written and `iectox worker` has nothing to do.
     writeback_target: str | None = None
+    # How each RiskAssessment and the Provenance are written (docs/writeback.md): "id" (default),
+    # PUT Type/<deterministic id> (update as create), split into Bundles of at most
+    # `writeback_max_bundle_entries` (Medplum allows 50 updates per transaction); "conditional",
+    # PUT RiskAssessment?identifier=... in ONE Bundle (Medplum: at most 8 entries).
+    writeback_mode: str = Field(default="id", pattern="^(id|conditional)$")
+    writeback_max_bundle_entries: int = Field(default=50, ge=2, le=10_000)
     # Worker loop: rows claimed per poll, seconds between polls when idle, claim lease (a row
     # claimed by a worker that died is claimable again after it; keep it above the client timeout).
     outbox_batch_size: int = Field(default=10, ge=1, le=500)
@@ -113,3 +124,7 @@ class Settings(BaseSettings):
     outbox_keep_delivered_hours: float = Field(default=168.0, ge=0)
 
     # --- CDS Hooks and subscriptions ---
+    # The `ehr_servers` entry that subscription notifications refer to (and the poll reads).
+    subscription_target: str = "default"
+    # Reconciliation poll (`iectox poll`): seconds between passes over the watched patients.
+    poll_interval_s: float = Field(default=300.0, gt=0, le=24 * 3600)

@@ -21,6 +21,8 @@ from sqlmodel import SQLModel
 from service.api.app import create_app
 from service.settings import Settings
 from service.storage.db import make_engine, migrate, normalise_url
+from tests.auth import auth_settings, bearer
+from tests.fhir_server import fhir_server, fhir_server_clean  # noqa: F401  (real FHIR test server)
 
 PG_URL = os.environ.get("IECTOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 FIXED_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -62,7 +64,10 @@ def clean_engine(engine: Engine) -> Iterator[Engine]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(database_url="sqlite://", auto_migrate=False, max_body_bytes=200_000, max_bundle_entries=300)
+    # jwt mode trusting the test issuer (tests/auth.py); the `client` fixture sends its token.
+    return Settings(
+        database_url="sqlite://", auto_migrate=False, max_body_bytes=200_000, max_bundle_entries=300, **auth_settings()
+    )
 
 
 @pytest.fixture
@@ -72,8 +77,9 @@ def app(settings: Settings, clean_engine: Engine):  # type: ignore[no-untyped-de
 
 @pytest_asyncio.fixture
 async def client(app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    """Sends a valid bearer token with broad scopes (system/*.read system/*.write) by default."""
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://iectox.test") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://iectox.test", headers=bearer()) as c:
         yield c
 
 

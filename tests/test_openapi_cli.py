@@ -20,15 +20,28 @@ import uvicorn
 from service.api.app import create_app
 from service.settings import Settings
 from tests import factories as f
+from tests.auth import auth_settings, bearer
 from tests.test_api import AT, crs3_resources
 
 CLI = [sys.executable, "-m", "service.cli"]
 
 
 def test_openapi_matches_committed_spec(repo_root: Path) -> None:
-    app = create_app(Settings(database_url="sqlite://"))
     committed = json.loads((repo_root / "openapi" / "openapi.json").read_text())
-    assert app.openapi() == committed, "run: iectox openapi > openapi/openapi.json"
+    # The spec does not depend on the auth mode: `iectox openapi` builds it in dev mode.
+    for auth in ({"auth_mode": "dev", "host": "127.0.0.1"}, auth_settings()):
+        app = create_app(Settings(database_url="sqlite://", **auth))
+        assert app.openapi() == committed, "run: iectox openapi > openapi/openapi.json"
+
+
+def test_openapi_declares_bearer_security(repo_root: Path) -> None:
+    spec = json.loads((repo_root / "openapi" / "openapi.json").read_text())
+    scheme = spec["components"]["securitySchemes"]["bearer"]
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer" and scheme["bearerFormat"] == "JWT"
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            secured = op.get("security") == [{"bearer": []}]
+            assert secured == (path.startswith("/fhir") and path != "/fhir/metadata"), (method, path)
 
 
 def test_openapi_describes_fhir_endpoints(repo_root: Path) -> None:
@@ -125,7 +138,7 @@ def live_server(tmp_path: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'live.db'}", max_body_bytes=100_000)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'live.db'}", max_body_bytes=100_000, **auth_settings())
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -138,7 +151,11 @@ def live_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_real_http_round_trip(live_server: str) -> None:
-    with httpx.Client(base_url=live_server, timeout=30) as c:
+    with httpx.Client(base_url=live_server, timeout=30) as anonymous:
+        r = anonymous.post("/fhir/$evaluate", content=f.body(*crs3_resources()), params={"at": AT})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["resourceType"] == "OperationOutcome"
+    with httpx.Client(base_url=live_server, timeout=30, headers=bearer()) as c:
         r = c.post(
             "/fhir/$evaluate",
             content=f.body(*crs3_resources()),

@@ -19,7 +19,8 @@ from ..codebook import load_codebook
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..settings import Settings
 from ..storage.db import make_engine, migrate
-from . import fhir, health
+from . import cds, fhir, health, metrics, subscriptions
+from .auth import install_security
 from .deps import utc_now
 from .responses import FhirResponse
 
@@ -92,8 +93,12 @@ def create_app(
     app.state.engine = engine
     app.state.codebook = load_codebook(settings.canonical_base, settings.codebook_path)
     app.state.clock = clock
+    install_security(app, settings, engine)  # refuses to start on unsafe settings (docs/security.md)
     app.include_router(health.router)
     app.include_router(fhir.router)
+    app.include_router(subscriptions.router)
+    app.include_router(cds.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")

@@ -46,5 +46,6 @@ def utc_now() -> datetime:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CodebookDep = Annotated[Codebook, Depends(get_codebook)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a failed commit is never a 2xx.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]

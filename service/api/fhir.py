@@ -11,7 +11,9 @@ from ..fhir.capability import capability_statement
 from ..fhir.errors import FhirError
 from ..fhir.ingest import load_json
 from ..records import evaluate_stored, store_bundle, store_one
+from ..security.scopes import READ, WRITE
 from ..storage import repository
+from .auth import PrincipalDep, bundle_types, requires
 from .deps import ClockDep, CodebookDep, SessionDep, SettingsDep
 from .responses import FhirResponse
 from .schemas import ERRORS, FhirBundle, FhirResource, fhir_body
@@ -41,6 +43,7 @@ def metadata(settings: SettingsDep) -> FhirResponse:
     "and one Provenance. Nothing is stored.",
     response_model=FhirBundle,
     openapi_extra=fhir_body(FhirBundle, "Bundle with the Patient and its inputs"),
+    **requires(READ, "Observation"),
 )
 async def evaluate(
     request: Request, settings: SettingsDep, codebook: CodebookDep, clock: ClockDep, at: AtQuery = None
@@ -57,13 +60,15 @@ async def evaluate(
     "Writes are idempotent on id + meta.versionId.",
     response_model=FhirBundle,
     openapi_extra=fhir_body(FhirBundle, "transaction or batch Bundle"),
+    **requires(WRITE),
 )
 async def transaction(
-    request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
+    request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep, principal: PrincipalDep
 ) -> FhirResponse:
     doc = load_json(await request.body())
     if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
         raise FhirError.one(422, "structure", "expected a Bundle", "Bundle")
+    principal.require(WRITE, *bundle_types(doc))
     return FhirResponse(store_bundle(session, doc, codebook, settings.max_bundle_entries))
 
 
@@ -72,6 +77,7 @@ async def transaction(
     summary="Grade a stored patient and store the RiskAssessments",
     description="Re-running with the same inputs and `at` updates the stored assessments (stable ids).",
     response_model=FhirBundle,
+    **requires(WRITE, "RiskAssessment"),
 )
 def evaluate_patient(
     patient_id: str,
@@ -92,6 +98,7 @@ def evaluate_patient(
     "time, resolution, duration and the daily maximum grade, as a FHIR Parameters resource with one `course` "
     "parameter per scale. Nothing is stored.",
     response_model=FhirResource,
+    **requires(READ, "Observation"),
 )
 def course(
     patient_id: str,
@@ -105,7 +112,12 @@ def course(
     return FhirResponse(evaluation.course_parameters(settings))
 
 
-@router.get("/RiskAssessment/{ra_id}", summary="Read a stored RiskAssessment", response_model=FhirResource)
+@router.get(
+    "/RiskAssessment/{ra_id}",
+    summary="Read a stored RiskAssessment",
+    response_model=FhirResource,
+    **requires(READ, "RiskAssessment"),
+)
 def read_assessment(ra_id: str, session: SessionDep) -> FhirResponse:
     res = repository.get_emitted(session, "RiskAssessment", ra_id)
     if res is None:
@@ -113,7 +125,12 @@ def read_assessment(ra_id: str, session: SessionDep) -> FhirResponse:
     return FhirResponse(res)
 
 
-@router.get("/RiskAssessment", summary="Search stored RiskAssessments", response_model=FhirBundle)
+@router.get(
+    "/RiskAssessment",
+    summary="Search stored RiskAssessments",
+    response_model=FhirBundle,
+    **requires(READ, "RiskAssessment"),
+)
 def search_assessments(
     session: SessionDep,
     subject: Annotated[str | None, Query(description="Patient/<id> or <id>")] = None,
@@ -157,6 +174,7 @@ def _input_routes(rtype: str) -> None:
         response_model=FhirResource,
         openapi_extra=body,
         operation_id=f"create_{rtype}",
+        **requires(WRITE, rtype),
     )
     async def create(request: Request, session: SessionDep, codebook: CodebookDep) -> FhirResponse:
         return _written(session, store_one(session, load_json(await request.body()), rtype, None, codebook))
@@ -167,12 +185,17 @@ def _input_routes(rtype: str) -> None:
         response_model=FhirResource,
         openapi_extra=body,
         operation_id=f"update_{rtype}",
+        **requires(WRITE, rtype),
     )
     async def update(rid: str, request: Request, session: SessionDep, codebook: CodebookDep) -> FhirResponse:
         return _written(session, store_one(session, load_json(await request.body()), rtype, rid, codebook))
 
     @router.get(
-        f"/{rtype}/{{rid}}", summary=f"Read a stored {rtype}", response_model=FhirResource, operation_id=f"read_{rtype}"
+        f"/{rtype}/{{rid}}",
+        summary=f"Read a stored {rtype}",
+        response_model=FhirResource,
+        operation_id=f"read_{rtype}",
+        **requires(READ, rtype),
     )
     def read(rid: str, session: SessionDep) -> FhirResponse:
         res = repository.read_resource(session, rtype, rid)

@@ -8,12 +8,13 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import func
+from sqlalchemy import delete, func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ..fhir.emit import systems
 from ..fhir.ingest import version_key
-from .models import EmittedResource, StoredResource
+from .models import AuditEvent, EmittedResource, SeenToken, StoredResource
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,45 @@ def search_assessments(
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+# --- Inbound security: audit log and seen JWT ids ---------------------------------------------
+
+
+def add_audit_event(session: Session, event: AuditEvent) -> None:
+    """Add an audit row; when it names a stored resource but no patient, the resource's patient."""
+    if event.patient_id is None and event.resource_type and event.resource_id:
+        if event.resource_type == "Patient":
+            event.patient_id = event.resource_id
+        else:
+            row: StoredResource | EmittedResource | None = session.get(
+                StoredResource, (event.resource_type, event.resource_id)
+            ) or session.get(EmittedResource, (event.resource_type, event.resource_id))
+            event.patient_id = row.patient_id if row is not None else None
+    session.add(event)
+
+
+def audit_events(session: Session, patient_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
+    """The newest audit rows first, optionally those of one patient."""
+    query = select(AuditEvent)
+    if patient_id is not None:
+        query = query.where(col(AuditEvent.patient_id) == patient_id)
+    return list(session.exec(query.order_by(col(AuditEvent.id).desc()).limit(limit)).all())
+
+
+def remember_token(session: Session, key: str, expires: datetime, now: datetime) -> bool:
+    """Record a JWT id until `expires`; False if it is already recorded (a replay).
+
+    Rows past their expiry are deleted first. Concurrent requests with the same key conflict
+    on the primary key: one of them gets False.
+    """
+    session.exec(delete(SeenToken).where(col(SeenToken.expires) < now))
+    if session.get(SeenToken, key) is not None:
+        return False
+    try:
+        with session.begin_nested():
+            session.add(SeenToken(key=key, expires=expires))
+    except IntegrityError:
+        return False
+    return True
+

@@ -1,0 +1,111 @@
+"""The audit trail: one `audit_event` row for every request that reaches a /fhir route.
+
+Written after the request has finished (its own session and transaction, so it survives a
+rolled-back request and never waits on the request's own database lock). The application log
+stays free of patient identifiers; they belong here only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..security.scopes import ANONYMOUS
+from ..storage import repository
+from ..storage.models import AuditEvent
+from .deps import utc_now
+
+log = logging.getLogger("iectox.audit")
+
+PREFIX = "/fhir"
+NOT_AUDITED = frozenset({"/fhir/metadata"})  # public, no patient data
+
+
+def _cut(value: object, n: int) -> str | None:
+    return None if value is None else str(value)[:n]
+
+
+def audit_event(scope: Scope, status: int, location: str | None, now: datetime) -> AuditEvent | None:
+    """The row for a finished request, or None when it did not reach an audited route."""
+    template = getattr(scope.get("route"), "path", None)
+    if not isinstance(template, str) or not template.startswith(PREFIX) or template in NOT_AUDITED:
+        return None
+    method = scope.get("method", "")
+    params = scope.get("path_params") or {}
+    parts = template.removeprefix(PREFIX).strip("/").split("/")
+    rtype = parts[0] if parts[0][:1].isupper() else None
+    rid = params.get(parts[1].strip("{}")) if len(parts) > 1 and parts[1].startswith("{") else None
+    operation = parts[-1] if parts[-1].startswith("$") else None
+    if operation:
+        action = operation[1:]
+    elif template == PREFIX:
+        action = "transaction"
+    elif method == "GET":
+        action = "read" if rid else "search"
+    else:
+        action = {"POST": "create", "PUT": "update"}.get(method, method.lower())
+    if rid is None and location and action == "create" and location.startswith(f"{rtype}/"):
+        rid = location.split("/")[1]  # the id the server gave (Location: Type/id/_history/n)
+    patient = params.get("patient_id")
+    if action == "search" and rtype == "RiskAssessment":
+        subject = QueryParams(scope.get("query_string", b"")).get("subject")
+        patient = subject.removeprefix("Patient/") if subject else None
+    principal = (scope.get("state") or {}).get("principal")
+    return AuditEvent(
+        recorded=now,
+        actor=str(getattr(principal, "actor", "") or ANONYMOUS)[:256],
+        action=action[:32],
+        route=template[:128],
+        resource_type=_cut(rtype, 64),
+        resource_id=_cut(rid, 64),
+        patient_id=_cut(patient, 64),
+        status=status,
+    )
+
+
+class AuditTrail:
+    """ASGI middleware writing `audit_event` rows (see audit_event)."""
+
+    def __init__(self, app: ASGIApp, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
+        self.app, self.engine, self.clock = app, engine, clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        status, location = 0, None
+
+        async def watch(message: Message) -> None:
+            nonlocal status, location
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                location = next((v.decode("latin-1") for k, v in message.get("headers", ()) if k == b"location"), None)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            await self._record(scope, status or 500, location)
+            raise
+        await self._record(scope, status, location)
+
+    async def _record(self, scope: Scope, status: int, location: str | None) -> None:
+        event = audit_event(scope, status, location, self.clock())
+        if event is None:
+            return
+        try:
+            await run_in_threadpool(self._write, event)
+        except Exception as exc:  # the response is already out; never the event's content in the log
+            log.error("audit write failed: %s", type(exc).__name__)
+
+    def _write(self, event: AuditEvent) -> None:
+        with Session(self.engine) as session:
+            repository.add_audit_event(session, event)
+            session.commit()

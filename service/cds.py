@@ -1,0 +1,272 @@
+"""CDS Hooks 2.0 (https://cds-hooks.hl7.org/2.0/): discovery, request checks and cards.
+
+No HTTP and no database here: the routes (service/api/cds.py) fetch and evaluate, this module
+turns an Evaluation into cards. A card states the current ASTCT grades; an indeterminate grade
+names the missing data and never reads as "no CRS".
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .codebook import Codebook
+from .core.astct import CRS_METHOD, ICANS_METHOD
+from .core.model import GradeResult
+from .core.scores import PRODUCT_RATES
+from .evaluate import Evaluation
+
+PATIENT_VIEW = "iectox-patient-view"
+ORDER_SELECT = "iectox-order-select"
+SUMMARY_MAX = 139  # "< 140 characters" (CDS Hooks 2.0 Card.summary)
+ORDER_CONCEPTS = {
+    "cart-infusion": "a CAR T-cell product",
+    "tocilizumab": "tocilizumab",
+    "dexamethasone": "a corticosteroid (dexamethasone)",
+    "methylprednisolone": "a corticosteroid (methylprednisolone)",
+}
+# Prefetch keys and what each holds; every key is fetched from fhirServer when missing.
+PREFETCH_KEYS = ("patient", "observations", "medications", "conditions", "procedures")
+
+
+def prefetch_templates(observation_codes: list[str]) -> dict[str, str]:
+    return {
+        "patient": "Patient/{{context.patientId}}",
+        "observations": "Observation?patient={{context.patientId}}&code=" + ",".join(observation_codes),
+        "medications": "MedicationAdministration?patient={{context.patientId}}",
+        "conditions": "Condition?patient={{context.patientId}}",
+        "procedures": "Procedure?patient={{context.patientId}}",
+    }
+
+
+def discovery(observation_codes: list[str]) -> dict[str, Any]:
+    prefetch = prefetch_templates(observation_codes)
+    return {
+        "services": [
+            {
+                "hook": "patient-view",
+                "id": PATIENT_VIEW,
+                "title": "CRS and ICANS grades (ASTCT 2019)",
+                "description": "Current CRS and ICANS grades after immune effector cell therapy, the deciding values, "
+                "and the pre-infusion risk scores.",
+                "prefetch": prefetch,
+                "usageRequirements": "Read access to Patient, Observation, MedicationAdministration, Condition and "
+                "Procedure (prefetch, or fhirAuthorization with system/ or user/ read scopes).",
+            },
+            {
+                "hook": "order-select",
+                "id": ORDER_SELECT,
+                "title": "CAR T / tocilizumab / corticosteroid order: baseline risk and current grades",
+                "description": "When a CAR T-cell product, tocilizumab or a corticosteroid is selected: the product's "
+                "published baseline CRS and neurotoxicity rates and the current grades.",
+                "prefetch": prefetch,
+            },
+        ]
+    }
+
+
+def resources_of(value: Any) -> list[dict[str, Any]]:
+    """The resources of one prefetch value: a resource, a Bundle (searchset), or null."""
+    if not isinstance(value, dict):
+        return []
+    if value.get("resourceType") == "Bundle":
+        return [
+            e["resource"]
+            for e in value.get("entry") or ()
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        ]
+    return [value] if isinstance(value.get("resourceType"), str) else []
+
+
+_FLOOR = re.compile(r"^Indeterminate: .*; at least grade (\d) from the data present")
+
+
+def floor_of(r: GradeResult | None) -> int | None:
+    """The lowest grade an indeterminate result already shows (None: no floor, or graded)."""
+    if r is None or r.grade is not None:
+        return None
+    m = _FLOOR.match(r.rationale)
+    return int(m.group(1)) if m else None
+
+
+def _grade_text(r: GradeResult | None) -> str:
+    if r is None or r.grade is None:
+        floor = floor_of(r)
+        return f"indeterminate (>= grade {floor})" if floor else "indeterminate"
+    return f"grade {r.grade}"
+
+
+def _verdict(r: GradeResult) -> str:
+    # The rationale opens with the verdict and the rule that fired, then the window.
+    return r.rationale.split(" Window ", 1)[0]
+
+
+def indicator(results: list[GradeResult | None]) -> str:
+    """info below grade 2, warning at 2, critical at >= 3; unknown data are at least a warning,
+    and an indeterminate grade counts with the grade the data present already show."""
+    grades = [g for r in results if r is not None for g in (r.grade, floor_of(r)) if g is not None]
+    worst = max(grades, default=0)
+    if worst >= 3:
+        return "critical"
+    if worst == 2 or any(r is None or r.grade is None for r in results):
+        return "warning"
+    return "info"
+
+
+def _grade_section(title: str, r: GradeResult | None) -> list[str]:
+    if r is None:
+        return [f"**{title}: indeterminate** (not evaluated)."]
+    if r.grade is None:
+        return [
+            f"**{title}: indeterminate** ({r.scale}, at {r.at.isoformat(timespec='minutes')}).",
+            f"Cannot be graded without: {', '.join(r.missing) or 'more data'}. This is not grade 0.",
+            f"{_verdict(r)}",
+        ]
+    lines = [f"**{title}: grade {r.grade}** ({r.scale}, at {r.at.isoformat(timespec='minutes')}).", _verdict(r)]
+    if r.basis:
+        lines.append("Deciding inputs: " + ", ".join(f"`{ref}`" for ref in r.basis[:6]))
+    return lines
+
+
+@dataclass(frozen=True)
+class CardContext:
+    patient_id: str
+    course_url: str
+    source_label: str = "iectox"
+
+
+def _scores_section(ev: Evaluation) -> list[str]:
+    lines = []
+    for s in ev.scores:
+        if s.value is not None:
+            lines.append(f"- {s.method} ({s.label}): {s.value:.3g}")
+        for p in s.predictions:
+            if p.probability is not None and s.method == "product-baseline":
+                lines.append(f"- {s.method}: {p.text} {p.probability:.0%}")
+        if s.missing and s.method in ("easix", "product-baseline") and s.label in ("pre-lymphodepletion", "infusion"):
+            lines.append(f"- {s.method} ({s.label}): not computable, missing {', '.join(s.missing)}")
+    return ["**Pre-infusion and baseline risk:**", *lines] if lines else []
+
+
+def _other_scales(ev: Evaluation) -> str:
+    others = [r for r in ev.results if r.method not in (CRS_METHOD, ICANS_METHOD)]
+    return "**Other scales (current):** " + "; ".join(f"{r.method} {_grade_text(r)}" for r in others)
+
+
+def _masked_note(crs: GradeResult | None) -> list[str]:
+    if crs is not None and "fever masked" in crs.rationale:
+        return [
+            "**Masked fever:** fever was treated (antipyretic or anti-cytokine therapy), so it is no longer "
+            "required; the grade is driven by hypotension and hypoxia (ASTCT 2019)."
+        ]
+    return []
+
+
+def _card(summary: str, detail: list[str], ind: str, ctx: CardContext, **extra: Any) -> dict[str, Any]:
+    return {
+        "uuid": str(uuid.uuid4()),
+        "summary": summary[:SUMMARY_MAX],
+        "detail": "\n\n".join(detail),
+        "indicator": ind,
+        "source": {"label": ctx.source_label},
+        "links": [
+            {"label": "CRS/ICANS course of this patient (FHIR Parameters)", "url": ctx.course_url, "type": "absolute"}
+        ],
+        **extra,
+    }
+
+
+def _current(ev: Evaluation) -> tuple[GradeResult | None, GradeResult | None]:
+    by = {r.method: r for r in ev.results}
+    return by.get(CRS_METHOD), by.get(ICANS_METHOD)
+
+
+def patient_view_cards(ev: Evaluation, ctx: CardContext) -> list[dict[str, Any]]:
+    crs, icans = _current(ev)
+    summary = f"CRS {_grade_text(crs)}, ICANS {_grade_text(icans)} (ASTCT 2019)"
+    detail = [
+        *_grade_section("CRS", crs),
+        *_masked_note(crs),
+        *_grade_section("ICANS", icans),
+        _other_scales(ev),
+        *_scores_section(ev),
+    ]
+    return [_card(summary, detail, indicator([crs, icans]), ctx)]
+
+
+def ordered_concepts(context: dict[str, Any], codebook: Codebook) -> list[tuple[str, str | None, str]]:
+    """(concept, product, order reference) of the selected draft orders that matter here."""
+    selections = {s for s in context.get("selections") or () if isinstance(s, str)}
+    found = []
+    for res in resources_of(context.get("draftOrders")):
+        ref = f"{res.get('resourceType')}/{res.get('id')}"
+        if selections and ref not in selections:
+            continue
+        cc = res.get("medicationCodeableConcept") or res.get("code")
+        if not isinstance(cc, dict):
+            continue
+        codings = [
+            (c["system"], c["code"])
+            for c in cc.get("coding") or ()
+            if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
+        ]
+        text = cc.get("text") if isinstance(cc.get("text"), str) else None
+        concept = codebook.concept_for(codings, text)
+        if concept in ORDER_CONCEPTS:
+            product = codebook.value_for(concept, codings, text) if concept == "cart-infusion" else None
+            found.append((concept, product, ref))
+    return found
+
+
+def order_select_cards(
+    ev: Evaluation, ctx: CardContext, orders: list[tuple[str, str | None, str]], indications: list[str]
+) -> list[dict[str, Any]]:
+    crs, icans = _current(ev)
+    what = ", ".join(dict.fromkeys(ORDER_CONCEPTS[c] for c, _, _ in orders))
+    detail = [f"Order selected: {what}."]
+    head = f"CRS {_grade_text(crs)}, ICANS {_grade_text(icans)}"
+    for concept, product, _ in orders:
+        if concept != "cart-infusion":
+            continue
+        rows = [r for r in PRODUCT_RATES if r.product == product]
+        if indications:
+            rows = [r for r in rows if r.indication in indications] or rows
+        if not rows:
+            detail.append("Product baseline: the product is not in the published table (Brudno 2024, Table 1).")
+            continue
+        detail.append("**Product baseline (pivotal trials; Brudno JN et al., JAMA 2024, Table 1):**")
+        detail += [
+            f"- {r.product}, {r.population}: any-grade CRS {r.crs:.0%}, neurotoxicity {r.neuro:.0%}" for r in rows
+        ]
+        if len(rows) == 1:
+            head = f"{rows[0].product} baseline CRS {rows[0].crs:.0%}; {head}"
+    detail += [*_grade_section("CRS", crs), *_grade_section("ICANS", icans)]
+    suggestion = {
+        "label": "Order ICE assessment (ASTCT 2019 encephalopathy screen)",
+        "uuid": str(uuid.uuid4()),
+        "actions": [
+            {
+                "type": "create",
+                "description": "Draft ServiceRequest for an ICE assessment",
+                "resource": {
+                    "resourceType": "ServiceRequest",
+                    "status": "draft",
+                    "intent": "proposal",
+                    "code": {"text": "Immune effector cell-associated encephalopathy (ICE) assessment"},
+                    "subject": {"reference": f"Patient/{ctx.patient_id}"},
+                },
+            }
+        ],
+    }
+    return [
+        _card(
+            f"{head} (ASTCT 2019)",
+            detail,
+            indicator([crs, icans]),
+            ctx,
+            suggestions=[suggestion],
+            selectionBehavior="any",
+        )
+    ]

@@ -1,0 +1,48 @@
+"""Client side of the EHR integration: an async FHIR R4 client with SMART Backend Services.
+
+``FhirClient`` (``client.py``) reads, searches (with paging), fetches a patient's grading
+inputs and posts transactions, with retries; ``smart.py`` obtains and caches access tokens.
+Servers are configured in ``Settings.ehr_servers`` (env ``IECTOX_EHR_SERVERS``, JSON); the
+entry named ``"default"`` is the default target.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .client import (
+    DEFAULT_SCOPE,
+    FhirClient,
+    FhirServerConfig,
+    parse_retry_after,
+)
+from .errors import FhirAuthError, FhirConfigError, FhirError, FhirHttpError, FhirUnavailable
+from .smart import TokenCache
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+DEFAULT_SERVER = "default"
+
+__all__ = [
+    "DEFAULT_SCOPE",
+    "DEFAULT_SERVER",
+    "FhirAuthError",
+    "FhirClient",
+    "FhirConfigError",
+    "FhirError",
+    "FhirHttpError",
+    "FhirServerConfig",
+    "FhirUnavailable",
+    "TokenCache",
+    "parse_retry_after",
+    "server_config",
+]
+
+
+def server_config(settings: Settings, name: str = DEFAULT_SERVER) -> FhirServerConfig:
+    """The ``ehr_servers`` entry ``name``; KeyError (naming the missing entry) if absent."""
+    try:
+        return settings.ehr_servers[name]
+    except KeyError:
+        raise KeyError(f"no EHR FHIR server named {name!r} in ehr_servers (IECTOX_EHR_SERVERS)") from None

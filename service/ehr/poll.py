@@ -1,0 +1,117 @@
+"""Bring patients in from the EHR, and the reconciliation poll: the safety net for lost notifications.
+
+`sync_patients` reads each patient from the EHR, stores what was read, evaluates and enqueues the
+write-back (service/ehr/sync.py). `reconcile_once` asks, for every watched patient, whether
+anything changed since its checkpoint (`_lastUpdated=gt<checkpoint>`) and syncs those that did.
+The checkpoints live in the `watched_patient` table, so a restart resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from ..codebook import Codebook
+from ..settings import Settings
+from ..storage.models import WatchedPatient
+from .client import FhirClient, FhirError
+from .sync import evaluate_patient, fetch_patient, high_water, instant_key, observation_codes, store_resources, watch
+
+log = logging.getLogger("iectox.poll")
+
+
+def _store_and_evaluate(
+    engine: Engine,
+    target: str,
+    patient_id: str,
+    resources: list[dict[str, Any]],
+    codebook: Codebook,
+    settings: Settings,
+    now: datetime,
+) -> bool:
+    """Store, evaluate, enqueue and move the checkpoint, in one transaction. Returns whether the
+    evaluation was new."""
+    with Session(engine, expire_on_commit=False) as session:
+        store_resources(session, resources, codebook, settings)
+        changed = False
+        if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
+            _, changed = evaluate_patient(session, patient_id, codebook, settings, now)
+        watch(session, target, patient_id, high_water(resources), now)
+        session.commit()
+    return changed
+
+
+async def sync_patients(
+    client: FhirClient,
+    engine: Engine,
+    target: str,
+    patient_ids: Iterable[str],
+    codebook: Codebook,
+    settings: Settings,
+    clock: Callable[[], datetime],
+) -> int:
+    """Read, store and evaluate each patient. Returns how many evaluations were new."""
+    new = 0
+    for pid in sorted(set(patient_ids)):
+        resources = await fetch_patient(client, pid, codebook)
+        new += await run_in_threadpool(_store_and_evaluate, engine, target, pid, resources, codebook, settings, clock())
+    return new
+
+
+def watched(engine: Engine, target: str) -> list[WatchedPatient]:
+    with Session(engine) as session:
+        return list(session.exec(select(WatchedPatient).where(WatchedPatient.target == target)))
+
+
+async def reconcile_once(
+    client: FhirClient,
+    engine: Engine,
+    target: str,
+    codebook: Codebook,
+    settings: Settings,
+    clock: Callable[[], datetime],
+) -> int:
+    """One pass over the watched patients of `target`. Returns how many had changes."""
+    codes = observation_codes(codebook)
+    changed: list[str] = []
+    for row in await run_in_threadpool(watched, engine, target):
+        since = row.checkpoint or None
+        delta = await client.patient_data(row.patient_id, observation_codes=codes, last_updated_gt=since)
+        # The Patient is always read; anything else returned is newer than the checkpoint.
+        newer = [r for r in delta if r.get("resourceType") != "Patient"]
+        mark = high_water(r for r in delta if r.get("resourceType") == "Patient")
+        if newer or not since or (mark is not None and instant_key(mark) > instant_key(since)):
+            changed.append(row.patient_id)
+    if changed:
+        await sync_patients(client, engine, target, changed, codebook, settings, clock)
+    log.info("reconcile %s: %d watched patients changed", target, len(changed))
+    return len(changed)
+
+
+async def run_poll(
+    settings: Settings, engine: Engine, codebook: Codebook, clock: Callable[[], datetime], *, once: bool
+) -> int:
+    """`iectox poll`: reconcile the watched patients every `poll_interval_s` (or once)."""
+    target = settings.subscription_target
+    server = settings.ehr_servers.get(target)
+    if server is None:
+        log.error("poll: no EHR server %r configured (IECTOX_EHR_SERVERS)", target)
+        return 2
+    async with FhirClient(server) as client:
+        while True:
+            try:
+                await reconcile_once(client, engine, target, codebook, settings, clock)
+            except FhirError as exc:  # the EHR is down: try again next pass
+                log.warning("poll: EHR read failed (%s)", type(exc).__name__)
+                if once:
+                    return 1
+            if once:
+                return 0
+            await asyncio.sleep(settings.poll_interval_s)

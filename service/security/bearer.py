@@ -1,0 +1,53 @@
+"""Bearer access tokens on /fhir: a JWT from the configured issuer (SMART Backend Services)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..fhir.errors import FhirError
+from ..settings import Settings
+from .errors import unauthorized
+from .jwks import Jwk, JwksError, JwkSet, KeyCache
+from .jws import audience_matches, check_alg, check_times, peek, verify_signature
+from .scopes import Principal, parse_scopes
+
+
+@dataclass(frozen=True)
+class IssuerKeys:
+    """The issuer's keys: read once at start-up (inline / file) and/or fetched from a URL."""
+
+    static: JwkSet | None
+    url: str | None
+    cache: KeyCache
+
+    def candidates(self, kid: str | None, alg: str) -> list[Jwk]:
+        found = self.static.candidates(kid, alg) if self.static else []
+        if not found and self.url:
+            try:
+                found = self.cache.get(self.url, kid).candidates(kid, alg)
+            except JwksError as exc:
+                raise FhirError.one(503, "transient", "the token issuer's signing keys are unavailable") from exc
+        return found
+
+
+def verify_access_token(token: str, settings: Settings, keys: IssuerKeys, now: datetime) -> Principal:
+    """The caller of a verified token; AuthError (401) for anything not exactly right.
+
+    Checks: alg in `auth_algorithms` (asymmetric only), `iss` == `auth_issuer`, the signature
+    with the issuer's key (by kid), `aud` contains `auth_audience`, exp / iat / nbf with
+    `auth_leeway_seconds`, and a subject (`sub`, else `client_id` / `azp`).
+    """
+    header, unverified = peek(token)
+    alg = check_alg(header, settings.auth_algorithms)
+    if unverified.get("iss") != settings.auth_issuer:
+        raise unauthorized("token issuer (iss) not accepted", "wrong issuer")
+    claims = verify_signature(token, alg, keys.candidates(header.get("kid"), alg))
+    if not audience_matches(claims, settings.auth_audience or ""):
+        raise unauthorized("token audience (aud) not accepted", "wrong audience")
+    check_times(claims, now, settings.auth_leeway_seconds, require_iat=False)
+    subject = next((claims[c] for c in ("sub", "client_id", "azp") if isinstance(claims.get(c), str)), None)
+    if not subject:
+        raise unauthorized("token names no subject (sub or client_id)", "malformed token")
+    scopes = claims["scope"] if "scope" in claims else claims.get("scp")
+    return Principal(actor=f"{claims['iss']} {subject}"[:256], grants=parse_scopes(scopes))

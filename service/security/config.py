@@ -1,0 +1,98 @@
+"""Start-up checks of the security settings, and what the app keeps of them (app.state.security).
+
+The service refuses to start rather than run open by mistake: jwt mode needs an issuer, an
+audience and keys; dev mode (no tokens) needs a loopback bind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ..settings import Settings
+from .bearer import IssuerKeys
+from .cds import CdsTrust
+from .errors import SecurityConfigError
+from .jwks import SIGNING_ALGORITHMS, Fetch, JwksError, JwkSet, KeyCache, http_fetch, parse_jwks
+
+log = logging.getLogger("iectox.security")
+
+JWT, DEV = "jwt", "dev"
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Dev mode (no authentication) only on a loopback address."""
+    if settings.auth_mode == DEV and not is_loopback(host):
+        raise SecurityConfigError(
+            f"IECTOX_AUTH_MODE=dev (no authentication) may only listen on loopback (127.0.0.1, ::1, localhost), "
+            f"not {host!r}: bind to 127.0.0.1 or configure IECTOX_AUTH_MODE=jwt"
+        )
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    mode: str  # jwt | dev
+    bearer: IssuerKeys | None  # None in dev mode
+    cds: CdsTrust
+
+
+def _bearer_keys(settings: Settings, cache: KeyCache) -> IssuerKeys:
+    missing = [f"IECTOX_{name.upper()}" for name in ("auth_issuer", "auth_audience") if not getattr(settings, name)]
+    if not (settings.auth_jwks or settings.auth_jwks_path or settings.auth_jwks_url):
+        missing.append("one of IECTOX_AUTH_JWKS, IECTOX_AUTH_JWKS_PATH, IECTOX_AUTH_JWKS_URL")
+    if missing:
+        raise SecurityConfigError(
+            "IECTOX_AUTH_MODE=jwt needs "
+            + ", ".join(missing)
+            + " (or IECTOX_AUTH_MODE=dev on loopback for development)"
+        )
+    bad = sorted(set(settings.auth_algorithms) - SIGNING_ALGORITHMS)
+    if bad or not settings.auth_algorithms:
+        raise SecurityConfigError(
+            f"IECTOX_AUTH_ALGORITHMS: {bad or 'empty'} not accepted; choose from {sorted(SIGNING_ALGORITHMS)}"
+        )
+    static: JwkSet | None = None
+    try:
+        if settings.auth_jwks:
+            static = parse_jwks(settings.auth_jwks)
+        if settings.auth_jwks_path:
+            from_file = parse_jwks(settings.auth_jwks_path.read_bytes())
+            static = JwkSet((static.keys if static else ()) + from_file.keys)
+    except JwksError as exc:
+        raise SecurityConfigError(f"IECTOX_AUTH_JWKS / IECTOX_AUTH_JWKS_PATH: {exc}") from exc
+    except OSError as exc:
+        raise SecurityConfigError(f"IECTOX_AUTH_JWKS_PATH: cannot read ({exc.strerror})") from exc
+    url = settings.auth_jwks_url
+    if url is not None:
+        parts = urlsplit(url)
+        if not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname))):
+            raise SecurityConfigError("IECTOX_AUTH_JWKS_URL must be https (http only on loopback)")
+    return IssuerKeys(static, url, cache)
+
+
+def load_security(settings: Settings, fetch: Fetch = http_fetch) -> SecurityConfig:
+    """Check the settings (SecurityConfigError with a clear message) and build the key stores."""
+    cache = KeyCache(settings.auth_jwks_cache_seconds, fetch)
+    cds = CdsTrust.from_settings(settings, cache)
+    if settings.auth_mode == DEV:
+        check_bind(settings, settings.host)
+        log.warning(
+            "IECTOX_AUTH_MODE=dev: /fhir accepts requests without a token (actor 'dev', loopback only); "
+            "never use this in production"
+        )
+        return SecurityConfig(DEV, None, cds)
+    return SecurityConfig(JWT, _bearer_keys(settings, cache), cds)

@@ -1,0 +1,127 @@
+"""Write-back to the EHR: the transaction Bundles that carry one stored evaluation.
+
+Every write is idempotent, so a re-delivery (or a re-evaluation at the same `at`) updates the
+EHR's copies and never adds one (docs/writeback.md):
+
+- mode "id" (default): `PUT RiskAssessment/<id>` and `PUT Provenance/<id>` on the deterministic
+  ids (update as create). References need no rewriting, so an evaluation larger than the
+  server's transaction limit is split into several Bundles (the Provenance last; the worker
+  delivers a patient's rows in order).
+- mode "conditional": `PUT RiskAssessment?identifier=<write-back identifier>` (conditional
+  update; the server keeps or assigns the ids) with the Provenance's targets as `urn:uuid:`
+  fullUrls that the server rewrites: one Bundle, never split.
+
+Both modes add the write-back identifier `<base>/identifier/risk-assessment-id` | `<id>` next to
+the business identifier `<base>/identifier/risk-assessment` | `patient|method|code|at`. The
+business key holds `|`: FHIR search escapes it as `\\|`, but servers differ (Medplum splits a
+token on every `|` and matches nothing, so every conditional update would create a copy). The
+deterministic id is a uuid5 of the business key, one to one with it, in plain token characters.
+It is stored bare, not as `urn:uuid:<id>`: servers rewrite `urn:uuid:` placeholders anywhere in
+a transaction, identifier values included.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+from sqlmodel import Session
+
+from .settings import Settings
+from .storage import outbox
+
+Mode = Literal["id", "conditional"]
+
+
+def writeback_id_system(base: str) -> str:
+    return f"{base}/identifier/risk-assessment-id"
+
+
+def search_escape(value: str) -> str:
+    """FHIR search escaping of a parameter value: `\\`, `|`, `,` and `$` get a backslash."""
+    for ch in ("\\", "|", ",", "$"):
+        value = value.replace(ch, "\\" + ch)
+    return value
+
+
+def conditional_url(rtype: str, system: str, value: str) -> str:
+    """`<rtype>?identifier=<system>|<value>`, the value search-escaped, the whole token URL-encoded."""
+    return f"{rtype}?identifier=" + quote(f"{system}|{search_escape(value)}", safe="")
+
+
+def _assessment(res: dict[str, Any], system: str) -> dict[str, Any]:
+    """The RiskAssessment as the EHR gets it: no local meta, plus the write-back identifier."""
+    body = {k: v for k, v in res.items() if k != "meta"}
+    body["identifier"] = [*(res.get("identifier") or []), {"system": system, "value": res["id"]}]
+    return body
+
+
+def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def transaction_bundles(
+    resources: list[dict[str, Any]], base: str, *, mode: Mode = "id", max_entries: int = 50
+) -> list[dict[str, Any]]:
+    """The transaction Bundles writing one evaluation's RiskAssessments and Provenance, in order."""
+    system = writeback_id_system(base)
+    assessments = [r for r in resources if r["resourceType"] == "RiskAssessment"]
+    provenances = [{k: v for k, v in r.items() if k != "meta"} for r in resources if r["resourceType"] == "Provenance"]
+    if mode == "conditional":
+        return [conditional_bundle(assessments, provenances, system)]
+    entries = [
+        {
+            "fullUrl": f"urn:uuid:{r['id']}",
+            "resource": r,
+            "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
+        }
+        for r in [*(_assessment(a, system) for a in assessments), *provenances]
+    ]
+    size = max(1, max_entries)
+    return [_transaction(entries[i : i + size]) for i in range(0, len(entries), size)]
+
+
+def conditional_bundle(
+    assessments: list[dict[str, Any]], provenances: list[dict[str, Any]], system: str
+) -> dict[str, Any]:
+    """One Bundle: conditional updates on the write-back identifier, Provenance targets as fullUrls."""
+    entries: list[dict[str, Any]] = []
+    full_urls: dict[str, str] = {}
+    for res in assessments:
+        rid = res["id"]
+        full_urls[f"RiskAssessment/{rid}"] = f"urn:uuid:{rid}"
+        body = {k: v for k, v in _assessment(res, system).items() if k != "id"}  # the server keeps/assigns ids
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{rid}",
+                "resource": body,
+                "request": {"method": "PUT", "url": conditional_url("RiskAssessment", system, rid)},
+            }
+        )
+    for prov in provenances:
+        targets = [{**t, "reference": full_urls.get(t["reference"], t["reference"])} for t in prov["target"]]
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{prov['id']}",
+                "resource": {**prov, "target": targets},
+                "request": {"method": "PUT", "url": f"Provenance/{prov['id']}"},
+            }
+        )
+    return _transaction(entries)
+
+
+def enqueue_writeback(
+    session: Session, patient_id: str, resources: list[dict[str, Any]], settings: Settings, now: datetime
+) -> int:
+    """With a write-back target configured, add the evaluation's outbox rows to `session` (the
+    caller's transaction: they commit with the stored RiskAssessments or not at all)."""
+    if settings.writeback_target is None:
+        return 0
+    mode: Mode = "conditional" if settings.writeback_mode == "conditional" else "id"
+    bundles = transaction_bundles(
+        resources, settings.canonical_base, mode=mode, max_entries=settings.writeback_max_bundle_entries
+    )
+    for bundle in bundles:
+        outbox.enqueue(session, patient_id, settings.writeback_target, bundle, now)
+    return len(bundles)

@@ -1,0 +1,432 @@
+"""The write-back worker against a real FHIR server (tests/fhir_server.py: Medplum on node over
+loopback HTTP, SMART auth, fault injection) and both databases. Nothing mocks HTTP.
+
+Time: the app and the in-process worker share a settable clock, so backoffs are stepped over
+rather than waited for; the subprocess tests (kill, real `iectox worker`) use short configured
+leases and backoffs and only poll for an end state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import pytest_asyncio
+from sqlalchemy import Engine, text, update
+from sqlmodel import Session, col, select
+
+from service.api.app import create_app
+from service.ehr.client import FhirServerConfig
+from service.settings import Settings
+from service.storage import outbox
+from service.storage.models import OutboxRow
+from service.worker import Totals, Worker, backoff_s, check_response, classify
+from service.writeback import writeback_id_system
+from tests import factories as f
+from tests.auth import bearer
+from tests.conftest import PG_URL
+from tests.fhir_server import FhirTestServer
+
+AT = "2026-01-06T12:00:00+00:00"
+BASE = f.BASE
+RA_SYSTEM = writeback_id_system(BASE)
+BUSINESS_SYSTEM = f"{BASE}/identifier/risk-assessment"
+POLL_LIMIT_S = 120.0  # upper bound for subprocess end states (never a timing assertion)
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime.now(UTC).replace(microsecond=0))
+
+
+def wb_settings(base: Settings, server_config: FhirServerConfig, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "writeback_target": "ehr",
+        "ehr_servers": {"ehr": server_config},
+        "outbox_backoff_base_s": 10.0,
+        "outbox_backoff_max_s": 1000.0,
+        "outbox_backoff_jitter": 0.0,
+        "outbox_max_attempts": 4,
+        "outbox_lease_s": 60.0,
+        "outbox_batch_size": 10,
+    }
+    return base.model_copy(update={**values, **overrides})
+
+
+@pytest.fixture
+def server(fhir_server_clean: FhirTestServer) -> FhirTestServer:
+    return fhir_server_clean
+
+
+@pytest.fixture
+def wsettings(settings: Settings, server: FhirTestServer) -> Settings:
+    return wb_settings(settings, server.server_config())
+
+
+@pytest_asyncio.fixture
+async def api(wsettings: Settings, clean_engine: Engine, clock: Clock) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(wsettings, engine=clean_engine, clock=clock)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://iectox.test", headers=bearer()) as c:
+        yield c
+
+
+def resources(pid: str) -> list[dict[str, Any]]:
+    ref = f"Patient/{pid}"
+    return [
+        f.patient(pid),
+        f.administration(f.local("cart-infusion"), at="2026-01-03T10:00:00+00:00", status="completed",
+                         id=f"{pid}-cart", subject=ref),
+        f.temperature(38.6, "2026-01-06T10:00:00+00:00", id=f"{pid}-t1", subject=ref),
+        f.bp_panel(85, 60, "2026-01-06T10:00:00+00:00", id=f"{pid}-bp1", subject=ref),
+        f.administration("norepinephrine", start="2026-01-06T09:00:00+00:00", rate=(5, "ug/min"),
+                         id=f"{pid}-ne1", subject=ref),
+        f.ice_score(8, "2026-01-06T10:00:00+00:00", id=f"{pid}-ice1", subject=ref),
+    ]  # fmt: skip
+
+
+async def evaluate(api: httpx.AsyncClient, pid: str, at: str = AT, store_inputs: bool = True) -> list[str]:
+    """Store a patient's inputs, evaluate and store; the ids of the RiskAssessments."""
+    if store_inputs:
+        entries = [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in resources(pid)
+        ]
+        body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        assert (await api.post("/fhir", content=body)).status_code == 200
+    r = await api.post(f"/fhir/Patient/{pid}/$evaluate", params={"at": at})
+    assert r.status_code == 200, r.text
+    return [e["resource"]["id"] for e in r.json()["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+
+
+def rows(engine: Engine) -> list[OutboxRow]:
+    with Session(engine) as s:
+        return list(s.exec(select(OutboxRow).order_by(col(OutboxRow.id))).all())
+
+
+def search(server: FhirTestServer, rtype: str, **params: str) -> list[dict[str, Any]]:
+    resp = httpx.get(
+        f"{server.base_url}/{rtype}", params={**params, "_count": "1000"}, headers=server.headers(), timeout=30
+    )
+    resp.raise_for_status()
+    return [e["resource"] for e in resp.json().get("entry") or []]
+
+
+def assert_exactly_once(server: FhirTestServer, ra_ids: list[str], pid: str) -> list[dict[str, Any]]:
+    """Each RiskAssessment is on the server exactly once (by identifier), and nothing else is."""
+    found = []
+    ra_ids = list(dict.fromkeys(ra_ids))  # score time points can be shared by two evaluations
+    for rid in ra_ids:
+        hits = search(server, "RiskAssessment", identifier=f"{RA_SYSTEM}|{rid}")
+        assert len(hits) == 1, (rid, len(hits))
+        found.append(hits[0])
+    on_server = search(server, "RiskAssessment", subject=f"Patient/{pid}")
+    assert sorted(r["id"] for r in on_server) == sorted(r["id"] for r in found)
+    business = [i["value"] for r in on_server for i in r["identifier"] if i["system"] == BUSINESS_SYSTEM]
+    assert len(business) == len(set(business)) == len(ra_ids)
+    return found
+
+
+def provenances_for(server: FhirTestServer, server_ids: set[str]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in search(server, "Provenance")
+        if {t["reference"].removeprefix("RiskAssessment/") for t in p["target"]} & server_ids
+    ]
+
+
+def transaction_posts(server: FhirTestServer) -> int:
+    return sum(1 for e in server.stats()["log"] if e["method"] == "POST" and e["path"] in ("/fhir", "/fhir/"))
+
+
+# --- pure parts -----------------------------------------------------------------------------------
+
+
+def test_backoff_is_exponential_capped_and_jittered(settings: Settings) -> None:
+    s = settings.model_copy(
+        update={"outbox_backoff_base_s": 2.0, "outbox_backoff_max_s": 60.0, "outbox_backoff_jitter": 0.5}
+    )
+    assert [backoff_s(n, s, lambda: 0.0) for n in (1, 2, 3, 4, 5, 6, 7)] == [2, 4, 8, 16, 32, 60, 60]
+    assert backoff_s(3, s, lambda: 1.0) == 4.0  # up to half taken off
+    assert backoff_s(10_000, s, lambda: 0.0) == 60.0
+
+
+def test_classification_and_response_checks() -> None:
+    from service.ehr.errors import FhirAuthError, FhirHttpError, FhirUnavailable
+    from service.worker import EntryFailed
+
+    assert classify(FhirHttpError(503, retryable=True)) == ("HTTP 503", True)
+    assert classify(FhirHttpError(429, retryable=True)) == ("HTTP 429", True)
+    assert classify(FhirHttpError(409, retryable=False)) == ("HTTP 409", True)
+    assert classify(FhirHttpError(422, retryable=False)) == ("HTTP 422", False)
+    assert classify(FhirHttpError(400, retryable=False)) == ("HTTP 400", False)
+    assert classify(FhirAuthError(400, error="invalid_client")) == ("auth HTTP 400", True)
+    assert classify(EntryFailed(412)) == ("entry HTTP 412", True)
+    assert classify(EntryFailed(400)) == ("entry HTTP 400", False)
+    try:
+        raise FhirUnavailable("POST transaction: ConnectError after 1 attempts") from ConnectionRefusedError()
+    except FhirUnavailable as exc:
+        assert classify(exc) == ("FhirUnavailable (ConnectionRefusedError)", True)
+    req = {"entry": [{}, {}]}
+
+    def answer(*statuses: str) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "entry": [{"response": {"status": st}} for st in statuses]}
+
+    check_response(req, answer("201 Created", "200"))
+    with pytest.raises(EntryFailed):
+        check_response(req, answer("200", "400 Bad Request"))
+    with pytest.raises(Exception, match="entry count"):
+        check_response(req, {"resourceType": "Bundle", "entry": []})
+
+
+# --- delivery -------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_delivery_creates_each_assessment_once_and_redelivery_updates(
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+) -> None:
+    ra_ids = await evaluate(api, "p1")
+    async with Worker(wsettings, clean_engine, clock=clock) as worker:
+        t = await worker.drain()
+        assert (t.delivered, t.retried, t.dead, t.lost_lease) == (1, 0, 0, 0)
+        [row] = rows(clean_engine)
+        assert (row.status, row.attempts, row.claimed_until, row.last_error) == ("delivered", 0, None, "")
+        first = assert_exactly_once(server, ra_ids, "p1")
+        server_ids = {r["id"] for r in first}
+        [prov] = provenances_for(server, server_ids)
+        assert {t["reference"] for t in prov["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
+        assert all(r["meta"]["versionId"] for r in first)
+
+        # the same row again (e.g. the worker died after the POST, before marking)
+        with Session(clean_engine) as s:
+            s.exec(update(OutboxRow).values(status="pending", delivered_at=None))
+            s.commit()
+        assert (await worker.drain()).delivered == 1
+        again = assert_exactly_once(server, ra_ids, "p1")
+        assert {r["id"] for r in again} == server_ids  # updated in place
+        assert all(a["meta"]["versionId"] != b["meta"]["versionId"] for a, b in zip(first, again, strict=True))
+
+        # a re-evaluation at the same `at`: a new row, the same resources updated
+        assert await evaluate(api, "p1", store_inputs=False) == ra_ids
+        assert (await worker.drain()).delivered == 1
+        assert {r["id"] for r in assert_exactly_once(server, ra_ids, "p1")} == server_ids
+        [prov] = provenances_for(server, server_ids)
+        assert {t["reference"] for t in prov["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
+
+        # another `at`: new resources next to the old ones
+        later = await evaluate(api, "p1", at="2026-01-06T13:00:00+00:00", store_inputs=False)
+        assert (await worker.drain()).delivered == 1
+        assert_exactly_once(server, ra_ids + later, "p1")
+    assert len(search(server, "Provenance")) == 2
+    assert transaction_posts(server) == 4
+
+
+@pytest.mark.asyncio
+async def test_backoff_attempt_counting_and_dead_letter(
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+) -> None:
+    ra_ids = await evaluate(api, "p1")
+    server.inject_fault(503, count=2, method="POST", path="")  # transactions only (not the token endpoint)
+    async with Worker(wsettings, clean_engine, clock=clock) as worker:
+        t0 = clock()
+        assert (await worker.cycle()).retried == 1
+        [row] = rows(clean_engine)
+        assert (row.status, row.attempts, row.last_error, row.claimed_until) == ("pending", 1, "HTTP 503", None)
+        assert outbox.utc(row.next_attempt_at) == t0 + timedelta(seconds=10)
+        clock.advance(9)
+        assert (await worker.cycle()).claimed == 0  # not due yet
+        clock.advance(1)
+        assert (await worker.cycle()).retried == 1
+        [row] = rows(clean_engine)
+        assert (row.attempts, outbox.utc(row.next_attempt_at)) == (2, clock() + timedelta(seconds=20))
+        clock.advance(20)
+        assert (await worker.cycle()).delivered == 1
+        [row] = rows(clean_engine)
+        assert (row.status, row.attempts, row.last_error) == ("delivered", 2, "")
+        assert_exactly_once(server, ra_ids, "p1")
+
+        # dead after outbox_max_attempts (4) retryable failures
+        await evaluate(api, "p1", store_inputs=False)
+        server.inject_fault(500, count=10, method="POST", path="")
+        totals = Totals()
+        for _ in range(6):
+            totals.add(await worker.cycle())
+            clock.advance(1000)
+        server.clear_faults()
+        assert (totals.retried, totals.dead) == (3, 1)
+        row = rows(clean_engine)[-1]
+        assert (row.status, row.attempts, row.last_error) == ("dead", 4, "HTTP 500")
+
+        # a Bundle the server rejects (4xx): dead at once
+        await evaluate(api, "p1", store_inputs=False)
+        server.inject_fault(422, count=1, method="POST", path="")
+        assert (await worker.cycle()).dead == 1
+        row = rows(clean_engine)[-1]
+        assert (row.status, row.attempts, row.last_error) == ("dead", 1, "HTTP 422")
+
+        # the metrics show them; requeued, they are delivered (and still never duplicate)
+        metrics = (await api.get("/metrics")).text
+        assert 'iectox_outbox_rows{status="dead"} 2\n' in metrics
+        assert outbox.requeue_dead(clean_engine, clock()) == 2
+        assert (await worker.drain()).delivered == 2
+    assert_exactly_once(server, ra_ids, "p1")
+
+
+@pytest.mark.asyncio
+async def test_unreachable_server_backs_off_and_keeps_the_row(
+    api: httpx.AsyncClient, clean_engine: Engine, settings: Settings, server: FhirTestServer, clock: Clock
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = wb_settings(settings, server.server_config(base_url=f"http://127.0.0.1:{port}/fhir"))
+    await evaluate(api, "p1")
+    async with Worker(down, clean_engine, clock=clock) as worker:
+        for _ in range(3):
+            assert (await worker.cycle()).retried == 1
+            clock.advance(1000)
+    [row] = rows(clean_engine)
+    assert (row.status, row.attempts) == ("pending", 3)
+    assert row.last_error.startswith("FhirUnavailable")
+
+
+@pytest.mark.asyncio
+async def test_two_workers_deliver_every_row_once(
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+) -> None:
+    patients = [f"w{i}" for i in range(8)]
+    ids = {pid: await evaluate(api, pid) for pid in patients}
+    s = wsettings.model_copy(update={"outbox_batch_size": 2})
+    async with Worker(s, clean_engine, clock=clock) as a, Worker(s, clean_engine, clock=clock) as b:
+        ta, tb = await asyncio.gather(a.drain(), b.drain())
+    assert ta.delivered + tb.delivered == len(patients)
+    assert ta.lost_lease == tb.lost_lease == ta.dead == tb.dead == 0
+    assert transaction_posts(server) == len(patients)  # no row was delivered twice
+    assert all(r.status == "delivered" for r in rows(clean_engine))
+    for pid in patients:
+        assert_exactly_once(server, ids[pid], pid)
+
+
+@pytest.mark.asyncio
+async def test_outage_nothing_lost_every_assessment_arrives_once(
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+) -> None:
+    server.stop()
+    patients = [f"o{i}" for i in range(4)]
+    ids = {pid: await evaluate(api, pid) for pid in patients}
+    s = wsettings.model_copy(update={"outbox_max_attempts": 50})
+    async with Worker(s, clean_engine, clock=clock) as worker:
+        for _ in range(3):
+            t = await worker.drain()
+            assert (t.retried, t.delivered, t.dead) == (len(patients), 0, 0)
+            clock.advance(1000)
+        assert all(r.status == "pending" and r.attempts == 3 for r in rows(clean_engine))
+        server.start()  # same port, empty repository, earlier access tokens forgotten
+        t = await worker.drain()
+    assert (t.delivered, t.dead) == (len(patients), 0)
+    assert all(r.status == "delivered" for r in rows(clean_engine))
+    for pid in patients:
+        assert_exactly_once(server, ids[pid], pid)
+
+
+# --- the real process: SIGKILL mid-delivery, restart, SIGTERM -------------------------------------
+
+
+def subprocess_db_url(engine: Engine) -> str:
+    if engine.dialect.name == "sqlite":
+        return engine.url.render_as_string(hide_password=False)
+    with engine.connect() as conn:
+        schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+    return f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+
+def start_worker(engine: Engine, server: FhirTestServer, log: Path) -> subprocess.Popen[bytes]:
+    # Lease (5 s) above one request's time (3 s + 1 s connect): a re-delivery never overlaps a
+    # request of the killed worker that the server still holds (docs/writeback.md).
+    cfg = server.server_config(timeout_s=3.0, connect_timeout_s=1.0).model_dump(mode="json")
+    env = {
+        **os.environ,
+        "IECTOX_DATABASE_URL": subprocess_db_url(engine),
+        "IECTOX_EHR_SERVERS": orjson.dumps({"ehr": cfg}).decode(),
+        "IECTOX_WRITEBACK_TARGET": "ehr",
+        "IECTOX_OUTBOX_LEASE_S": "5",
+        "IECTOX_OUTBOX_POLL_INTERVAL_S": "0.1",
+        "IECTOX_OUTBOX_BACKOFF_BASE_S": "0.1",
+        "IECTOX_OUTBOX_BACKOFF_MAX_S": "0.5",
+        "IECTOX_OUTBOX_MAX_ATTEMPTS": "100",
+        "IECTOX_AUTO_MIGRATE": "false",
+    }
+    iectox = Path(sys.executable).with_name("iectox")
+    with log.open("ab") as out:
+        return subprocess.Popen([str(iectox), "worker"], env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+
+
+def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + POLL_LIMIT_S
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the worker exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_worker_killed_mid_delivery_then_restarted_delivers_exactly_once(
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, clock: Clock, tmp_path: Path
+) -> None:
+    clock.now = datetime.now(UTC) - timedelta(seconds=1)  # the subprocess runs on the real clock: rows due
+    patients = ["k1", "k2", "k3"]
+    ids = {pid: await evaluate(api, pid) for pid in patients}
+    # Every transaction is held 2 s by the server before it is processed.
+    server.inject_fault(None, delay_ms=2000, count=len(patients), method="POST", path="")
+    log = tmp_path / "worker.log"
+    first = start_worker(clean_engine, server, log)
+    try:
+        wait_for(lambda: server.stats()["faults_served"] >= 1, "a delivery in flight", first)
+        first.send_signal(signal.SIGKILL)  # mid-delivery: rows leased, nothing marked
+        assert first.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=30)
+    assert all(r.status == "pending" and r.claimed_until is not None for r in rows(clean_engine))
+
+    second = start_worker(clean_engine, server, log)
+    try:
+        wait_for(lambda: all(r.status == "delivered" for r in rows(clean_engine)), "every row delivered", second)
+        second.send_signal(signal.SIGTERM)  # graceful stop
+        assert second.wait(timeout=60) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait(timeout=30)
+    output = log.read_text()
+    for pid in patients:
+        assert pid not in output  # logs carry no patient ids
+        assert_exactly_once(server, ids[pid], pid)
+    assert "worker: stopping" in output
