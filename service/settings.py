@@ -103,12 +103,13 @@ class Settings(BaseSettings):
     # Name of the `ehr_servers` entry that stored evaluations are written back to. None (the
     # default): no outbox rows are written and `iectox worker` has nothing to do.
     writeback_target: str | None = None
-    # How each RiskAssessment and the Provenance are written (docs/writeback.md): "id" (default),
-    # PUT Type/<deterministic id> (update as create), split into Bundles of at most
-    # `writeback_max_bundle_entries` (Medplum allows 50 updates per transaction); "conditional",
-    # PUT RiskAssessment?identifier=... in ONE Bundle (Medplum: at most 8 entries).
-    writeback_mode: str = Field(default="id", pattern="^(id|conditional)$")
-    writeback_max_bundle_entries: int = Field(default=50, ge=2, le=10_000)
+    # How each RiskAssessment and the Provenance are written (docs/writeback.md): "conditional"
+    # (default), PUT RiskAssessment?identifier=<write-back identifier>, each Bundle with a
+    # Provenance for its own RiskAssessments; "id", PUT Type/<deterministic id> (update as
+    # create). Bundles hold at most `writeback_max_bundle_entries` entries (Medplum runs a
+    # transaction with conditional entries only up to 8).
+    writeback_mode: str = Field(default="conditional", pattern="^(id|conditional)$")
+    writeback_max_bundle_entries: int = Field(default=8, ge=2, le=10_000)
     # Worker loop: rows claimed per poll, seconds between polls when idle, claim lease (a row
     # claimed by a worker that died is claimable again after it; keep it above the client timeout).
     outbox_batch_size: int = Field(default=10, ge=1, le=500)

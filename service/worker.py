@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("iectox.worker")
 
 # 4xx answers that can succeed later without changing the Bundle: auth (token expired or being
-# fixed), timeout, conflicts of concurrent writers, locked, too early, throttled. Any other 4xx
-# rejects the Bundle itself (400, 404, 405, 410, 413, 422, ...): it is dead-lettered at once.
-RETRYABLE_4XX = frozenset({401, 403, 408, 409, 412, 423, 425, 429})
+# fixed), no transaction endpoint at this URL (404, 405: configuration), timeout, conflicts of
+# concurrent writers, locked, too early, throttled. Any other 4xx rejects the Bundle itself
+# (400, 410, 413, 422, ...): it is dead-lettered at once.
+RETRYABLE_4XX = frozenset({401, 403, 404, 405, 408, 409, 412, 423, 425, 429})
 PURGE_EVERY_S = 300.0
 
 
@@ -323,7 +324,14 @@ async def main(settings: Settings, engine: Engine, *, once: bool = False) -> int
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            log.info("worker: started for target(s) %s", ", ".join(worker.targets))
+            with Session(engine) as session:
+                st = outbox.stats(session, utc_now())
+            log.info(
+                "worker: started for target(s) %s | pending=%d dead_total=%d",
+                ", ".join(worker.targets),
+                st.pending,
+                st.dead,
+            )
             t = await worker.run(stop)
             log.info("worker: stopping")
     with Session(engine) as session:

@@ -69,9 +69,7 @@ def cds_settings(base: Settings, **overrides: Any) -> Settings:
 
 
 @pytest_asyncio.fixture
-async def make_service(
-    settings: Settings, clean_engine: Engine
-) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
+async def make_service(settings: Settings, clean_engine: Engine) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
     """Build the service with extra settings; an AsyncClient on it (closed at the end)."""
     opened: list[httpx.AsyncClient] = []
 
@@ -286,9 +284,7 @@ async def test_hook_needs_a_valid_client_jwt(svc: httpx.AsyncClient) -> None:
 # --- patient-view ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("grade", "indicator"), [(0, "info"), (1, "info"), (2, "warning"), (3, "critical")]
-)
+@pytest.mark.parametrize(("grade", "indicator"), [(0, "info"), (1, "info"), (2, "warning"), (3, "critical")])
 async def test_patient_view_full_prefetch_indicator(
     svc: httpx.AsyncClient, clean_engine: Engine, grade: int, indicator: str
 ) -> None:
@@ -328,6 +324,17 @@ async def test_patient_view_indeterminate_names_missing_data(svc: httpx.AsyncCli
     for text in (card["summary"], detail):
         assert "no crs" not in text.lower()
         assert "CRS grade 0" not in text
+
+
+async def test_patient_without_any_data_gets_an_indeterminate_card(
+    svc: httpx.AsyncClient, clean_engine: Engine
+) -> None:
+    card = only_card(await call(svc, hook(prefetch=full_prefetch([f.patient()]))))
+    assert_card_shape(card)
+    assert card["summary"].startswith("CRS indeterminate, ICANS indeterminate")
+    assert card["indicator"] == "warning"
+    assert "body-temperature" in card["detail"] and "no crs" not in card["detail"].lower()
+    assert rows(clean_engine, OutboxRow) == []
 
 
 async def test_indeterminate_with_a_floor_of_grade_3_is_critical(svc: httpx.AsyncClient) -> None:
@@ -391,10 +398,13 @@ async def test_bad_requests_are_400_never_500(svc: httpx.AsyncClient) -> None:
         orjson.dumps({"hook": "patient-view"}),
         orjson.dumps({**hook(), "context": {}}),
         orjson.dumps({**hook(), "context": {"patientId": 7}}),
+        orjson.dumps(hook(pid="bad id!", fhir_server="http://iectox.test/fhir")),
+        orjson.dumps(hook(pid="x" * 65)),
+        orjson.dumps(hook("order-select")),  # the wrong hook for this service
         orjson.dumps({**hook(), "context": "Patient/p1"}),
         orjson.dumps({**hook(), "prefetch": ["not", "an", "object"]}),
         orjson.dumps({**hook(), "fhirAuthorization": {"token_type": "Bearer"}}),
-        "{\"hook\": \"patient-view\", \"x\": \"\udcff\"}".encode("utf-8", "surrogatepass"),
+        '{"hook": "patient-view", "x": "\udcff"}'.encode("utf-8", "surrogatepass"),
     ]
     for body in bad:
         r = await svc.post(url, content=body, headers=cds_headers() | {"Content-Type": "application/json"})
@@ -427,7 +437,7 @@ def ehr(fhir_server_clean: FhirTestServer) -> FhirTestServer:
 
 
 def fetch_log(server: FhirTestServer) -> list[dict[str, Any]]:
-    return [e for e in server.stats()["log"] if e["path"].startswith("/fhir/")]
+    return [e for e in server.stats()["log"] if e["path"].startswith("/fhir/") and "/.well-known/" not in e["path"]]
 
 
 async def test_partial_prefetch_fetches_the_rest_with_fhir_authorization(
@@ -455,6 +465,22 @@ async def test_partial_prefetch_fetches_the_rest_with_fhir_authorization(
     assert (w.target, w.patient_id) == ("default", "pv1") and w.checkpoint
 
 
+async def test_prefetch_key_with_operation_outcome_is_fetched(
+    make_service: Callable[..., httpx.AsyncClient], ehr: FhirTestServer
+) -> None:
+    resources = case(2, pid="pv5")
+    ehr.seed(resources)
+    svc = make_service(ehr_servers={"default": ehr.server_config()})
+    prefetch = full_prefetch(resources)
+    prefetch["observations"] = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "too-costly", "diagnostics": "prefetch failed"}],
+    }
+    card = only_card(await call(svc, hook(pid="pv5", prefetch=prefetch, fhir_server=ehr.base_url)))
+    assert "CRS grade 2" in card["summary"]
+    assert {e["path"] for e in fetch_log(ehr)} == {"/fhir/Observation"}
+
+
 async def test_no_prefetch_uses_smart_backend_services(
     make_service: Callable[..., httpx.AsyncClient], ehr: FhirTestServer
 ) -> None:
@@ -476,7 +502,7 @@ async def test_fhir_server_not_configured_412(
     assert_operation_outcome(await call(svc, hook(pid="pv3", prefetch=partial)), 412, "fhirServer")
     # an unconfigured server (never contacted, no token sent: no SSRF)
     for url in ("http://169.254.169.254/fhir", "http://127.0.0.1:1/fhir", ehr.origin + "/other/fhir"):
-        r = await call(svc, hook(pid="pv3", prefetch=partial, fhir_server=url, token="secret"))
+        r = await call(svc, hook(pid="pv3", prefetch=partial, fhir_server=url, token="secret"))  # noqa: S106
         assert_operation_outcome(r, 412, "not a configured EHR server")
     assert fetch_log(ehr) == []
     # no EHR server configured at all
@@ -499,7 +525,7 @@ async def test_fhir_server_down_412(make_service: Callable[..., httpx.AsyncClien
     assert_operation_outcome(r, 412, "could not be fetched")
     ehr.clear_faults()
     # the token is refused (401)
-    r = await call(svc, hook(pid="pv4", prefetch=partial, fhir_server=ehr.base_url, token="not-a-token"))
+    r = await call(svc, hook(pid="pv4", prefetch=partial, fhir_server=ehr.base_url, token="not-a-token"))  # noqa: S106
     assert_operation_outcome(r, 412, "could not be fetched")
     # the Patient is not on the server and not in the prefetch
     r = await call(svc, hook(pid="absent", fhir_server=ehr.base_url, token=token))

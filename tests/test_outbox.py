@@ -117,9 +117,7 @@ async def test_stored_evaluation_enqueues_its_transaction_bundle(
 
 
 @pytest.mark.asyncio
-async def test_large_evaluations_are_split_in_order_provenance_last(
-    app: Any, clean_engine: Engine, settings: Settings
-) -> None:
+async def test_large_evaluations_are_split_in_order_provenance_last(clean_engine: Engine, settings: Settings) -> None:
     from service.api.app import create_app
 
     small = create_app(settings.model_copy(update={"writeback_max_bundle_entries": 7}), engine=clean_engine)

@@ -596,19 +596,20 @@ def test_cds_bad_signature(clean_engine: Engine) -> None:
 async def test_cds_client_dependency(clean_engine: Engine) -> None:
     app = create_app(_cds_settings(), engine=clean_engine)
 
-    @app.post("/cds-services/iectox-patient-view")
+    # (not the real hook's path: the CDS router, included first, would answer it)
+    @app.post("/test-cds/iectox-patient-view")
     def hook(client: CdsClientDep) -> dict[str, str]:
         return {"actor": client.actor}
 
     base = "https://iectox.example.org"
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base) as c:
         t = int(time.time())
-        token = _cds_token(iat=t, exp=t + 300)
-        r = await c.post("/cds-services/iectox-patient-view", headers={"Authorization": f"Bearer {token}"})
+        token = _cds_token(iat=t, exp=t + 300, aud=f"{base}/test-cds/iectox-patient-view")
+        r = await c.post("/test-cds/iectox-patient-view", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200 and r.json() == {"actor": f"{EHR} client-1"}
-        r = await c.post("/cds-services/iectox-patient-view", headers={"Authorization": f"Bearer {token}"})
+        r = await c.post("/test-cds/iectox-patient-view", headers={"Authorization": f"Bearer {token}"})
         assert_rejected(r, 401, "replayed")
-        r = await c.post("/cds-services/iectox-patient-view")
+        r = await c.post("/test-cds/iectox-patient-view")
         assert_rejected(r, 401, "bearer token is required")
 
 

@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 import pytest_asyncio
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Engine, delete, text, update
 from sqlmodel import Session, col, select
 
 from service.api.app import create_app
@@ -33,7 +33,7 @@ from service.settings import Settings
 from service.storage import outbox
 from service.storage.models import OutboxRow
 from service.worker import Totals, Worker, backoff_s, check_response, classify
-from service.writeback import writeback_id_system
+from service.writeback import transaction_bundles, writeback_id_system
 from tests import factories as f
 from tests.auth import bearer
 from tests.conftest import PG_URL
@@ -110,6 +110,11 @@ def resources(pid: str) -> list[dict[str, Any]]:
 
 async def evaluate(api: httpx.AsyncClient, pid: str, at: str = AT, store_inputs: bool = True) -> list[str]:
     """Store a patient's inputs, evaluate and store; the ids of the RiskAssessments."""
+    bundle = await evaluate_bundle(api, pid, at, store_inputs)
+    return [e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+
+
+async def evaluate_bundle(api: httpx.AsyncClient, pid: str, at: str = AT, store_inputs: bool = True) -> dict[str, Any]:
     if store_inputs:
         entries = [
             {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
@@ -119,7 +124,8 @@ async def evaluate(api: httpx.AsyncClient, pid: str, at: str = AT, store_inputs:
         assert (await api.post("/fhir", content=body)).status_code == 200
     r = await api.post(f"/fhir/Patient/{pid}/$evaluate", params={"at": at})
     assert r.status_code == 200, r.text
-    return [e["resource"]["id"] for e in r.json()["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+    out: dict[str, Any] = r.json()
+    return out
 
 
 def rows(engine: Engine) -> list[OutboxRow]:
@@ -136,18 +142,27 @@ def search(server: FhirTestServer, rtype: str, **params: str) -> list[dict[str, 
 
 
 def assert_exactly_once(server: FhirTestServer, ra_ids: list[str], pid: str) -> list[dict[str, Any]]:
-    """Each RiskAssessment is on the server exactly once (by identifier), and nothing else is."""
-    found = []
+    """Each RiskAssessment is on the server exactly once, and nothing else is for this patient.
+
+    All of the patient's RiskAssessments come back in one search (a duplicate has the same
+    subject); each write-back identifier occurs exactly once among them, and a search by
+    identifier finds exactly one for a sample of them. Returned in the order of `ra_ids`.
+    """
     ra_ids = list(dict.fromkeys(ra_ids))  # score time points can be shared by two evaluations
-    for rid in ra_ids:
-        hits = search(server, "RiskAssessment", identifier=f"{RA_SYSTEM}|{rid}")
-        assert len(hits) == 1, (rid, len(hits))
-        found.append(hits[0])
     on_server = search(server, "RiskAssessment", subject=f"Patient/{pid}")
-    assert sorted(r["id"] for r in on_server) == sorted(r["id"] for r in found)
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in on_server:
+        [key] = [i["value"] for i in r["identifier"] if i["system"] == RA_SYSTEM]
+        by_key.setdefault(key, []).append(r)
+    assert sorted(by_key) == sorted(ra_ids)
+    assert all(len(v) == 1 for v in by_key.values()), {k: len(v) for k, v in by_key.items() if len(v) > 1}
     business = [i["value"] for r in on_server for i in r["identifier"] if i["system"] == BUSINESS_SYSTEM]
     assert len(business) == len(set(business)) == len(ra_ids)
-    return found
+    for rid in ra_ids[:: max(1, len(ra_ids) // 4)]:
+        assert [r["id"] for r in search(server, "RiskAssessment", identifier=f"{RA_SYSTEM}|{rid}")] == [
+            by_key[rid][0]["id"]
+        ]
+    return [by_key[rid][0] for rid in ra_ids]
 
 
 def provenances_for(server: FhirTestServer, server_ids: set[str]) -> list[dict[str, Any]]:
@@ -217,6 +232,7 @@ async def test_delivery_creates_each_assessment_once_and_redelivery_updates(
         assert (row.status, row.attempts, row.claimed_until, row.last_error) == ("delivered", 0, None, "")
         first = assert_exactly_once(server, ra_ids, "p1")
         server_ids = {r["id"] for r in first}
+        assert server_ids == set(ra_ids)  # mode "id": the EHR copies keep our deterministic ids
         [prov] = provenances_for(server, server_ids)
         assert {t["reference"] for t in prov["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
         assert all(r["meta"]["versionId"] for r in first)
@@ -243,6 +259,44 @@ async def test_delivery_creates_each_assessment_once_and_redelivery_updates(
         assert_exactly_once(server, ra_ids + later, "p1")
     assert len(search(server, "Provenance")) == 2
     assert transaction_posts(server) == 4
+
+
+@pytest.mark.asyncio
+async def test_conditional_mode_updates_by_identifier_and_rewrites_provenance_targets(
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+) -> None:
+    evaluation = [e["resource"] for e in (await evaluate_bundle(api, "p1"))["entry"]]
+    with Session(clean_engine) as s:  # drop the id-mode rows of this evaluation
+        s.exec(delete(OutboxRow))
+        s.commit()
+    # Medplum runs conditional updates only in transactions of at most 8 entries: 3 + Provenance.
+    assessments = [r for r in evaluation if r["resourceType"] == "RiskAssessment"][:3]
+    [prov] = [r for r in evaluation if r["resourceType"] == "Provenance"]
+    prov = {**prov, "target": [{"reference": f"RiskAssessment/{a['id']}"} for a in assessments]}
+    [bundle] = transaction_bundles([*assessments, prov], BASE, mode="conditional")
+    with Session(clean_engine) as s:
+        for _ in range(2):  # delivered twice: the second updates
+            outbox.enqueue(s, "p1", "ehr", bundle, clock())
+        s.commit()
+    async with Worker(wsettings, clean_engine, clock=clock) as worker:
+        assert (await worker.drain()).delivered == 2
+    ra_ids = [a["id"] for a in assessments]
+    found = assert_exactly_once(server, ra_ids, "p1")
+    server_ids = {r["id"] for r in found}
+    assert not server_ids & set(ra_ids)  # the server assigned its own ids
+    assert all(r["meta"]["versionId"] for r in found)
+    [on_server] = search(server, "Provenance")
+    assert on_server["id"] == prov["id"]
+    assert {t["reference"] for t in on_server["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
+
+    # a whole evaluation is too large for Medplum's conditional transactions: rejected (400), dead at once
+    [full] = transaction_bundles(evaluation, BASE, mode="conditional")
+    with Session(clean_engine) as s:
+        outbox.enqueue(s, "p1", "ehr", full, clock())
+        s.commit()
+    async with Worker(wsettings, clean_engine, clock=clock) as worker:
+        assert (await worker.drain()).dead == 1
+    assert rows(clean_engine)[-1].last_error == "HTTP 400"
 
 
 @pytest.mark.asyncio
@@ -316,19 +370,28 @@ async def test_unreachable_server_backs_off_and_keeps_the_row(
 
 @pytest.mark.asyncio
 async def test_two_workers_deliver_every_row_once(
-    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+    clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
 ) -> None:
-    patients = [f"w{i}" for i in range(8)]
-    ids = {pid: await evaluate(api, pid) for pid in patients}
-    s = wsettings.model_copy(update={"outbox_batch_size": 2})
+    # Evaluations split into Bundles of 10 entries: several rows per patient, delivered in order.
+    split = wsettings.model_copy(update={"writeback_max_bundle_entries": 10})
+    app = create_app(split, engine=clean_engine, clock=clock)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+    ) as api:
+        patients = [f"w{i}" for i in range(6)]
+        ids = {pid: await evaluate(api, pid) for pid in patients}
+    n_rows = len(rows(clean_engine))
+    assert n_rows > 2 * len(patients)
+    s = wsettings.model_copy(update={"outbox_batch_size": 3})
     async with Worker(s, clean_engine, clock=clock) as a, Worker(s, clean_engine, clock=clock) as b:
         ta, tb = await asyncio.gather(a.drain(), b.drain())
-    assert ta.delivered + tb.delivered == len(patients)
+    assert ta.delivered + tb.delivered == n_rows
     assert ta.lost_lease == tb.lost_lease == ta.dead == tb.dead == 0
-    assert transaction_posts(server) == len(patients)  # no row was delivered twice
+    assert transaction_posts(server) == n_rows  # no row was delivered twice
     assert all(r.status == "delivered" for r in rows(clean_engine))
     for pid in patients:
         assert_exactly_once(server, ids[pid], pid)
+    assert len(search(server, "Provenance")) == len(patients)
 
 
 @pytest.mark.asyncio
@@ -415,6 +478,8 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_exactly_once(
             first.kill()
             first.wait(timeout=30)
     assert all(r.status == "pending" and r.claimed_until is not None for r in rows(clean_engine))
+    # The server may still run the killed worker's held transactions (it does for those whose body
+    # it had read): written on the EHR but never marked, so delivered again below.
 
     second = start_worker(clean_engine, server, log)
     try:

@@ -30,7 +30,7 @@ from ..ehr.client import FhirError as EhrError
 from ..ehr.sync import evaluate_patient, high_water, observation_codes, store_resources, watch
 from ..evaluate import Evaluation
 from ..fhir.errors import FhirError, Issue
-from ..fhir.ingest import Entry, parse_patient_entries
+from ..fhir.ingest import FHIR_ID, Entry, parse_patient_entries
 from ..settings import Settings
 from ..storage import repository
 from ..storage.models import AuditEvent, CdsFeedback
@@ -65,6 +65,10 @@ class HookRequest(BaseModel):
 class CdsResponse(BaseModel):
     cards: list[dict[str, Any]]
     systemActions: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _failed(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
 
 
 def _server_for(url: str | None, settings: Settings) -> tuple[str, FhirServerConfig]:
@@ -176,15 +180,19 @@ async def call_service(
         req = HookRequest.model_validate(orjson.loads(await request.body()))
     except (orjson.JSONDecodeError, ValidationError) as exc:
         raise FhirError.one(400, "structure", f"not a CDS Hooks request: {type(exc).__name__}", "body") from None
+    hook = "patient-view" if service_id == PATIENT_VIEW else "order-select"
+    if req.hook != hook:
+        raise FhirError.one(400, "value", f"this service answers the {hook} hook", "hook")
     patient_id = req.context.get("patientId")
-    if not isinstance(patient_id, str) or not patient_id:
-        raise FhirError.one(400, "required", "context.patientId is required", "context.patientId")
+    if not isinstance(patient_id, str) or not FHIR_ID.fullmatch(patient_id):
+        raise FhirError.one(400, "required", "context.patientId (a FHIR id) is required", "context.patientId")
     orders = ordered_concepts(req.context, codebook) if service_id == ORDER_SELECT else []
     if service_id == ORDER_SELECT and not orders:
         return JSONResponse(CdsResponse(cards=[]).model_dump())
     prefetch = req.prefetch or {}
-    resources = [r for key in PREFETCH_KEYS if key in prefetch for r in resources_of(prefetch[key])]
-    missing = [key for key in PREFETCH_KEYS if key not in prefetch]
+    # A key the EHR did not fill is absent (or carries an OperationOutcome): fetch it. null = no data.
+    missing = [key for key in PREFETCH_KEYS if key not in prefetch or _failed(prefetch[key])]
+    resources = [r for key in PREFETCH_KEYS if key not in missing for r in resources_of(prefetch[key])]
     target: str | None = None
     if missing:
         target, fetched = await _fetch_missing(req, patient_id, missing, settings, codebook)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from ..ehr.client import FhirClient
 from ..ehr.client import FhirError as EhrError
-from ..ehr.notifications import EVENT, parse_notification, patient_of
+from ..ehr.notifications import EVENT, parse_notification, patient_of, split_reference
 from ..ehr.poll import sync_patients
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.ingest import load_json
@@ -53,8 +53,8 @@ async def notification(
     try:
         async with FhirClient(server) as client:
             for ref in note.focus:
-                rtype, _, rid = ref.split("/_history/")[0].rstrip("/").rpartition("/")
-                res = await client.read(rtype.rpartition("/")[2], rid) if rtype and rid else None
+                target_ref = split_reference(ref)
+                res = await client.read(*target_ref) if target_ref else None
                 pid = patient_of(res) if res else None
                 if pid:
                     note.patient_ids.add(pid)

@@ -7,6 +7,7 @@ out-of-order notification changes nothing that the reconciliation poll would not
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,14 @@ from ..fhir.errors import FhirError
 
 HANDSHAKE, HEARTBEAT, EVENT = "handshake", "heartbeat", "event-notification"
 STATUS_TYPES = ("Parameters", "SubscriptionStatus")
+# [base/]Type/id[/_history/version]: what a focus reference must look like to be read.
+_REFERENCE = re.compile(r"^(?:.*/)?([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+
+
+def split_reference(ref: str) -> tuple[str, str] | None:
+    """(type, id) of a literal reference, relative or absolute; None if it is not one."""
+    m = _REFERENCE.match(ref)
+    return (m.group(1), m.group(2)) if m else None
 
 
 @dataclass
@@ -25,18 +34,13 @@ class Notification:
 
 
 def _ref_id(ref: Any, rtype: str) -> str | None:
-    if not isinstance(ref, str):
-        return None
-    parts = ref.split("/_history/")[0].rstrip("/").split("/")
-    if len(parts) >= 2 and parts[-2] == rtype and parts[-1]:
-        return parts[-1]
-    return None
+    found = split_reference(ref) if isinstance(ref, str) else None
+    return found[1] if found is not None and found[0] == rtype else None
 
 
 def patient_of(res: dict[str, Any]) -> str | None:
     if res.get("resourceType") == "Patient":
-        rid = res.get("id")
-        return rid if isinstance(rid, str) else None
+        return _ref_id(f"Patient/{res.get('id')}", "Patient")
     for key in ("subject", "patient"):
         ref = res.get(key)
         if isinstance(ref, dict):
@@ -49,25 +53,38 @@ def patient_of(res: dict[str, Any]) -> str | None:
 def _status_kind(status: dict[str, Any]) -> tuple[str, list[str]]:
     """(type, focus references) of a backport SubscriptionStatus (as Parameters or R4B/R5 resource)."""
     if status.get("resourceType") == "SubscriptionStatus":
-        focus = [
-            e.get("focus", {}).get("reference")
-            for e in status.get("notificationEvent") or ()
-            if isinstance(e, dict) and isinstance(e.get("focus"), dict)
-        ]
-        return str(status.get("type") or ""), [f for f in focus if isinstance(f, str)]
-    kind, focus = "", []
-    for p in status.get("parameter") or ():
+        events = status.get("notificationEvent")
+        focus = [_reference(e.get("focus")) for e in _list(events) if isinstance(e, dict)]
+        kind = status.get("type")
+        return (kind if isinstance(kind, str) else ""), [f for f in focus if f is not None]
+    kind, found = "", []
+    for p in _list(status.get("parameter")):
         if not isinstance(p, dict):
             continue
         if p.get("name") == "type":
-            kind = str(p.get("valueCode") or "")
+            code = p.get("valueCode")
+            kind = code if isinstance(code, str) else ""
         elif p.get("name") == "notification-event":
-            for part in p.get("part") or ():
+            for part in _list(p.get("part")):
                 if isinstance(part, dict) and part.get("name") == "focus":
-                    ref = (part.get("valueReference") or {}).get("reference")
-                    if isinstance(ref, str):
-                        focus.append(ref)
-    return kind, focus
+                    ref = _reference(part.get("valueReference"))
+                    if ref is not None:
+                        found.append(ref)
+    return kind, found
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _reference(value: Any) -> str | None:
+    """The reference string of a Reference element; 400 when it is there but not a literal reference."""
+    if not isinstance(value, dict) or value.get("reference") is None:
+        return None
+    ref = value["reference"]
+    if not isinstance(ref, str) or split_reference(ref) is None:
+        raise FhirError.one(400, "value", "a notification focus is not a literal reference (Type/id)", "focus")
+    return ref
 
 
 def parse_notification(doc: Any) -> Notification:
@@ -78,7 +95,7 @@ def parse_notification(doc: Any) -> Notification:
         pid = patient_of(doc)
         return Notification(EVENT, {pid} if pid else set(), [], 1)
     resources = [
-        e["resource"] for e in doc.get("entry") or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        e["resource"] for e in _list(doc.get("entry")) if isinstance(e, dict) and isinstance(e.get("resource"), dict)
     ]
     if resources and resources[0].get("resourceType") in STATUS_TYPES:
         kind, focus = _status_kind(resources[0])

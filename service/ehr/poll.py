@@ -43,7 +43,8 @@ def _store_and_evaluate(
         changed = False
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
             _, changed = evaluate_patient(session, patient_id, codebook, settings, now)
-        watch(session, target, patient_id, high_water(resources), now)
+            # Only a patient the EHR has is watched (an unknown id would be re-read every pass).
+            watch(session, target, patient_id, high_water(resources), now)
         session.commit()
     return changed
 

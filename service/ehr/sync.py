@@ -17,6 +17,7 @@ from sqlmodel import Session
 
 from ..codebook import Codebook
 from ..evaluate import Evaluation
+from ..fhir.errors import FhirError
 from ..records import evaluate_stored, store_bundle
 from ..settings import Settings
 from ..storage import repository
@@ -83,7 +84,14 @@ def evaluate_patient(
 ) -> tuple[Evaluation, bool]:
     """Evaluate the stored data; store and enqueue only when something changed.
     Returns the evaluation and whether it was new."""
-    evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False)
+    try:
+        evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False)
+    except FhirError as exc:
+        if exc.status != 422 or not any(i.expression == "at" for i in exc.issues):
+            raise
+        # No timed input yet (a Patient and nothing else): every grade is indeterminate at `now`;
+        # shown to the caller, never stored (its time, hence its ids, would change every call).
+        return evaluate_stored(session, patient_id, codebook, settings, now, now, store=False), False
     if _unchanged(session, evaluation):
         return evaluation, False
     evaluation = evaluate_stored(session, patient_id, codebook, settings, evaluation.at, now, store=True)

@@ -26,6 +26,7 @@ from sqlmodel import Session, col, select
 from .models import OutboxRow
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+CLAIM_ROUNDS = 3  # SQLite: reads again after losing rows to another worker
 STATUSES = (PENDING, DELIVERED, DEAD)
 
 
@@ -91,34 +92,39 @@ def claim(engine: Engine, now: datetime, lease_s: float, limit: int, targets: li
         )
         .exists()
     )
-    query = (
-        select(OutboxRow.id)
-        .where(
-            col(OutboxRow.status) == PENDING,
-            col(OutboxRow.target).in_(targets),
-            col(OutboxRow.next_attempt_at) <= now,
-            _unleased(now),
-            ~blocked,
-        )
-        .order_by(col(OutboxRow.id))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
     claimed: list[Claim] = []
-    with Session(engine) as session:
-        ids = [i for i in session.exec(query).all() if i is not None]
-        for rid in ids:
-            result = session.exec(
-                update(OutboxRow)
-                .where(col(OutboxRow.id) == rid, col(OutboxRow.status) == PENDING, _unleased(now))
-                .values(claimed_until=until)
+    for _ in range(CLAIM_ROUNDS):
+        query = (
+            select(OutboxRow.id)
+            .where(
+                col(OutboxRow.status) == PENDING,
+                col(OutboxRow.target).in_(targets),
+                col(OutboxRow.next_attempt_at) <= now,
+                _unleased(now),
+                ~blocked,
             )
-            if result.rowcount != 1:
-                continue  # SQLite: another worker claimed it between our read and our write
-            row = session.get(OutboxRow, rid)
-            assert row is not None
-            claimed.append(Claim(rid, row.target, row.body, row.attempts, until))
-        session.commit()
+            .order_by(col(OutboxRow.id))
+            .limit(limit - len(claimed))
+            .with_for_update(skip_locked=True)
+        )
+        lost = 0
+        with Session(engine) as session:
+            ids = [i for i in session.exec(query).all() if i is not None]
+            for rid in ids:
+                result = session.exec(
+                    update(OutboxRow)
+                    .where(col(OutboxRow.id) == rid, col(OutboxRow.status) == PENDING, _unleased(now))
+                    .values(claimed_until=until)
+                )
+                if result.rowcount != 1:
+                    lost += 1  # SQLite: another worker claimed it between our read and our write
+                    continue
+                row = session.get(OutboxRow, rid)
+                assert row is not None
+                claimed.append(Claim(rid, row.target, row.body, row.attempts, until))
+            session.commit()
+        if not lost or len(claimed) >= limit:
+            break  # else read again: rows another worker took may have hidden others that are due
     return claimed
 
 
