@@ -113,19 +113,19 @@ def outbox_rows(engine: Engine) -> list[OutboxRow]:
 async def test_patient_view_to_writeback_end_to_end(
     settings: Settings, clean_engine: Engine, fhir_server_clean: FhirTestServer
 ) -> None:
-    # Write-back mode "id" (the default: PUT by id, the write-back identifier added). Medplum runs
-    # conditional updates only in transactions of at most 8 entries (tests/test_worker.py), fewer
-    # than one evaluation holds.
+    # Write-back with the defaults: mode "conditional" (PUT RiskAssessment?identifier=<write-back
+    # identifier>), in Bundles of at most 8 entries (Medplum runs conditional updates only in
+    # transactions that small), each with a Provenance for its own RiskAssessments.
     server = fhir_server_clean
     s = settings.model_copy(
         update={
             "auth_cds_clients": {EHR_ISS: {"jwks": jwks((EHR_KEY, EHR_KID))}},
             "ehr_servers": {"default": server.server_config(server.client_es384)},
             "writeback_target": "default",
-            "writeback_mode": "conditional",
             "max_bundle_entries": 5000,
         }
     )
+    assert (s.writeback_mode, s.writeback_max_bundle_entries) == ("conditional", 8)
     codebook = load_codebook(s.canonical_base, s.codebook_path)
 
     # 1) a synthetic patient with CRS on the EHR's FHIR server
@@ -155,7 +155,8 @@ async def test_patient_view_to_writeback_end_to_end(
         fetched = {e["path"] for e in stats["log"] if e["method"] == "GET" and e["status"] == 200}
         assert {"/fhir/Observation", "/fhir/MedicationAdministration", "/fhir/Condition"} <= fetched
         first_rows = outbox_rows(clean_engine)
-        assert first_rows and all(r.status == "pending" for r in first_rows)
+        assert len(first_rows) > 1 and all(r.status == "pending" for r in first_rows)  # one evaluation
+        assert all(len(orjson.loads(r.body)["entry"]) <= 8 for r in first_rows)
 
         # 4) the worker writes RiskAssessments and Provenance back
         async with Worker(s, clean_engine) as worker:
@@ -176,9 +177,10 @@ async def test_patient_view_to_writeback_end_to_end(
             for p in server_search(server, "Provenance")
             if {t.get("reference") for t in p.get("target", [])} & server_refs
         ]
-        assert provenances
-        targeted = {t["reference"] for p in provenances for t in p["target"]}
-        assert server_refs <= targeted  # every RiskAssessment written back has its Provenance
+        assert len(provenances) == len(first_rows)  # one per Bundle
+        targeted = sorted(t["reference"] for p in provenances for t in p["target"])
+        # every RiskAssessment written back has exactly one Provenance, and every target is on the server
+        assert targeted == sorted(server_refs)
         # the EHR now holds the current ASTCT CRS grade the card showed
         (current_crs,) = [
             ra
@@ -201,7 +203,8 @@ async def test_patient_view_to_writeback_end_to_end(
         async with Worker(s, clean_engine) as worker:
             assert (await worker.drain()).delivered == len(first_rows)
         again = server_search(server, "RiskAssessment", subject=f"Patient/{pid}")
-        assert len(again) == len(assessments)
+        assert sorted(ra["id"] for ra in again) == sorted(ra["id"] for ra in assessments)
+        assert {p["id"] for p in server_search(server, "Provenance")} == {p["id"] for p in provenances}
         for value in local_ids:
             hits = server_search(server, "RiskAssessment", identifier=f"{system}|{value}")
             assert len(hits) == 1, (value, len(hits))

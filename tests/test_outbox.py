@@ -7,6 +7,7 @@ Delivery to a real FHIR server is in tests/test_worker.py.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -87,14 +88,94 @@ def local_assessments(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def app_client(settings: Settings, engine: Engine, **overrides: Any) -> httpx.AsyncClient:
+    from service.api.app import create_app
+
+    app = create_app(settings.model_copy(update=overrides), engine=engine)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=dict(client_headers())
+    )
+
+
+def assert_conditional_entry(e: dict[str, Any], local: dict[str, dict[str, Any]]) -> str:
+    """A conditional update of one stored RiskAssessment; returns its local (deterministic) id."""
+    res = e["resource"]
+    rid = e["fullUrl"].removeprefix("urn:uuid:")
+    system = writeback_id_system(BASE)
+    assert "id" not in res and "meta" not in res  # the server keeps or assigns its own
+    # as stored, without our meta and id, plus the write-back identifier (its deterministic id)
+    expected = {k: v for k, v in local[rid].items() if k not in ("meta", "id")}
+    expected["identifier"] = [*local[rid]["identifier"], {"system": system, "value": rid}]
+    assert res == expected
+    assert e["request"]["method"] == "PUT"
+    path, query = e["request"]["url"].split("?", 1)
+    assert path == "RiskAssessment" and query.startswith("identifier=")
+    assert unquote(query.removeprefix("identifier=")) == f"{system}|{rid}"
+    assert "/" not in query and ":" not in query and "|" not in query  # URL-encoded
+    return rid
+
+
 @pytest.mark.asyncio
-async def test_stored_evaluation_enqueues_its_transaction_bundle(
+async def test_stored_evaluation_enqueues_conditional_bundles_of_at_most_8(
     client: httpx.AsyncClient, clean_engine: Engine
 ) -> None:
+    # The default: mode "conditional", at most 8 entries per Bundle (Medplum's limit for
+    # transactions with conditional entries), each Bundle with a Provenance for its own entries.
     evaluation = await store_and_evaluate(client)
+    local = local_assessments(evaluation)
+    [local_prov] = [e["resource"] for e in evaluation["entry"] if e["resource"]["resourceType"] == "Provenance"]
+    table = rows(clean_engine)
+    assert len(table) == -(-len(local) // 7) > 1
+    assert all(
+        (r.patient_id, r.target, r.status, r.attempts, r.last_error) == ("p1", "ehr", "pending", 0, "") for r in table
+    )
+    assert all(r.claimed_until is None and r.delivered_at is None for r in table)
+    bundles = [orjson.loads(r.body) for r in table]
+    written: list[str] = []
+    for n, bundle in enumerate(bundles):
+        assert bundle["type"] == "transaction" and 2 <= len(bundle["entry"]) <= 8
+        *ra_entries, prov_entry = bundle["entry"]
+        ids = [assert_conditional_entry(e, local) for e in ra_entries]
+        written += ids
+        prov = prov_entry["resource"]
+        assert prov["id"] == str(uuid.uuid5(uuid.NAMESPACE_URL, f"{local_prov['id']}/part/{n}"))
+        assert prov_entry["fullUrl"] == f"urn:uuid:{prov['id']}"
+        assert prov_entry["request"] == {"method": "PUT", "url": f"Provenance/{prov['id']}"}
+        assert prov == {
+            **{k: v for k, v in local_prov.items() if k != "meta"},
+            "id": prov["id"],
+            "target": prov["target"],
+        }
+        # exactly this Bundle's RiskAssessments, as fullUrls the server rewrites
+        assert sorted(t["reference"] for t in prov["target"]) == sorted(e["fullUrl"] for e in ra_entries)
+        Bundle.model_validate(bundle)
+    assert all(len(b["entry"]) == 8 for b in bundles[:-1])
+    assert written == list(local)  # every RiskAssessment once, in the evaluation's order
+    assert_valid_fhir(bundles)
+
+
+@pytest.mark.asyncio
+async def test_conditional_mode_in_one_bundle_keeps_the_provenance_id(clean_engine: Engine, settings: Settings) -> None:
+    async with app_client(settings, clean_engine, writeback_max_bundle_entries=100) as c:
+        evaluation = await store_and_evaluate(c)
     [row] = rows(clean_engine)
-    assert (row.patient_id, row.target, row.status, row.attempts, row.last_error) == ("p1", "ehr", "pending", 0, "")
-    assert row.claimed_until is None and row.delivered_at is None
+    bundle = orjson.loads(row.body)
+    local = local_assessments(evaluation)
+    [local_prov] = [e["resource"] for e in evaluation["entry"] if e["resource"]["resourceType"] == "Provenance"]
+    *ra_entries, prov_entry = bundle["entry"]
+    assert [assert_conditional_entry(e, local) for e in ra_entries] == list(local)
+    prov = prov_entry["resource"]
+    assert prov["id"] == local_prov["id"]
+    assert prov_entry["request"] == {"method": "PUT", "url": f"Provenance/{prov['id']}"}
+    assert sorted(t["reference"] for t in prov["target"]) == sorted(e["fullUrl"] for e in ra_entries)
+    Bundle.model_validate(bundle)
+
+
+@pytest.mark.asyncio
+async def test_id_mode_bundle(clean_engine: Engine, settings: Settings) -> None:
+    async with app_client(settings, clean_engine, writeback_mode="id", writeback_max_bundle_entries=100) as c:
+        evaluation = await store_and_evaluate(c)
+    [row] = rows(clean_engine)
     bundle = orjson.loads(row.body)
     assert bundle["type"] == "transaction"
     local = local_assessments(evaluation)
@@ -117,13 +198,10 @@ async def test_stored_evaluation_enqueues_its_transaction_bundle(
 
 
 @pytest.mark.asyncio
-async def test_large_evaluations_are_split_in_order_provenance_last(clean_engine: Engine, settings: Settings) -> None:
-    from service.api.app import create_app
-
-    small = create_app(settings.model_copy(update={"writeback_max_bundle_entries": 7}), engine=clean_engine)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=small), base_url="http://iectox.test", headers=dict(client_headers())
-    ) as c:
+async def test_id_mode_large_evaluations_are_split_in_order_provenance_last(
+    clean_engine: Engine, settings: Settings
+) -> None:
+    async with app_client(settings, clean_engine, writeback_mode="id", writeback_max_bundle_entries=7) as c:
         evaluation = await store_and_evaluate(c)
     bundles = [orjson.loads(r.body) for r in rows(clean_engine)]
     n = len(evaluation["entry"])
@@ -135,45 +213,19 @@ async def test_large_evaluations_are_split_in_order_provenance_last(clean_engine
 
 
 @pytest.mark.asyncio
-async def test_conditional_mode_bundle(clean_engine: Engine, settings: Settings) -> None:
-    from service.api.app import create_app
-
-    cond = create_app(settings.model_copy(update={"writeback_mode": "conditional"}), engine=clean_engine)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=cond), base_url="http://iectox.test", headers=dict(client_headers())
-    ) as c:
-        evaluation = await store_and_evaluate(c)
-    [row] = rows(clean_engine)  # never split: the Provenance refers to the others by fullUrl
-    bundle = orjson.loads(row.body)
-    local = local_assessments(evaluation)
-    *ra_entries, prov_entry = bundle["entry"]
-    system = writeback_id_system(BASE)
-    for e in ra_entries:
-        res = e["resource"]
-        rid = e["fullUrl"].removeprefix("urn:uuid:")
-        assert "id" not in res and "meta" not in res  # the server keeps or assigns its own
-        assert res["identifier"] == [*local[rid]["identifier"], {"system": system, "value": rid}]
-        assert e["request"]["method"] == "PUT"
-        path, query = e["request"]["url"].split("?", 1)
-        assert path == "RiskAssessment" and query.startswith("identifier=")
-        assert unquote(query.removeprefix("identifier=")) == f"{system}|{rid}"
-        assert "/" not in query and ":" not in query and "|" not in query  # URL-encoded
-    prov = prov_entry["resource"]
-    assert prov_entry["request"] == {"method": "PUT", "url": f"Provenance/{prov['id']}"}
-    assert sorted(t["reference"] for t in prov["target"]) == sorted(e["fullUrl"] for e in ra_entries)
-    Bundle.model_validate(bundle)
-
-
-@pytest.mark.asyncio
 async def test_every_stored_evaluation_enqueues_and_reads_do_not(
     client: httpx.AsyncClient, clean_engine: Engine
 ) -> None:
     await store_and_evaluate(client)
-    await client.post("/fhir/Patient/p1/$evaluate", params={"at": AT})  # re-evaluation: one more row
+    per_evaluation = len(rows(clean_engine))
+    assert per_evaluation > 1  # several Bundles of at most 8 entries
+    await client.post("/fhir/Patient/p1/$evaluate", params={"at": AT})  # re-evaluation: its rows again
     await client.get("/fhir/Patient/p1/$course", params={"at": AT})  # stores nothing
     await client.post("/fhir/$evaluate", content=f.body(*resources()))  # stateless
     await client.post("/fhir/Patient/nobody/$evaluate")  # 404
-    assert [r.patient_id for r in rows(clean_engine)] == ["p1", "p1"]
+    table = rows(clean_engine)
+    assert [r.patient_id for r in table] == ["p1"] * 2 * per_evaluation
+    assert [r.body for r in table[per_evaluation:]] == [r.body for r in table[:per_evaluation]]  # same Bundles
 
 
 @pytest.mark.asyncio
@@ -194,8 +246,11 @@ async def test_a_failed_request_leaves_neither_assessments_nor_outbox_row(
     assert r.status_code == 500
     assert rows(clean_engine) == [] and emitted_count(clean_engine) == 0
     monkeypatch.setattr(outbox, "enqueue", real)
-    assert (await client.post("/fhir/Patient/p1/$evaluate", params={"at": AT})).status_code == 200
-    assert len(rows(clean_engine)) == 1 and emitted_count(clean_engine) > 0
+    r = await client.post("/fhir/Patient/p1/$evaluate", params={"at": AT})
+    assert r.status_code == 200
+    expected = transaction_bundles([e["resource"] for e in r.json()["entry"]], BASE)
+    assert [orjson.loads(row.body) for row in rows(clean_engine)] == expected and len(expected) > 1
+    assert emitted_count(clean_engine) > 0
     await client.aclose()
 
 
@@ -237,13 +292,52 @@ def test_bundles_strip_local_meta_and_leave_the_evaluation_unchanged() -> None:
         "agent": [{"who": {"display": "iectox"}}],
     }
     before = orjson.dumps([ra, prov])
-    [by_id] = transaction_bundles([ra, prov], BASE)
-    [cond] = transaction_bundles([ra, prov], BASE, mode="conditional", max_entries=1)  # never split
+    [by_id] = transaction_bundles([ra, prov], BASE, mode="id")
+    [cond] = transaction_bundles([ra, prov], BASE)  # the default: conditional
     assert orjson.dumps([ra, prov]) == before
     assert all("meta" not in e["resource"] for b in (by_id, cond) for e in b["entry"])
     assert by_id["entry"][1]["resource"]["target"] == [{"reference": f"RiskAssessment/{ra['id']}"}]
     assert cond["entry"][1]["resource"]["target"] == [{"reference": f"urn:uuid:{ra['id']}"}]
-    assert [len(b["entry"]) for b in transaction_bundles([ra, prov], BASE, max_entries=1)] == [1, 1]
+    assert cond["entry"][1]["resource"]["id"] == prov["id"]  # one Bundle: the Provenance keeps its id
+    assert [len(b["entry"]) for b in transaction_bundles([ra, prov], BASE, mode="id", max_entries=1)] == [1, 1]
+
+
+def test_conditional_bundles_chunk_assessments_with_a_provenance_each() -> None:
+    system = f"{BASE}/identifier/risk-assessment"
+    ras = [
+        {
+            "resourceType": "RiskAssessment",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"ra-{i}")),
+            "identifier": [{"system": system, "value": f"Patient/p|m|c{i}|t"}],
+            "status": "final",
+            "subject": {"reference": "Patient/p"},
+        }
+        for i in range(16)
+    ]
+    prov = {
+        "resourceType": "Provenance",
+        "id": "22222222-2222-5222-8222-222222222222",
+        "target": [{"reference": f"RiskAssessment/{r['id']}"} for r in sorted(ras, key=lambda r: r["id"])],
+        "recorded": "2026-01-01T00:00:00+00:00",
+        "agent": [{"who": {"display": "iectox"}}],
+        "entity": [{"role": "source", "what": {"reference": "Observation/o1"}}],
+    }
+    bundles = transaction_bundles([*ras, prov], BASE)
+    assert bundles == transaction_bundles([*ras, prov], BASE)  # stable: re-deliveries and re-evaluations match
+    assert [len(b["entry"]) for b in bundles] == [8, 8, 3]  # 7 + 7 + 2 RiskAssessments, a Provenance each
+    seen: list[str] = []
+    for n, b in enumerate(bundles):
+        *ra_entries, p = b["entry"]
+        assert all(e["request"]["url"].startswith("RiskAssessment?identifier=") for e in ra_entries)
+        seen += [e["fullUrl"].removeprefix("urn:uuid:") for e in ra_entries]
+        pid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{prov['id']}/part/{n}"))
+        assert (p["fullUrl"], p["request"]) == (f"urn:uuid:{pid}", {"method": "PUT", "url": f"Provenance/{pid}"})
+        assert p["resource"]["id"] == pid and p["resource"]["entity"] == prov["entity"]
+        assert {t["reference"] for t in p["resource"]["target"]} == {e["fullUrl"] for e in ra_entries}
+    assert seen == [r["id"] for r in ras]
+    # a larger limit: the chunks follow it; id mode splits at the same size
+    assert [len(b["entry"]) for b in transaction_bundles([*ras, prov], BASE, max_entries=9)] == [9, 9]
+    assert [len(b["entry"]) for b in transaction_bundles([*ras, prov], BASE, mode="id")] == [8, 8, 1]
 
 
 # --- claiming -----------------------------------------------------------------------------------
@@ -352,7 +446,7 @@ async def test_metrics_endpoint(client: httpx.AsyncClient, clean_engine: Engine)
     assert "iectox_outbox_oldest_pending_age_seconds 0.000" in empty.text
     await store_and_evaluate(client)
     body = (await client.get("/metrics")).text
-    assert 'iectox_outbox_rows{status="pending"} 1\n' in body
+    assert f'iectox_outbox_rows{{status="pending"}} {len(rows(clean_engine))}\n' in body
     assert "p1" not in body
 
 

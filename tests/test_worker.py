@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,12 +34,14 @@ from service.ehr.client import FhirServerConfig
 from service.settings import Settings
 from service.storage import outbox
 from service.storage.models import OutboxRow
+from service.synth import generate_patient
 from service.worker import Totals, Worker, backoff_s, check_response, classify
 from service.writeback import transaction_bundles, writeback_id_system
 from tests import factories as f
 from tests.auth import bearer
 from tests.conftest import PG_URL
 from tests.fhir_server import FhirTestServer
+from tests.fhir_validators import assert_valid_fhir
 
 AT = "2026-01-06T12:00:00+00:00"
 BASE = f.BASE
@@ -82,8 +86,10 @@ def server(fhir_server_clean: FhirTestServer) -> FhirTestServer:
 
 
 @pytest.fixture
-def wsettings(settings: Settings, server: FhirTestServer) -> Settings:
-    return wb_settings(settings, server.server_config())
+def wsettings(request: pytest.FixtureRequest, settings: Settings, server: FhirTestServer) -> Settings:
+    """Write-back settings; the mode is the default ("conditional") unless parametrized indirectly."""
+    mode = getattr(request, "param", None)
+    return wb_settings(settings, server.server_config(), **({"writeback_mode": mode} if mode else {}))
 
 
 @pytest_asyncio.fixture
@@ -220,45 +226,65 @@ def test_classification_and_response_checks() -> None:
 # --- delivery -------------------------------------------------------------------------------------
 
 
+def assert_provenances(server: FhirTestServer, found: list[dict[str, Any]], n_bundles: int, mode: str) -> None:
+    """The RiskAssessments `found` on the server are each the target of exactly one Provenance of
+    theirs: one Provenance per evaluation in mode "id", one per Bundle in mode "conditional"."""
+    server_refs = {f"RiskAssessment/{r['id']}" for r in found}
+    provs = provenances_for(server, {r["id"] for r in found})
+    assert len(provs) == (1 if mode == "id" else n_bundles)
+    targets = [t["reference"] for p in provs for t in p["target"]]
+    assert sorted(targets) == sorted(server_refs)
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("wsettings", ["conditional", "id"], indirect=True)
 async def test_delivery_creates_each_assessment_once_and_redelivery_updates(
     api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
 ) -> None:
+    mode = wsettings.writeback_mode
     ra_ids = await evaluate(api, "p1")
+    n = len(rows(clean_engine))
+    # conditional (default): Bundles of 7 RiskAssessments + a Provenance; id: 8 entries, Provenance last
+    assert n == (-(-len(ra_ids) // 7) if mode == "conditional" else -(-(len(ra_ids) + 1) // 8)) > 1
     async with Worker(wsettings, clean_engine, clock=clock) as worker:
         t = await worker.drain()
-        assert (t.delivered, t.retried, t.dead, t.lost_lease) == (1, 0, 0, 0)
-        [row] = rows(clean_engine)
-        assert (row.status, row.attempts, row.claimed_until, row.last_error) == ("delivered", 0, None, "")
+        assert (t.delivered, t.retried, t.dead, t.lost_lease) == (n, 0, 0, 0)
+        assert all(
+            (r.status, r.attempts, r.claimed_until, r.last_error) == ("delivered", 0, None, "")
+            for r in rows(clean_engine)
+        )
         first = assert_exactly_once(server, ra_ids, "p1")
         server_ids = {r["id"] for r in first}
-        assert server_ids == set(ra_ids)  # mode "id": the EHR copies keep our deterministic ids
-        [prov] = provenances_for(server, server_ids)
-        assert {t["reference"] for t in prov["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
+        if mode == "id":
+            assert server_ids == set(ra_ids)  # the EHR copies keep our deterministic ids
+        else:
+            assert not server_ids & set(ra_ids)  # the server assigned its own
+        assert_provenances(server, first, n, mode)
         assert all(r["meta"]["versionId"] for r in first)
 
-        # the same row again (e.g. the worker died after the POST, before marking)
+        # the same rows again (e.g. the worker died after the POST, before marking)
         with Session(clean_engine) as s:
             s.exec(update(OutboxRow).values(status="pending", delivered_at=None))
             s.commit()
-        assert (await worker.drain()).delivered == 1
+        assert (await worker.drain()).delivered == n
         again = assert_exactly_once(server, ra_ids, "p1")
         assert {r["id"] for r in again} == server_ids  # updated in place
         assert all(a["meta"]["versionId"] != b["meta"]["versionId"] for a, b in zip(first, again, strict=True))
 
-        # a re-evaluation at the same `at`: a new row, the same resources updated
+        # a re-evaluation at the same `at`: new rows, the same resources updated
         assert await evaluate(api, "p1", store_inputs=False) == ra_ids
-        assert (await worker.drain()).delivered == 1
-        assert {r["id"] for r in assert_exactly_once(server, ra_ids, "p1")} == server_ids
-        [prov] = provenances_for(server, server_ids)
-        assert {t["reference"] for t in prov["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
+        assert (await worker.drain()).delivered == n
+        found = assert_exactly_once(server, ra_ids, "p1")
+        assert {r["id"] for r in found} == server_ids
+        assert_provenances(server, found, n, mode)
 
         # another `at`: new resources next to the old ones
         later = await evaluate(api, "p1", at="2026-01-06T13:00:00+00:00", store_inputs=False)
-        assert (await worker.drain()).delivered == 1
+        n_later = len(rows(clean_engine)) - 2 * n
+        assert (await worker.drain()).delivered == n_later
         assert_exactly_once(server, ra_ids + later, "p1")
-    assert len(search(server, "Provenance")) == 2
-    assert transaction_posts(server) == 4
+    assert len(search(server, "Provenance")) == (2 if mode == "id" else n + n_later)
+    assert transaction_posts(server) == 3 * n + n_later
 
 
 @pytest.mark.asyncio
@@ -266,10 +292,10 @@ async def test_conditional_mode_updates_by_identifier_and_rewrites_provenance_ta
     api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
 ) -> None:
     evaluation = [e["resource"] for e in (await evaluate_bundle(api, "p1"))["entry"]]
-    with Session(clean_engine) as s:  # drop the id-mode rows of this evaluation
+    with Session(clean_engine) as s:  # drop the rows of this evaluation: hand-made Bundles below
         s.exec(delete(OutboxRow))
         s.commit()
-    # Medplum runs conditional updates only in transactions of at most 8 entries: 3 + Provenance.
+    # One Bundle of 3 RiskAssessments + the Provenance (which then keeps its id).
     assessments = [r for r in evaluation if r["resourceType"] == "RiskAssessment"][:3]
     [prov] = [r for r in evaluation if r["resourceType"] == "Provenance"]
     prov = {**prov, "target": [{"reference": f"RiskAssessment/{a['id']}"} for a in assessments]}
@@ -289,8 +315,10 @@ async def test_conditional_mode_updates_by_identifier_and_rewrites_provenance_ta
     assert on_server["id"] == prov["id"]
     assert {t["reference"] for t in on_server["target"]} == {f"RiskAssessment/{i}" for i in server_ids}
 
-    # a whole evaluation is too large for Medplum's conditional transactions: rejected (400), dead at once
-    [full] = transaction_bundles(evaluation, BASE, mode="conditional")
+    # why Bundles of at most 8: a whole evaluation in ONE conditional Bundle is too large for
+    # Medplum's conditional transactions: rejected (400), dead at once
+    [full] = transaction_bundles(evaluation, BASE, mode="conditional", max_entries=len(evaluation))
+    assert len(full["entry"]) == len(evaluation) > 8
     with Session(clean_engine) as s:
         outbox.enqueue(s, "p1", "ehr", full, clock())
         s.commit()
@@ -304,49 +332,58 @@ async def test_backoff_attempt_counting_and_dead_letter(
     api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
 ) -> None:
     ra_ids = await evaluate(api, "p1")
+    n = len(rows(clean_engine))  # Bundles per evaluation (several: at most 8 entries each)
+    assert n > 1
     server.inject_fault(503, count=2, method="POST", path="")  # transactions only (not the token endpoint)
     async with Worker(wsettings, clean_engine, clock=clock) as worker:
         t0 = clock()
-        assert (await worker.cycle()).retried == 1
-        [row] = rows(clean_engine)
+        assert (await worker.cycle()).retried == 1  # the patient's first row only: in order
+        row, *later = rows(clean_engine)
         assert (row.status, row.attempts, row.last_error, row.claimed_until) == ("pending", 1, "HTTP 503", None)
         assert outbox.utc(row.next_attempt_at) == t0 + timedelta(seconds=10)
+        assert all((r.status, r.attempts, r.claimed_until) == ("pending", 0, None) for r in later)
         clock.advance(9)
-        assert (await worker.cycle()).claimed == 0  # not due yet
+        assert (await worker.cycle()).claimed == 0  # not due yet, and it holds the patient's later rows back
         clock.advance(1)
         assert (await worker.cycle()).retried == 1
-        [row] = rows(clean_engine)
+        row = rows(clean_engine)[0]
         assert (row.attempts, outbox.utc(row.next_attempt_at)) == (2, clock() + timedelta(seconds=20))
         clock.advance(20)
-        assert (await worker.cycle()).delivered == 1
-        [row] = rows(clean_engine)
+        t = await worker.cycle()
+        assert (t.claimed, t.delivered) == (1, 1)
+        row = rows(clean_engine)[0]
         assert (row.status, row.attempts, row.last_error) == ("delivered", 2, "")
+        assert (await worker.drain()).delivered == n - 1
+        assert all(r.attempts == 0 for r in rows(clean_engine)[1:])
         assert_exactly_once(server, ra_ids, "p1")
 
         # dead after outbox_max_attempts (4) retryable failures
         await evaluate(api, "p1", store_inputs=False)
-        server.inject_fault(500, count=10, method="POST", path="")
+        server.inject_fault(500, count=4, method="POST", path="")
         totals = Totals()
-        for _ in range(6):
+        for _ in range(4):
             totals.add(await worker.cycle())
             clock.advance(1000)
-        server.clear_faults()
-        assert (totals.retried, totals.dead) == (3, 1)
-        row = rows(clean_engine)[-1]
-        assert (row.status, row.attempts, row.last_error) == ("dead", 4, "HTTP 500")
+        assert (totals.retried, totals.dead, totals.delivered) == (3, 1, 0)
+        dead_500 = rows(clean_engine)[n]
+        assert (dead_500.status, dead_500.attempts, dead_500.last_error) == ("dead", 4, "HTTP 500")
+        assert (await worker.drain()).delivered == n - 1  # a dead row does not hold the later ones back
 
         # a Bundle the server rejects (4xx): dead at once
         await evaluate(api, "p1", store_inputs=False)
         server.inject_fault(422, count=1, method="POST", path="")
-        assert (await worker.cycle()).dead == 1
-        row = rows(clean_engine)[-1]
-        assert (row.status, row.attempts, row.last_error) == ("dead", 1, "HTTP 422")
+        t = await worker.cycle()
+        assert (t.claimed, t.dead) == (1, 1)
+        dead_422 = rows(clean_engine)[2 * n]
+        assert (dead_422.status, dead_422.attempts, dead_422.last_error) == ("dead", 1, "HTTP 422")
+        assert (await worker.drain()).delivered == n - 1
 
         # the metrics show them; requeued, they are delivered (and still never duplicate)
         metrics = (await api.get("/metrics")).text
         assert 'iectox_outbox_rows{status="dead"} 2\n' in metrics
         assert outbox.requeue_dead(clean_engine, clock()) == 2
         assert (await worker.drain()).delivered == 2
+    assert all(r.status == "delivered" for r in rows(clean_engine))
     assert_exactly_once(server, ra_ids, "p1")
 
 
@@ -363,23 +400,20 @@ async def test_unreachable_server_backs_off_and_keeps_the_row(
         for _ in range(3):
             assert (await worker.cycle()).retried == 1
             clock.advance(1000)
-    [row] = rows(clean_engine)
+    row, *later = rows(clean_engine)
     assert (row.status, row.attempts) == ("pending", 3)
     assert row.last_error.startswith("FhirUnavailable")
+    assert later and all((r.status, r.attempts) == ("pending", 0) for r in later)  # held back, in order
 
 
 @pytest.mark.asyncio
 async def test_two_workers_deliver_every_row_once(
-    clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+    api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
 ) -> None:
-    # Evaluations split into Bundles of 10 entries: several rows per patient, delivered in order.
-    split = wsettings.model_copy(update={"writeback_max_bundle_entries": 10})
-    app = create_app(split, engine=clean_engine, clock=clock)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
-    ) as api:
-        patients = [f"w{i}" for i in range(6)]
-        ids = {pid: await evaluate(api, pid) for pid in patients}
+    # Evaluations split into Bundles of at most 8 entries (the default): several rows per patient,
+    # delivered in order.
+    patients = [f"w{i}" for i in range(6)]
+    ids = {pid: await evaluate(api, pid) for pid in patients}
     n_rows = len(rows(clean_engine))
     assert n_rows > 2 * len(patients)
     s = wsettings.model_copy(update={"outbox_batch_size": 3})
@@ -390,8 +424,9 @@ async def test_two_workers_deliver_every_row_once(
     assert transaction_posts(server) == n_rows  # no row was delivered twice
     assert all(r.status == "delivered" for r in rows(clean_engine))
     for pid in patients:
-        assert_exactly_once(server, ids[pid], pid)
-    assert len(search(server, "Provenance")) == len(patients)
+        found = assert_exactly_once(server, ids[pid], pid)
+        assert_provenances(server, found, n_rows // len(patients), "conditional")
+    assert len(search(server, "Provenance")) == n_rows  # one per Bundle
 
 
 @pytest.mark.asyncio
@@ -401,19 +436,91 @@ async def test_outage_nothing_lost_every_assessment_arrives_once(
     server.stop()
     patients = [f"o{i}" for i in range(4)]
     ids = {pid: await evaluate(api, pid) for pid in patients}
+    table = rows(clean_engine)
+    firsts = {min(r.id for r in table if r.patient_id == pid) for pid in patients}
     s = wsettings.model_copy(update={"outbox_max_attempts": 50})
     async with Worker(s, clean_engine, clock=clock) as worker:
         for _ in range(3):
             t = await worker.drain()
-            assert (t.retried, t.delivered, t.dead) == (len(patients), 0, 0)
+            assert (t.retried, t.delivered, t.dead) == (len(patients), 0, 0)  # each patient's first row
             clock.advance(1000)
-        assert all(r.status == "pending" and r.attempts == 3 for r in rows(clean_engine))
+        assert all(r.status == "pending" and r.attempts == (3 if r.id in firsts else 0) for r in rows(clean_engine))
         server.start()  # same port, empty repository, earlier access tokens forgotten
         t = await worker.drain()
-    assert (t.delivered, t.dead) == (len(patients), 0)
+    assert (t.delivered, t.dead) == (len(table), 0)
     assert all(r.status == "delivered" for r in rows(clean_engine))
     for pid in patients:
-        assert_exactly_once(server, ids[pid], pid)
+        found = assert_exactly_once(server, ids[pid], pid)
+        assert_provenances(server, found, len(table) // len(patients), "conditional")
+
+
+@pytest.mark.asyncio
+async def test_full_evaluation_in_conditional_mode_arrives_in_several_bundles_once(
+    clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock
+) -> None:
+    # The defaults: conditional updates on the write-back identifier, Bundles of at most 8 entries.
+    assert (wsettings.writeback_mode, wsettings.writeback_max_bundle_entries) == ("conditional", 8)
+    s = wsettings.model_copy(update={"max_body_bytes": 50_000_000, "max_bundle_entries": 5000})
+    start = datetime(2026, 1, 5, tzinfo=UTC)
+    sp = generate_patient(random.Random(1), 0, "crs-3", days=9, base=BASE, start=start)  # noqa: S311
+    pid, inputs = sp.patient_id, [e["resource"] for e in sp.bundle["entry"]]
+    app = create_app(s, engine=clean_engine, clock=clock)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+    ) as api:
+        entries = [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in inputs
+        ]
+        body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        assert (await api.post("/fhir", content=body)).status_code == 200
+        r = await api.post(f"/fhir/Patient/{pid}/$evaluate", params={"at": (start + timedelta(days=10)).isoformat()})
+        assert r.status_code == 200, r.text
+    evaluation = [e["resource"] for e in r.json()["entry"]]
+    ra_ids = [x["id"] for x in evaluation if x["resourceType"] == "RiskAssessment"]
+    [local_prov] = [x for x in evaluation if x["resourceType"] == "Provenance"]
+    assert len(evaluation) >= 40  # every scale, course and score
+    bundles = [orjson.loads(row.body) for row in rows(clean_engine)]
+    n = len(bundles)
+    assert n == -(-len(ra_ids) // 7) > 5 and all(len(b["entry"]) <= 8 for b in bundles)
+    prov_ids = {str(uuid.uuid5(uuid.NAMESPACE_URL, f"{local_prov['id']}/part/{k}")) for k in range(n)}
+
+    async def deliver() -> None:
+        async with Worker(s, clean_engine, clock=clock) as worker:
+            t = await worker.drain()
+        assert (t.delivered, t.retried, t.dead, t.lost_lease) == (n, 0, 0, 0), t.errors
+        assert all(row.status == "delivered" for row in rows(clean_engine))
+
+    def check() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        # exactly one copy of each RiskAssessment, by its write-back identifier
+        found = []
+        for rid in ra_ids:
+            hits = search(server, "RiskAssessment", identifier=f"{RA_SYSTEM}|{rid}")
+            assert len(hits) == 1, (rid, len(hits))
+            found.append(hits[0])
+        assert len(search(server, "RiskAssessment", subject=f"Patient/{pid}")) == len(ra_ids)
+        # one Provenance per Bundle; their targets are RiskAssessments on the server, each in one
+        provs = search(server, "Provenance")
+        assert {p["id"] for p in provs} == prov_ids
+        targets = [t["reference"] for p in provs for t in p["target"]]
+        assert sorted(targets) == sorted(f"RiskAssessment/{x['id']}" for x in found)
+        for ref in targets:
+            resp = httpx.get(f"{server.base_url}/{ref}", headers=server.headers(), timeout=30)
+            assert resp.status_code == 200 and resp.json()["resourceType"] == "RiskAssessment", ref
+        return found, provs
+
+    await deliver()
+    found, provs = check()
+    assert not {x["id"] for x in found} & set(ra_ids)  # server-assigned ids, resolved in each Bundle
+    assert_valid_fhir([*found, *provs])
+
+    # every Bundle delivered again (a worker that died after the POSTs): updated, nothing added
+    with Session(clean_engine) as session:
+        session.exec(update(OutboxRow).values(status="pending", delivered_at=None))
+        session.commit()
+    await deliver()
+    again, _ = check()
+    assert [x["id"] for x in again] == [x["id"] for x in found]
+    assert transaction_posts(server) == 2 * n
 
 
 # --- the real process: SIGKILL mid-delivery, restart, SIGTERM -------------------------------------
@@ -477,7 +584,12 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_exactly_once(
         if first.poll() is None:
             first.kill()
             first.wait(timeout=30)
-    assert all(r.status == "pending" and r.claimed_until is not None for r in rows(clean_engine))
+    # the first row of each patient leased (claimed together, before any delivery), the later ones
+    # held back behind it
+    table = rows(clean_engine)
+    firsts = {min(r.id for r in table if r.patient_id == pid) for pid in patients}
+    assert len(table) > len(patients)
+    assert all(r.status == "pending" and (r.claimed_until is not None) == (r.id in firsts) for r in table)
     # The server may still run the killed worker's held transactions (it does for those whose body
     # it had read): written on the EHR but never marked, so delivered again below.
 
@@ -493,5 +605,6 @@ async def test_worker_killed_mid_delivery_then_restarted_delivers_exactly_once(
     output = log.read_text()
     for pid in patients:
         assert pid not in output  # logs carry no patient ids
-        assert_exactly_once(server, ids[pid], pid)
+        found = assert_exactly_once(server, ids[pid], pid)
+        assert_provenances(server, found, len(table) // len(patients), "conditional")
     assert "worker: stopping" in output
