@@ -110,7 +110,10 @@ def run_demo(settings: Settings, *, patients: int, seed: int, days: int) -> int:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    print(f"Data stay in {settings.database_url}: run `iectox serve`, GET /fhir/RiskAssessment?subject=Patient/<id>")
+    print(
+        f"Data stay in {settings.database_url}: run `IECTOX_AUTH_MODE=dev iectox serve` (dev mode: no tokens, "
+        "loopback only), GET /fhir/RiskAssessment?subject=Patient/<id>"
+    )
     return 0
 
 
