@@ -422,14 +422,22 @@ class FhirClient:
                 )
             except _RETRYABLE_EXC as exc:
                 if attempt >= cfg.max_retries:
-                    log.warning("fhir %s %s: %s, giving up after %d attempts", method, rtype, type(exc).__name__,
-                                attempt + 1)
+                    log.warning(
+                        "fhir %s %s: %s, giving up after %d attempts", method, rtype, type(exc).__name__, attempt + 1
+                    )
                     raise FhirUnavailable(
                         f"{method} {rtype}: {type(exc).__name__} after {attempt + 1} attempts", attempts=attempt + 1
                     ) from exc
                 delay = self._backoff(attempt)
-                log.warning("fhir %s %s: %s, retry %d/%d in %.2fs", method, rtype, type(exc).__name__, attempt + 1,
-                            cfg.max_retries, delay)
+                log.warning(
+                    "fhir %s %s: %s, retry %d/%d in %.2fs",
+                    method,
+                    rtype,
+                    type(exc).__name__,
+                    attempt + 1,
+                    cfg.max_retries,
+                    delay,
+                )
                 await self._sleep(delay)
                 attempt += 1
                 continue
@@ -445,11 +453,19 @@ class FhirClient:
                 wait = parse_retry_after(resp.headers.get("Retry-After"), self._clock())
                 if attempt >= cfg.max_retries or (wait is not None and wait > cfg.retry_after_max_s):
                     log.warning("fhir %s %s: %d, giving up after %d attempts", method, rtype, status, attempt + 1)
-                    raise FhirHttpError(status, retryable=True, method=method, resource_type=rtype,
-                                        outcome=_outcome(body), body=body, attempts=attempt + 1)
+                    raise FhirHttpError(
+                        status,
+                        retryable=True,
+                        method=method,
+                        resource_type=rtype,
+                        outcome=_outcome(body),
+                        body=body,
+                        attempts=attempt + 1,
+                    )
                 delay = wait if wait is not None else self._backoff(attempt)
-                log.warning("fhir %s %s: %d, retry %d/%d in %.2fs", method, rtype, status, attempt + 1,
-                            cfg.max_retries, delay)
+                log.warning(
+                    "fhir %s %s: %d, retry %d/%d in %.2fs", method, rtype, status, attempt + 1, cfg.max_retries, delay
+                )
                 await self._sleep(delay)
                 attempt += 1
                 continue
@@ -457,9 +473,22 @@ class FhirClient:
                 body = _json_or_none(resp)
                 log.info("fhir %s %s: %d", method, rtype, status)
                 if status == 401 and auth and token:
-                    raise FhirAuthError(401, error="invalid_token", error_description="the FHIR server refused the "
-                                        "access token", method=method, resource_type=rtype, body=body)
-                raise FhirHttpError(status, retryable=False, method=method, resource_type=rtype,
-                                    outcome=_outcome(body), body=body, attempts=attempt + 1)
+                    raise FhirAuthError(
+                        401,
+                        error="invalid_token",
+                        error_description="the FHIR server refused the access token",
+                        method=method,
+                        resource_type=rtype,
+                        body=body,
+                    )
+                raise FhirHttpError(
+                    status,
+                    retryable=False,
+                    method=method,
+                    resource_type=rtype,
+                    outcome=_outcome(body),
+                    body=body,
+                    attempts=attempt + 1,
+                )
             log.debug("fhir %s %s: %d (attempt %d)", method, rtype, status, attempt + 1)
             return resp

@@ -62,8 +62,16 @@ class FhirAuthError(FhirHttpError):
     ``error`` / ``error_description`` are the OAuth error fields (RFC 6749 section 5.2).
     """
 
-    def __init__(self, status: int, *, error: str | None = None, error_description: str | None = None,
-                 method: str = "POST", resource_type: str = "token", body: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        *,
+        error: str | None = None,
+        error_description: str | None = None,
+        method: str = "POST",
+        resource_type: str = "token",
+        body: Any = None,
+    ) -> None:
         self.error = error
         self.error_description = error_description
         detail = f"{error}: {error_description}" if error_description else (error or "")
