@@ -154,6 +154,13 @@ def evaluate_stored(
     entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
     evaluation = evaluate_entries(entries, codebook, settings, at, recorded)
     if store:
-        repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
-        enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded)  # same transaction
+        store_evaluation(session, patient_id, evaluation, settings, recorded)
     return evaluation
+
+
+def store_evaluation(
+    session: Session, patient_id: str, evaluation: Evaluation, settings: Settings, recorded: datetime
+) -> None:
+    """Upsert the RiskAssessments and Provenance and enqueue their write-back, in `session`."""
+    repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
+    enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded)  # same transaction

@@ -11,7 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Engine
-from sqlmodel import Session
 
 from ..cds import (
     ORDER_SELECT,
@@ -27,12 +26,11 @@ from ..cds import (
 from ..codebook import Codebook
 from ..ehr.client import FhirClient, FhirServerConfig
 from ..ehr.client import FhirError as EhrError
-from ..ehr.sync import evaluate_patient, high_water, observation_codes, store_resources, watch
+from ..ehr.sync import observation_codes, store_and_evaluate
 from ..evaluate import Evaluation
 from ..fhir.errors import FhirError, Issue
 from ..fhir.ingest import FHIR_ID, Entry, parse_patient_entries
 from ..settings import Settings
-from ..storage import repository
 from ..storage.models import AuditEvent, CdsFeedback
 from .auth import CdsClientDep
 from .deps import ClockDep, CodebookDep, EngineDep, SessionDep, SettingsDep
@@ -125,15 +123,12 @@ def _evaluate(
     settings: Settings,
     now: datetime,
 ) -> Evaluation:
-    with Session(engine, expire_on_commit=False) as session:
-        store_resources(session, resources, codebook, settings)
-        evaluation, _ = evaluate_patient(session, patient_id, codebook, settings, now)
-        if target is not None:
-            watch(session, target, patient_id, high_water(resources), now)
-        # The audit trail middleware covers /fhir; a hook reads and writes a patient too.
-        event = AuditEvent(recorded=now, actor=actor, action="hook", route=route, patient_id=patient_id, status=200)
-        repository.add_audit_event(session, event)
-        session.commit()
+    # The audit trail middleware covers /fhir; a hook reads and writes a patient too.
+    audit = AuditEvent(recorded=now, actor=actor, action="hook", route=route, patient_id=patient_id, status=200)
+    evaluation, _ = store_and_evaluate(
+        engine, patient_id, resources, codebook, settings, now, target=target, audit=audit
+    )
+    assert evaluation is not None  # the caller checked that the Patient is among the resources
     return evaluation
 
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from functools import partial
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
@@ -22,31 +22,9 @@ from ..codebook import Codebook
 from ..settings import Settings
 from ..storage.models import WatchedPatient
 from .client import FhirClient, FhirError
-from .sync import evaluate_patient, fetch_patient, high_water, instant_key, observation_codes, store_resources, watch
+from .sync import fetch_patient, high_water, instant_key, observation_codes, store_and_evaluate
 
 log = logging.getLogger("iectox.poll")
-
-
-def _store_and_evaluate(
-    engine: Engine,
-    target: str,
-    patient_id: str,
-    resources: list[dict[str, Any]],
-    codebook: Codebook,
-    settings: Settings,
-    now: datetime,
-) -> bool:
-    """Store, evaluate, enqueue and move the checkpoint, in one transaction. Returns whether the
-    evaluation was new."""
-    with Session(engine, expire_on_commit=False) as session:
-        store_resources(session, resources, codebook, settings)
-        changed = False
-        if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
-            _, changed = evaluate_patient(session, patient_id, codebook, settings, now)
-            # Only a patient the EHR has is watched (an unknown id would be re-read every pass).
-            watch(session, target, patient_id, high_water(resources), now)
-        session.commit()
-    return changed
 
 
 async def sync_patients(
@@ -62,7 +40,10 @@ async def sync_patients(
     new = 0
     for pid in sorted(set(patient_ids)):
         resources = await fetch_patient(client, pid, codebook)
-        new += await run_in_threadpool(_store_and_evaluate, engine, target, pid, resources, codebook, settings, clock())
+        _, changed = await run_in_threadpool(
+            partial(store_and_evaluate, target=target), engine, pid, resources, codebook, settings, clock()
+        )
+        new += changed
     return new
 
 

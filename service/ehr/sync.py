@@ -13,15 +13,16 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlmodel import Session
 
 from ..codebook import Codebook
 from ..evaluate import Evaluation
 from ..fhir.errors import FhirError
-from ..records import evaluate_stored, store_bundle
+from ..records import evaluate_stored, store_bundle, store_evaluation
 from ..settings import Settings
 from ..storage import repository
-from ..storage.models import WatchedPatient
+from ..storage.models import AuditEvent, WatchedPatient
 from .client import FhirClient
 
 log = logging.getLogger("iectox.sync")
@@ -94,8 +95,35 @@ def evaluate_patient(
         return evaluate_stored(session, patient_id, codebook, settings, now, now, store=False), False
     if _unchanged(session, evaluation):
         return evaluation, False
-    evaluation = evaluate_stored(session, patient_id, codebook, settings, evaluation.at, now, store=True)
+    store_evaluation(session, patient_id, evaluation, settings, now)
     return evaluation, True
+
+
+def store_and_evaluate(
+    engine: Engine,
+    patient_id: str,
+    resources: list[dict[str, Any]],
+    codebook: Codebook,
+    settings: Settings,
+    now: datetime,
+    *,
+    target: str | None,
+    audit: AuditEvent | None = None,
+) -> tuple[Evaluation | None, bool]:
+    """Store what was read, evaluate, enqueue and move the poll checkpoint, in one transaction.
+    Only a patient the EHR returned is evaluated and watched (an unknown id would be re-read
+    every pass). Returns the evaluation (None without the Patient) and whether it was new."""
+    with Session(engine, expire_on_commit=False) as session:
+        store_resources(session, resources, codebook, settings)
+        evaluation, changed = None, False
+        if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
+            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now)
+            if target is not None:
+                watch(session, target, patient_id, high_water(resources), now)
+        if audit is not None:
+            repository.add_audit_event(session, audit)
+        session.commit()
+    return evaluation, changed
 
 
 def watch(session: Session, target: str, patient_id: str, checkpoint: str | None, now: datetime) -> None:
