@@ -581,10 +581,9 @@ def _hypotension_domain(sc: Scale, f: Facts) -> _Domain:
         if h.grade is None and sc.hypotension_no_pressor is None:
             return _Domain("hypotension", 0, "no vasopressor recorded (blood pressure alone is not graded here)")
         return _Domain("hypotension", h.grade, h.why, h.refs, needs=h.needs, ceiling=sc.hypotension_no_pressor or 0)
-    if p.vasopressin_only and not sc.vasopressin_counts:
-        why = "vasopressin alone (not counted as a vasopressor, as in ASTCT)"
-        if sc.pressor_hours_split is None:
-            return _Domain("hypotension", 0, why, p.any_refs)
+    if p.vasopressin_only and not sc.vasopressin_counts and sc.pressor_hours_split is None:
+        # MSKCC's "any vasopressors" duration counts vasopressin; the others do not grade it alone.
+        return _Domain("hypotension", 0, "vasopressin alone (not counted as a vasopressor, as in ASTCT)", p.any_refs)
     grade = sc.one_pressor
     multiple = p.counted is not None and p.counted.grade == MAX_GRADE
     parts: list[str] = []
