@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 import orjson
 
 from service.codebook import load_codebook
-from service.evaluate import evaluate_body
-from service.settings import Settings
-from service.synth import generate_patient
+from service.app.evaluate import evaluate_body
+from service.config.settings import Settings
+from service.devtools.synth import generate_patient
 
 TARGET_RATIO = 4.0
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 
 from .codebook import CodebookError, load_codebook
+from .config.settings import Settings
 from .fhir.errors import FhirError, operation_outcome
-from .settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -24,7 +24,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_body, parse_at
+    from .app.evaluate import evaluate_body, parse_at
 
     settings = _settings(args)
     codebook = load_codebook(settings.canonical_base, settings.codebook_path)
@@ -40,7 +40,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every scale side by side: current grade, maximum grade since day 0, onset and duration."""
-    from .evaluate import evaluate_body, parse_at
+    from .app.evaluate import evaluate_body, parse_at
 
     settings = _settings(args)
     codebook = load_codebook(settings.canonical_base, settings.codebook_path)
@@ -124,7 +124,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import generate_cohort, write_cohort
+    from .devtools.synth import generate_cohort, write_cohort
 
     settings = _settings(args)
     patients = generate_cohort(args.patients, args.seed, days=args.days, base=settings.canonical_base)
@@ -135,7 +135,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .devtools.demo import run_demo
 
     logging.getLogger("iectox").setLevel(logging.WARNING)  # the table is the demo's output
     return run_demo(_settings(args), patients=args.patients, seed=args.seed, days=args.days)
@@ -144,10 +144,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .config.clock import utc_now
+    from .ehr.worker import main as worker_main
     from .storage import outbox
     from .storage.db import make_engine
-    from .worker import main as worker_main
-    from .worker import utc_now
 
     settings = _settings(args)
     engine = make_engine(settings.database_url)
@@ -163,8 +163,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_poll(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .api.deps import utc_now
     from .codebook import load_codebook
+    from .config.clock import utc_now
     from .ehr.poll import run_poll
     from .storage.db import make_engine, migrate
 
@@ -180,7 +180,7 @@ def cmd_poll(args: argparse.Namespace) -> int:
 
 
 def _days(raw: str) -> int:
-    from .synth import MIN_DAYS
+    from .devtools.synth import MIN_DAYS
 
     days = int(raw)
     if days < MIN_DAYS:

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlmodel import SQLModel
 
 from service.api.app import create_app
-from service.settings import Settings
+from service.config.settings import Settings
 from service.storage.db import make_engine, migrate, normalise_url
 from tests.auth import auth_settings, bearer
 from tests.fhir_server import fhir_server, fhir_server_clean  # noqa: F401  (real FHIR test server)

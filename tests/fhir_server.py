@@ -43,7 +43,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from service.ehr.client import DEFAULT_SCOPE, FhirServerConfig
+from service.config import DEFAULT_SCOPE, FhirServerConfig
 
 NODE_DIR = Path(__file__).parent / "node"
 SERVER_SCRIPT = NODE_DIR / "fhir-server.mjs"

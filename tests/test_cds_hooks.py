@@ -21,8 +21,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from service.api.app import create_app
-from service.cds import ORDER_SELECT, PATIENT_VIEW, SUMMARY_MAX
-from service.settings import Settings
+from service.cdshooks.cards import ORDER_SELECT, PATIENT_VIEW, SUMMARY_MAX
+from service.config.settings import Settings
 from service.storage.models import AuditEvent, CdsFeedback, OutboxRow, WatchedPatient
 from tests import factories as f
 from tests.auth import bearer, jwks, sign

@@ -15,7 +15,7 @@ import pytest
 from service.core.astct import GradingConfig, grade_crs
 from service.core.course import CourseConfig, course_of
 from service.core.model import Administration, PatientData, Sample
-from service.evaluate import Grader, courses
+from service.app.evaluate import Grader, courses
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 

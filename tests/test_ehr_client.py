@@ -30,7 +30,7 @@ from service.ehr import (
     parse_retry_after,
     server_config,
 )
-from service.settings import Settings
+from service.config.settings import Settings
 from tests.fhir_server import FhirTestServer
 
 LOINC = "http://loinc.org"

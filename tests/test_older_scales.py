@@ -22,10 +22,10 @@ from service.core.config import HighDoseRule, OlderConfig
 from service.core.course import CourseConfig
 from service.core.model import GradeResult, Sample
 from service.core.older import CARTOX10_BANDS, facts_at
-from service.evaluate import SCALES, Grader, courses, evaluate_body, grading_config
+from service.app.evaluate import SCALES, Grader, courses, evaluate_body, grading_config
 from service.fhir.errors import FhirError
-from service.settings import Settings
-from service.synth import generate_patient
+from service.config.settings import Settings
+from service.devtools.synth import generate_patient
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir
 from tests.test_astct import AT, _ids, device, finding, flow, given, obs, patient, sbp, t, temp

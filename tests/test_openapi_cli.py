@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from service.api.app import create_app
-from service.settings import Settings
+from service.config.settings import Settings
 from tests import factories as f
 from tests.auth import auth_settings, bearer
 from tests.test_api import AT, crs3_resources

@@ -25,9 +25,9 @@ from service.core.scores import (
     easix_scores,
     product_baseline,
 )
-from service.evaluate import Evaluation, evaluate_body
+from service.app.evaluate import Evaluation, evaluate_body
 from service.fhir.errors import FhirError
-from service.settings import Settings
+from service.config.settings import Settings
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 

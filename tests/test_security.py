@@ -35,7 +35,7 @@ from service.security import AuthError, SecurityConfigError, verify_cds_jwt
 from service.security.cds import CdsTrust
 from service.security.jwks import JwksError, KeyCache, parse_jwks
 from service.security.scopes import Principal, parse_scopes
-from service.settings import Settings
+from service.config.settings import Settings
 from service.storage import repository
 from service.storage.models import AuditEvent
 from tests import auth

@@ -17,7 +17,7 @@ import pytest
 from service.codebook import load_codebook
 from service.core.astct import FEVER_C, GradingConfig, grade_crs, grade_icans
 from service.core.units import converter, units_for
-from service.synth import (
+from service.devtools.synth import (
     DEFAULT_BASE,
     DEFAULT_START,
     SCENARIOS,

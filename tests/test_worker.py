@@ -30,13 +30,13 @@ from sqlalchemy import Engine, delete, text, update
 from sqlmodel import Session, col, select
 
 from service.api.app import create_app
-from service.ehr.client import FhirServerConfig
-from service.settings import Settings
+from service.config import FhirServerConfig
+from service.config.settings import Settings
 from service.storage import outbox
 from service.storage.models import OutboxRow
-from service.synth import generate_patient
-from service.worker import Totals, Worker, backoff_s, check_response, classify
-from service.writeback import transaction_bundles, writeback_id_system
+from service.devtools.synth import generate_patient
+from service.ehr.worker import Totals, Worker, backoff_s, check_response, classify
+from service.fhir.writeback import transaction_bundles, writeback_id_system
 from tests import factories as f
 from tests.auth import bearer
 from tests.conftest import PG_URL
@@ -197,7 +197,7 @@ def test_backoff_is_exponential_capped_and_jittered(settings: Settings) -> None:
 
 def test_classification_and_response_checks() -> None:
     from service.ehr.errors import FhirAuthError, FhirHttpError, FhirUnavailable
-    from service.worker import EntryFailed
+    from service.ehr.worker import EntryFailed
 
     assert classify(FhirHttpError(503, retryable=True)) == ("HTTP 503", True)
     assert classify(FhirHttpError(429, retryable=True)) == ("HTTP 429", True)

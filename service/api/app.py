@@ -16,12 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..codebook import load_codebook
+from ..config.clock import utc_now
+from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..settings import Settings
 from ..storage.db import make_engine, migrate
 from . import cds, fhir, health, metrics, subscriptions
 from .auth import install_security
-from .deps import utc_now
 from .responses import FhirResponse
 
 log = logging.getLogger("iectox.api")

@@ -17,10 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..config.clock import utc_now
 from ..security.scopes import ANONYMOUS
 from ..storage import repository
 from ..storage.models import AuditEvent
-from .deps import utc_now
 
 log = logging.getLogger("iectox.audit")
 

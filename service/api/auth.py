@@ -12,6 +12,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
+from ..config.clock import utc_now
+from ..config.settings import Settings
 from ..fhir.errors import operation_outcome
 from ..fhir.ingest import is_resource_type
 from ..security.bearer import verify_access_token
@@ -21,9 +23,8 @@ from ..security.errors import AuthError, unauthorized
 from ..security.jwks import Fetch, http_fetch
 from ..security.scopes import DEV as DEV_PRINCIPAL
 from ..security.scopes import READ, Access, Principal
-from ..settings import Settings
 from .audit import AuditTrail
-from .deps import SessionDep, SettingsDep, utc_now
+from .deps import SessionDep, SettingsDep
 from .responses import FhirResponse
 from .schemas import FHIR_JSON, OperationOutcome
 

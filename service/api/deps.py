@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from ..codebook import Codebook
-from ..settings import Settings
+from ..config.settings import Settings
 from ..storage.db import sessions
 
 
@@ -37,10 +37,6 @@ def get_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Sess
 def get_clock(request: Request) -> Callable[[], datetime]:
     clock: Callable[[], datetime] = request.app.state.clock
     return clock
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from ..evaluate import evaluate_body, parse_at
+from ..app.evaluate import evaluate_body, parse_at
+from ..app.store import evaluate_stored, store_bundle, store_one
 from ..fhir.capability import capability_statement
 from ..fhir.errors import FhirError
 from ..fhir.ingest import load_json
-from ..records import evaluate_stored, store_bundle, store_one
 from ..security.scopes import READ, WRITE
 from ..storage import repository
 from .auth import PrincipalDep, bundle_types, requires

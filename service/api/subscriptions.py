@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Request
 
 from ..ehr.client import FhirClient
-from ..ehr.client import FhirError as EhrError
+from ..ehr.errors import EhrError
 from ..ehr.notifications import EVENT, parse_notification, patient_of, split_reference
 from ..ehr.poll import sync_patients
 from ..fhir.errors import FhirError, Issue, operation_outcome

@@ -16,21 +16,21 @@ from .client import (
     FhirServerConfig,
     parse_retry_after,
 )
-from .errors import FhirAuthError, FhirConfigError, FhirError, FhirHttpError, FhirUnavailable
+from .errors import EhrError, FhirAuthError, FhirConfigError, FhirHttpError, FhirUnavailable
 from .smart import TokenCache
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ..config.settings import Settings
 
 DEFAULT_SERVER = "default"
 
 __all__ = [
     "DEFAULT_SCOPE",
     "DEFAULT_SERVER",
+    "EhrError",
     "FhirAuthError",
     "FhirClient",
     "FhirConfigError",
-    "FhirError",
     "FhirHttpError",
     "FhirServerConfig",
     "FhirUnavailable",

@@ -26,24 +26,23 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from .errors import FhirAuthError, FhirConfigError, FhirError, FhirHttpError, FhirUnavailable
+from ..config.ehr import DEFAULT_SCOPE, FhirServerConfig
+from .errors import EhrError, FhirAuthError, FhirConfigError, FhirHttpError, FhirUnavailable
 from .smart import SmartBackendAuth, TokenCache
 
 __all__ = [
     "DEFAULT_SCOPE",
+    "EhrError",
     "FhirAuthError",
     "FhirClient",
     "FhirConfigError",
-    "FhirError",
     "FhirHttpError",
     "FhirServerConfig",
     "FhirUnavailable",
@@ -53,72 +52,10 @@ __all__ = [
 
 log = logging.getLogger("iectox.ehr")
 
-# SMART v2 scopes (<context>/<Type>.<subset of "cruds" in that order>). Servers that only know
-# SMART v1 need e.g. "system/Observation.read system/RiskAssessment.write".
-DEFAULT_SCOPE = (
-    "system/Patient.rs system/Observation.rs system/MedicationAdministration.rs system/Condition.rs "
-    "system/Procedure.rs system/RiskAssessment.cu system/Provenance.cu"
-)
-
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _INSTANT_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 _RETRYABLE_EXC = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-
-
-class FhirServerConfig(BaseModel):
-    """One EHR FHIR server (an entry of ``Settings.ehr_servers``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    base_url: str
-    # SMART Backend Services: client_id and a key (PEM file, or inline PEM) turn auth on.
-    client_id: str | None = None
-    private_key_path: Path | None = None
-    private_key: SecretStr | None = None
-    key_id: str | None = None  # the JWT `kid` header (the key's id in the registered JWKS)
-    alg: Literal["RS384", "ES384"] = "RS384"
-    scope: str = DEFAULT_SCOPE
-    # Skip discovery ({base_url}/.well-known/smart-configuration) when set.
-    token_url: str | None = None
-
-    timeout_s: float = Field(default=15.0, gt=0, le=600)  # read/write/pool timeout per attempt
-    connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
-    max_retries: int = Field(default=3, ge=0, le=20)  # retries after the first attempt
-    backoff_base_s: float = Field(default=0.5, ge=0, le=3600)
-    backoff_max_s: float = Field(default=30.0, ge=0, le=3600)
-    retry_after_max_s: float = Field(default=120.0, ge=0, le=24 * 3600)
-
-    # Searches without _count ask for this page size; paging stops with an error past max_pages.
-    page_size: int | None = Field(default=200, ge=1, le=10_000)
-    max_pages: int = Field(default=1000, ge=1)
-    # A search whose query string is longer is sent as POST {type}/_search (form-encoded).
-    max_get_query_chars: int = Field(default=1800, ge=100)
-
-    @field_validator("base_url", "token_url")
-    @classmethod
-    def _http_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        v = v.strip().rstrip("/")
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-            raise ValueError("must be an absolute http(s) URL without query or fragment")
-        return v
-
-    @model_validator(mode="after")
-    def _smart_pair(self) -> Self:
-        has_key = self.private_key_path is not None or self.private_key is not None
-        if (self.client_id is None) != (not has_key):
-            raise ValueError("SMART needs both client_id and private_key_path (or private_key), or neither")
-        if self.private_key_path is not None and self.private_key is not None:
-            raise ValueError("give private_key_path or private_key, not both")
-        return self
-
-    @property
-    def smart(self) -> bool:
-        """True when calls are authorised with SMART Backend Services."""
-        return self.client_id is not None
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -243,7 +180,7 @@ class FhirClient:
             raise
         resource = self._parse(resp, "GET", rtype)
         if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
-            raise FhirError(f"GET {rtype}: the response is not a {rtype}")
+            raise EhrError(f"GET {rtype}: the response is not a {rtype}")
         return resource
 
     async def search(self, rtype: str, params: Mapping[str, str | list[str]]) -> list[dict[str, Any]]:
@@ -272,7 +209,7 @@ class FhirClient:
             pages += 1
             bundle = self._parse(resp, "GET", rtype)
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                raise FhirError(f"search {rtype}: the response is not a Bundle")
+                raise EhrError(f"search {rtype}: the response is not a Bundle")
             outcomes = 0
             for entry in bundle.get("entry") or []:
                 if not isinstance(entry, dict):
@@ -298,11 +235,11 @@ class FhirClient:
             next_url = urljoin(self.server.base_url + "/", nxt)
             if _origin(next_url) != self._origin:
                 # Never send the bearer token to another origin.
-                raise FhirError(f"search {rtype}: the next-page link points to another server")
+                raise EhrError(f"search {rtype}: the next-page link points to another server")
             if next_url in seen:
-                raise FhirError(f"search {rtype}: the next-page links loop")
+                raise EhrError(f"search {rtype}: the next-page links loop")
             if pages >= self.server.max_pages:
-                raise FhirError(f"search {rtype}: more than {self.server.max_pages} pages")
+                raise EhrError(f"search {rtype}: more than {self.server.max_pages} pages")
             seen.add(next_url)
             resp = await self._send("GET", next_url, rtype=rtype)
         log.debug("fhir search %s: %d resources in %d pages", rtype, len(results), pages)
@@ -366,7 +303,7 @@ class FhirClient:
         resp = await self._send("POST", self.server.base_url, rtype=str(kind), content=body)
         out = self._parse(resp, "POST", str(kind))
         if not isinstance(out, dict) or out.get("resourceType") != "Bundle" or out.get("type") != f"{kind}-response":
-            raise FhirError(f"POST {kind}: the response is not a {kind}-response Bundle")
+            raise EhrError(f"POST {kind}: the response is not a {kind}-response Bundle")
         return out
 
     # ---- internals ------------------------------------------------------------------------
@@ -375,7 +312,7 @@ class FhirClient:
         try:
             return orjson.loads(resp.content)
         except orjson.JSONDecodeError as exc:
-            raise FhirError(f"{method} {rtype}: the response is not JSON") from exc
+            raise EhrError(f"{method} {rtype}: the response is not JSON") from exc
 
     def _backoff(self, attempt: int) -> float:
         cap = min(self.server.backoff_max_s, self.server.backoff_base_s * (2**attempt))

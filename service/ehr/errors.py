@@ -10,15 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 
-class FhirError(Exception):
+class EhrError(Exception):
     """Any failure talking to an EHR FHIR server."""
 
 
-class FhirConfigError(FhirError):
+class FhirConfigError(EhrError):
     """The server configuration cannot work (unreadable key, wrong key type for `alg`, ...)."""
 
 
-class FhirHttpError(FhirError):
+class FhirHttpError(EhrError):
     """The server answered an HTTP error.
 
     ``retryable`` is True for 429 and 5xx (returned after the retries ran out), False for any
@@ -85,7 +85,7 @@ class FhirAuthError(FhirHttpError):
         )
 
 
-class FhirUnavailable(FhirError):
+class FhirUnavailable(EhrError):
     """The server could not be reached (connect errors, timeouts, dropped connections) after
     all retries."""
 

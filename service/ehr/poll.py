@@ -19,9 +19,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from ..codebook import Codebook
-from ..settings import Settings
+from ..config.settings import Settings
 from ..storage.models import WatchedPatient
-from .client import FhirClient, FhirError
+from .client import EhrError, FhirClient
 from .sync import fetch_patient, high_water, instant_key, observation_codes, store_and_evaluate
 
 log = logging.getLogger("iectox.poll")
@@ -90,7 +90,7 @@ async def run_poll(
         while True:
             try:
                 await reconcile_once(client, engine, target, codebook, settings, clock)
-            except FhirError as exc:  # the EHR is down: try again next pass
+            except EhrError as exc:  # the EHR is down: try again next pass
                 log.warning("poll: EHR read failed (%s)", type(exc).__name__)
                 if once:
                     return 1

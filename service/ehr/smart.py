@@ -28,10 +28,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .errors import FhirAuthError, FhirConfigError, FhirError, FhirHttpError
+from .errors import EhrError, FhirAuthError, FhirConfigError, FhirHttpError
 
 if TYPE_CHECKING:
-    from .client import FhirServerConfig
+    from ..config.ehr import FhirServerConfig
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART caps the assertion lifetime at 5 minutes; stay a little below for clock skew.
@@ -161,16 +161,16 @@ def check_smart_configuration(doc: Any, alg: str) -> str:
     """The token endpoint of a ``.well-known/smart-configuration`` document, after checking
     that it offers client_credentials with private_key_jwt and ``alg``."""
     if not isinstance(doc, dict) or not isinstance(doc.get("token_endpoint"), str):
-        raise FhirError("smart-configuration has no token_endpoint")
+        raise EhrError("smart-configuration has no token_endpoint")
     grants = doc.get("grant_types_supported")
     if isinstance(grants, list) and "client_credentials" not in grants:
-        raise FhirError("the server does not offer the client_credentials grant")
+        raise EhrError("the server does not offer the client_credentials grant")
     methods = doc.get("token_endpoint_auth_methods_supported")
     if isinstance(methods, list) and "private_key_jwt" not in methods:
-        raise FhirError("the server does not accept private_key_jwt client authentication")
+        raise EhrError("the server does not accept private_key_jwt client authentication")
     algs = doc.get("token_endpoint_auth_signing_alg_values_supported")
     if isinstance(algs, list) and alg not in algs:
-        raise FhirError(f"the server does not accept {alg} client assertions (it lists {', '.join(map(str, algs))})")
+        raise EhrError(f"the server does not accept {alg} client assertions (it lists {', '.join(map(str, algs))})")
     return str(doc["token_endpoint"])
 
 
@@ -197,7 +197,7 @@ class SmartBackendAuth:
             try:
                 doc = resp.json()
             except ValueError as exc:
-                raise FhirError("smart-configuration is not JSON") from exc
+                raise EhrError("smart-configuration is not JSON") from exc
             url = check_smart_configuration(doc, self.server.alg)
             self.tokens.set_endpoint(base, url)
             return url

@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from ..app.evaluate import Evaluation
+from ..app.store import evaluate_stored, store_bundle, store_evaluation
 from ..codebook import Codebook
-from ..evaluate import Evaluation
+from ..config.settings import Settings
 from ..fhir.errors import FhirError
-from ..records import evaluate_stored, store_bundle, store_evaluation
-from ..settings import Settings
 from ..storage import repository
 from ..storage.models import AuditEvent, WatchedPatient
 from .client import FhirClient

@@ -55,6 +55,18 @@ def systems(base: str) -> dict[str, str]:
     }
 
 
+def index_fields(res: dict[str, Any], base: str) -> tuple[datetime, str | None, str | None]:
+    """(occurrence, method, code) of an emitted resource, for storage's index columns: a
+    RiskAssessment's time (a max-grade one: its period's end), method and outcome code; a
+    Provenance's recorded time."""
+    if res["resourceType"] != "RiskAssessment":
+        return datetime.fromisoformat(res["recorded"]), None, None
+    method_system = systems(base)["method"]
+    method = next(c["code"] for c in res["method"]["coding"] if c["system"] == method_system)
+    when = res.get("occurrenceDateTime") or res["occurrencePeriod"]["end"]
+    return datetime.fromisoformat(when), method, res["code"]["coding"][0]["code"]
+
+
 def business_key(patient_ref: str, method: str, code: str, at: datetime) -> str:
     return f"{patient_ref}|{method}|{code}|{at.astimezone(UTC).isoformat()}"
 

@@ -70,8 +70,11 @@ class Entry:
 def version_key(res: dict[str, Any]) -> tuple[int, str, float]:
     """Orders versions of one resource: meta.versionId (numeric), then meta.lastUpdated as an instant."""
     meta = res.get("meta") or {}
-    vid = str(meta.get("versionId") or "")
-    return (int(vid) if vid.isdigit() else -1, vid, _instant_key(meta.get("lastUpdated")))
+    return version_key_of(str(meta.get("versionId") or ""), meta.get("lastUpdated"))
+
+
+def version_key_of(version_id: str, last_updated: Any) -> tuple[int, str, float]:
+    return (int(version_id) if version_id.isdigit() else -1, version_id, _instant_key(last_updated))
 
 
 def _instant_key(raw: Any) -> float:

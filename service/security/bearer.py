@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from ..config.settings import Settings
 from ..fhir.errors import FhirError
-from ..settings import Settings
 from .errors import unauthorized
 from .jwks import Jwk, JwksError, JwkSet, KeyCache
 from .jws import audience_matches, check_alg, check_times, peek, verify_signature

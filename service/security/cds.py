@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from sqlmodel import Session
 
-from ..settings import Settings
+from ..config.settings import Settings
 from ..storage import repository
 from .errors import SecurityConfigError, unauthorized
 from .jwks import Jwk, JwksError, JwkSet, KeyCache, parse_jwks

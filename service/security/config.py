@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..settings import Settings
+from ..config.settings import Settings
 from .bearer import IssuerKeys
 from .cds import CdsTrust
 from .errors import SecurityConfigError

@@ -1,8 +1,13 @@
-"""All queries live here. Callers pass a Session; they never commit (the request does)."""
+"""All queries live here. Callers pass a Session; they never commit (the request does).
+
+Storage parses no FHIR: the application layer hands it the index fields (patient, version,
+method, code, occurrence) next to the resource it stores verbatim.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,8 +17,6 @@ from sqlalchemy import delete, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from ..fhir.emit import systems
-from ..fhir.ingest import version_key
 from .models import AuditEvent, EmittedResource, SeenToken, StoredResource
 
 
@@ -35,11 +38,14 @@ def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | No
     return res
 
 
-def upsert_resource(session: Session, res: dict[str, Any], patient_id: str | None) -> WriteOutcome:
+def upsert_resource(
+    session: Session, res: dict[str, Any], patient_id: str | None, supersedes: Callable[[str, str], bool]
+) -> WriteOutcome:
     """Idempotent on id + version: the same version twice, or an older one, changes nothing.
 
-    Versions are ordered as in ingest (meta.versionId, then meta.lastUpdated as an instant);
-    a resource without either replaces the stored one when its content differs.
+    `supersedes(stored versionId, stored lastUpdated)` tells whether `res` is newer than the
+    stored version (the caller orders FHIR versions); a resource without either replaces the
+    stored one when its content differs.
     """
     rtype, rid = res["resourceType"], res["id"]
     meta = res.get("meta") or {}
@@ -61,7 +67,7 @@ def upsert_resource(session: Session, res: dict[str, Any], patient_id: str | Non
         )
         return WriteOutcome(rtype, rid, 1, "201 Created")
     versioned = bool(source_version or source_updated)
-    if row.body == body or (versioned and version_key(res) <= version_key(orjson.loads(row.body))):
+    if row.body == body or (versioned and not supersedes(row.source_version, row.source_last_updated)):
         return WriteOutcome(rtype, rid, row.version_id, "200 OK")
     row.body, row.patient_id = body, patient_id
     row.source_version, row.source_last_updated = source_version, source_updated
@@ -96,27 +102,30 @@ def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
     return resources
 
 
-def save_emitted(session: Session, patient_id: str, resources: list[dict[str, Any]], base: str) -> None:
+@dataclass(frozen=True)
+class Emitted:
+    """An emitted resource with its index fields (method and code: RiskAssessments only)."""
+
+    resource: dict[str, Any]
+    occurrence: datetime
+    method: str | None = None
+    code: str | None = None
+
+
+def save_emitted(session: Session, patient_id: str, emitted: list[Emitted]) -> None:
     """Upsert RiskAssessments and their Provenance by their deterministic ids (never duplicates)."""
-    method_system = systems(base)["method"]
-    for res in resources:
+    for item in emitted:
+        res = item.resource
         rtype, rid = res["resourceType"], res["id"]
-        if rtype == "RiskAssessment":
-            method = next(c["code"] for c in res["method"]["coding"] if c["system"] == method_system)
-            code = res["code"]["coding"][0]["code"]
-            when = res.get("occurrenceDateTime") or res["occurrencePeriod"]["end"]  # max-grade: the period's end
-            occurrence = datetime.fromisoformat(when)
-        else:
-            method, code, occurrence = None, None, datetime.fromisoformat(res["recorded"])
         row = session.get(EmittedResource, (rtype, rid))
         if row is None:
             row = EmittedResource(
                 resource_type=rtype,
                 id=rid,
                 patient_id=patient_id,
-                method=method,
-                code=code,
-                occurrence=occurrence,
+                method=item.method,
+                code=item.code,
+                occurrence=item.occurrence,
                 version_id=1,
                 body=b"",
             )
@@ -189,4 +198,3 @@ def remember_token(session: Session, key: str, expires: datetime, now: datetime)
     except IntegrityError:
         return False
     return True
-

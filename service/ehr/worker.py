@@ -23,7 +23,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -31,12 +31,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from .ehr.errors import FhirAuthError, FhirHttpError
-from .settings import Settings
-from .storage import outbox
+from ..config.clock import utc_now
+from ..config.settings import Settings
+from ..storage import outbox
+from .errors import FhirAuthError, FhirHttpError
 
 if TYPE_CHECKING:
-    from .ehr.client import FhirClient
+    from .client import FhirClient
 
 log = logging.getLogger("iectox.worker")
 
@@ -46,10 +47,6 @@ log = logging.getLogger("iectox.worker")
 # (400, 410, 413, 422, ...): it is dead-lettered at once.
 RETRYABLE_4XX = frozenset({401, 403, 404, 405, 408, 409, 412, 423, 425, 429})
 PURGE_EVERY_S = 300.0
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class EntryFailed(Exception):
@@ -131,7 +128,7 @@ class Totals:
 
 def delivery_client(settings: Settings, target: str) -> FhirClient:
     """A FHIR client for `target` without client-side retries (the outbox retries)."""
-    from .ehr.client import FhirClient
+    from .client import FhirClient
 
     server = settings.ehr_servers[target]
     if "max_retries" in type(server).model_fields:

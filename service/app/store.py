@@ -12,13 +12,14 @@ from typing import Any
 
 from sqlmodel import Session
 
-from .codebook import Codebook
+from ..codebook import Codebook
+from ..config.settings import Settings
+from ..fhir.emit import index_fields
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.ingest import Entry, check_for_storage, is_resource_type, version_key, version_key_of
+from ..fhir.writeback import Mode, transaction_bundles
+from ..storage import outbox, repository
 from .evaluate import Evaluation, evaluate_entries
-from .fhir.errors import FhirError, Issue, operation_outcome
-from .fhir.ingest import Entry, check_for_storage, is_resource_type
-from .settings import Settings
-from .storage import repository
-from .writeback import enqueue_writeback
 
 WRITE_METHODS = ("POST", "PUT")
 
@@ -108,7 +109,7 @@ def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, max_
             entries.append({"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome(w.issues)}})
             continue
         with session.begin_nested():
-            out = repository.upsert_resource(session, w.entry.resource, w.patient_id)
+            out = _upsert(session, w.entry.resource, w.patient_id)
         entries.append(
             {
                 "response": {
@@ -130,7 +131,12 @@ def store_one(session: Session, res: Any, rtype: str, rid: str | None, codebook:
     patient_id, issues = check_for_storage(Entry(res, rtype), codebook)
     if issues:
         raise FhirError(422, issues)
-    return repository.upsert_resource(session, res, patient_id)
+    return _upsert(session, res, patient_id)
+
+
+def _upsert(session: Session, res: dict[str, Any], patient_id: str | None) -> repository.WriteOutcome:
+    key = version_key(res)
+    return repository.upsert_resource(session, res, patient_id, lambda vid, updated: key > version_key_of(vid, updated))
 
 
 def evaluate_stored(
@@ -162,5 +168,23 @@ def store_evaluation(
     session: Session, patient_id: str, evaluation: Evaluation, settings: Settings, recorded: datetime
 ) -> None:
     """Upsert the RiskAssessments and Provenance and enqueue their write-back, in `session`."""
-    repository.save_emitted(session, patient_id, evaluation.resources, settings.canonical_base)
+    base = settings.canonical_base
+    emitted = [repository.Emitted(r, *index_fields(r, base)) for r in evaluation.resources]
+    repository.save_emitted(session, patient_id, emitted)
     enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded)  # same transaction
+
+
+def enqueue_writeback(
+    session: Session, patient_id: str, resources: list[dict[str, Any]], settings: Settings, now: datetime
+) -> int:
+    """With a write-back target configured, add the evaluation's outbox rows to `session` (the
+    caller's transaction: they commit with the stored RiskAssessments or not at all)."""
+    if settings.writeback_target is None:
+        return 0
+    mode: Mode = "conditional" if settings.writeback_mode == "conditional" else "id"
+    bundles = transaction_bundles(
+        resources, settings.canonical_base, mode=mode, max_entries=settings.writeback_max_bundle_entries
+    )
+    for bundle in bundles:
+        outbox.enqueue(session, patient_id, settings.writeback_target, bundle, now)
+    return len(bundles)

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from .api.app import create_app
-from .settings import Settings
+from ..api.app import create_app
+from ..config.settings import Settings
 from .synth import generate_cohort
 
 WHY_WIDTH = 58

@@ -1,8 +1,8 @@
-"""CDS Hooks 2.0 (https://cds-hooks.hl7.org/2.0/): discovery, request checks and cards.
+"""CDS Hooks 2.0 cards (https://cds-hooks.hl7.org/2.0/) from an Evaluation.
 
-No HTTP and no database here: the routes (service/api/cds.py) fetch and evaluate, this module
-turns an Evaluation into cards. A card states the current ASTCT grades; an indeterminate grade
-names the missing data and never reads as "no CRS".
+No HTTP and no database here: service.py fetches and evaluates, this module turns an
+Evaluation into cards. A card states the current ASTCT grades; an indeterminate grade names the
+missing data and never reads as "no CRS".
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from .codebook import Codebook
-from .core.astct import CRS_METHOD, ICANS_METHOD
-from .core.model import GradeResult
-from .core.scores import PRODUCT_RATES
-from .evaluate import Evaluation
+from ..app.evaluate import Evaluation
+from ..core.astct import CRS_METHOD, ICANS_METHOD
+from ..core.model import GradeResult
+from ..core.scores import PRODUCT_RATES
 
 PATIENT_VIEW = "iectox-patient-view"
 ORDER_SELECT = "iectox-order-select"
@@ -27,57 +26,14 @@ ORDER_CONCEPTS = {
     "dexamethasone": "a corticosteroid (dexamethasone)",
     "methylprednisolone": "a corticosteroid (methylprednisolone)",
 }
-# Prefetch keys and what each holds; every key is fetched from fhirServer when missing.
-PREFETCH_KEYS = ("patient", "observations", "medications", "conditions", "procedures")
 
 
-def prefetch_templates(observation_codes: list[str]) -> dict[str, str]:
-    return {
-        "patient": "Patient/{{context.patientId}}",
-        "observations": "Observation?patient={{context.patientId}}&code=" + ",".join(observation_codes),
-        "medications": "MedicationAdministration?patient={{context.patientId}}",
-        "conditions": "Condition?patient={{context.patientId}}",
-        "procedures": "Procedure?patient={{context.patientId}}",
-    }
+class Order(NamedTuple):
+    """A selected draft order that matters here: its concept, product (CAR T) and reference."""
 
-
-def discovery(observation_codes: list[str]) -> dict[str, Any]:
-    prefetch = prefetch_templates(observation_codes)
-    return {
-        "services": [
-            {
-                "hook": "patient-view",
-                "id": PATIENT_VIEW,
-                "title": "CRS and ICANS grades (ASTCT 2019)",
-                "description": "Current CRS and ICANS grades after immune effector cell therapy, the deciding values, "
-                "and the pre-infusion risk scores.",
-                "prefetch": prefetch,
-                "usageRequirements": "Read access to Patient, Observation, MedicationAdministration, Condition and "
-                "Procedure (prefetch, or fhirAuthorization with system/ or user/ read scopes).",
-            },
-            {
-                "hook": "order-select",
-                "id": ORDER_SELECT,
-                "title": "CAR T / tocilizumab / corticosteroid order: baseline risk and current grades",
-                "description": "When a CAR T-cell product, tocilizumab or a corticosteroid is selected: the product's "
-                "published baseline CRS and neurotoxicity rates and the current grades.",
-                "prefetch": prefetch,
-            },
-        ]
-    }
-
-
-def resources_of(value: Any) -> list[dict[str, Any]]:
-    """The resources of one prefetch value: a resource, a Bundle (searchset), or null."""
-    if not isinstance(value, dict):
-        return []
-    if value.get("resourceType") == "Bundle":
-        return [
-            e["resource"]
-            for e in value.get("entry") or ()
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        ]
-    return [value] if isinstance(value.get("resourceType"), str) else []
+    concept: str
+    product: str | None
+    ref: str
 
 
 _FLOOR = re.compile(r"^Indeterminate: .*; at least grade (\d) from the data present")
@@ -196,33 +152,7 @@ def patient_view_cards(ev: Evaluation, ctx: CardContext) -> list[dict[str, Any]]
     return [_card(summary, detail, indicator([crs, icans]), ctx)]
 
 
-def ordered_concepts(context: dict[str, Any], codebook: Codebook) -> list[tuple[str, str | None, str]]:
-    """(concept, product, order reference) of the selected draft orders that matter here."""
-    selections = {s for s in context.get("selections") or () if isinstance(s, str)}
-    found = []
-    for res in resources_of(context.get("draftOrders")):
-        ref = f"{res.get('resourceType')}/{res.get('id')}"
-        if selections and ref not in selections:
-            continue
-        cc = res.get("medicationCodeableConcept") or res.get("code")
-        if not isinstance(cc, dict):
-            continue
-        codings = [
-            (c["system"], c["code"])
-            for c in cc.get("coding") or ()
-            if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
-        ]
-        text = cc.get("text") if isinstance(cc.get("text"), str) else None
-        concept = codebook.concept_for(codings, text)
-        if concept in ORDER_CONCEPTS:
-            product = codebook.value_for(concept, codings, text) if concept == "cart-infusion" else None
-            found.append((concept, product, ref))
-    return found
-
-
-def order_select_cards(
-    ev: Evaluation, ctx: CardContext, orders: list[tuple[str, str | None, str]], indications: list[str]
-) -> list[dict[str, Any]]:
+def order_select_cards(ev: Evaluation, ctx: CardContext, orders: list[Order]) -> list[dict[str, Any]]:
     crs, icans = _current(ev)
     what = ", ".join(dict.fromkeys(ORDER_CONCEPTS[c] for c, _, _ in orders))
     detail = [f"Order selected: {what}."]
@@ -231,8 +161,8 @@ def order_select_cards(
         if concept != "cart-infusion":
             continue
         rows = [r for r in PRODUCT_RATES if r.product == product]
-        if indications:
-            rows = [r for r in rows if r.indication in indications] or rows
+        if ev.indications:
+            rows = [r for r in rows if r.indication in ev.indications] or rows
         if not rows:
             detail.append("Product baseline: the product is not in the published table (Brudno 2024, Table 1).")
             continue

@@ -25,14 +25,8 @@ a transaction, identifier values included.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
-
-from sqlmodel import Session
-
-from .settings import Settings
-from .storage import outbox
 
 Mode = Literal["id", "conditional"]
 
@@ -124,19 +118,3 @@ def conditional_bundles(
             )
         bundles.append(_transaction(entries))
     return bundles
-
-
-def enqueue_writeback(
-    session: Session, patient_id: str, resources: list[dict[str, Any]], settings: Settings, now: datetime
-) -> int:
-    """With a write-back target configured, add the evaluation's outbox rows to `session` (the
-    caller's transaction: they commit with the stored RiskAssessments or not at all)."""
-    if settings.writeback_target is None:
-        return 0
-    mode: Mode = "conditional" if settings.writeback_mode == "conditional" else "id"
-    bundles = transaction_bundles(
-        resources, settings.canonical_base, mode=mode, max_entries=settings.writeback_max_bundle_entries
-    )
-    for bundle in bundles:
-        outbox.enqueue(session, patient_id, settings.writeback_target, bundle, now)
-    return len(bundles)

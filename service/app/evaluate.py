@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from .codebook import Codebook
-from .core.astct import (
+from ..codebook import Codebook
+from ..config.settings import Settings
+from ..core.astct import (
     CRS_METHOD,
     CRS_SCALE,
     ICANS_METHOD,
@@ -18,12 +19,12 @@ from .core.astct import (
     grade_crs,
     grade_icans,
 )
-from .core.config import ATLANTA_FIO2_POINTS, OlderConfig
-from .core.course import Course, CourseConfig, course_of
-from .core.model import GradeResult, PatientData
-from .core.older import CRES_METHOD, CRES_SCALE, CRS_SCALES, Facts, facts_at, grade_cres, grade_scale
-from .core.scores import ScoreConfig, ScoreResult, all_scores
-from .fhir.emit import (
+from ..core.config import ATLANTA_FIO2_POINTS, OlderConfig
+from ..core.course import Course, CourseConfig, course_of
+from ..core.model import GradeResult, PatientData
+from ..core.older import CRES_METHOD, CRES_SCALE, CRS_SCALES, Facts, facts_at, grade_cres, grade_scale
+from ..core.scores import ScoreConfig, ScoreResult, all_scores
+from ..fhir.emit import (
     collection,
     course_assessment,
     course_parameters,
@@ -32,9 +33,8 @@ from .fhir.emit import (
     score_assessment,
     validate_emitted,
 )
-from .fhir.errors import FhirError
-from .fhir.ingest import Entry, load_json, parse_patient_entries, split_entries
-from .settings import Settings
+from ..fhir.errors import FhirError
+from ..fhir.ingest import Entry, load_json, parse_patient_entries, split_entries
 
 EVALUATE_BUNDLE_TYPES = frozenset({"collection", "batch", "transaction", "searchset"})
 
@@ -133,6 +133,7 @@ class Evaluation:
     scores: list[ScoreResult]
     assessments: list[dict[str, Any]]
     provenance: dict[str, Any]
+    indications: list[str]  # the codebook indication values of the patient's Conditions
 
     @property
     def resources(self) -> list[dict[str, Any]]:
@@ -183,7 +184,10 @@ def evaluate_entries(
     inputs += [ref for s in scores for ref in s.basis]
     prov = provenance(assessments, inputs, base, recorded)
     validate_emitted([*assessments, prov])
-    return Evaluation(data.patient_ref, at, results, [c for c, _ in course_results], scores, assessments, prov)
+    indications = sorted({value for value, _ in data.indications})
+    return Evaluation(
+        data.patient_ref, at, results, [c for c, _ in course_results], scores, assessments, prov, indications
+    )
 
 
 def evaluate_body(

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .core.config import HighDoseRule
-from .ehr.client import FhirServerConfig
+from ..core.config import HighDoseRule
+from .ehr import FhirServerConfig
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,253 @@
+"""CDS Hooks services: the registry, discovery, prefetch (or fetch from the EHR), evaluate, cards.
+
+What lives here: everything a hook call does between the parsed request and the cards. What
+never does: HTTP (service/api/cds.py parses and responds) or card wording (cards.py).
+A hook's data come from the prefetch when it has every key; what is missing is read from
+fhirServer, which must be a configured EHR server (no SSRF); 412 when neither has them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Engine
+
+from ..app.evaluate import Evaluation
+from ..codebook import Codebook
+from ..config.ehr import FhirServerConfig
+from ..config.settings import Settings
+from ..ehr.client import FhirClient
+from ..ehr.errors import EhrError
+from ..ehr.sync import observation_codes, store_and_evaluate
+from ..fhir.errors import FhirError
+from ..fhir.ingest import FHIR_ID
+from ..storage.models import AuditEvent
+from .cards import (
+    ORDER_CONCEPTS,
+    ORDER_SELECT,
+    PATIENT_VIEW,
+    CardContext,
+    Order,
+    order_select_cards,
+    patient_view_cards,
+)
+from .schemas import CdsResponse, HookRequest
+
+# Prefetch keys and what each holds; every key is fetched from fhirServer when missing.
+PREFETCH_KEYS = ("patient", "observations", "medications", "conditions", "procedures")
+
+
+def prefetch_templates(observation_codes: list[str]) -> dict[str, str]:
+    return {
+        "patient": "Patient/{{context.patientId}}",
+        "observations": "Observation?patient={{context.patientId}}&code=" + ",".join(observation_codes),
+        "medications": "MedicationAdministration?patient={{context.patientId}}",
+        "conditions": "Condition?patient={{context.patientId}}",
+        "procedures": "Procedure?patient={{context.patientId}}",
+    }
+
+
+def resources_of(value: Any) -> list[dict[str, Any]]:
+    """The resources of one prefetch value: a resource, a Bundle (searchset), or null."""
+    if not isinstance(value, dict):
+        return []
+    if value.get("resourceType") == "Bundle":
+        return [
+            e["resource"]
+            for e in value.get("entry") or ()
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        ]
+    return [value] if isinstance(value.get("resourceType"), str) else []
+
+
+def ordered_concepts(context: dict[str, Any], codebook: Codebook) -> list[Order]:
+    """(concept, product, order reference) of the selected draft orders that matter here."""
+    selections = {s for s in context.get("selections") or () if isinstance(s, str)}
+    found = []
+    for res in resources_of(context.get("draftOrders")):
+        ref = f"{res.get('resourceType')}/{res.get('id')}"
+        if selections and ref not in selections:
+            continue
+        cc = res.get("medicationCodeableConcept") or res.get("code")
+        if not isinstance(cc, dict):
+            continue
+        codings = [
+            (c["system"], c["code"])
+            for c in cc.get("coding") or ()
+            if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)
+        ]
+        text = cc.get("text") if isinstance(cc.get("text"), str) else None
+        concept = codebook.concept_for(codings, text)
+        if concept in ORDER_CONCEPTS:
+            product = codebook.value_for(concept, codings, text) if concept == "cart-infusion" else None
+            found.append(Order(concept, product, ref))
+    return found
+
+
+CardBuilder = Callable[[Evaluation, CardContext, list[Order]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class HookService:
+    """One CDS service: discovery, the 404 and the dispatch all read this registry."""
+
+    id: str
+    hook: str
+    title: str
+    description: str
+    cards: CardBuilder
+    needs_orders: bool = False  # order-select: no card unless a selected order matters here
+    usage: str | None = None
+
+
+SERVICES: dict[str, HookService] = {
+    s.id: s
+    for s in (
+        HookService(
+            PATIENT_VIEW,
+            "patient-view",
+            "CRS and ICANS grades (ASTCT 2019)",
+            "Current CRS and ICANS grades after immune effector cell therapy, the deciding values, "
+            "and the pre-infusion risk scores.",
+            lambda ev, ctx, _orders: patient_view_cards(ev, ctx),
+            usage="Read access to Patient, Observation, MedicationAdministration, Condition and "
+            "Procedure (prefetch, or fhirAuthorization with system/ or user/ read scopes).",
+        ),
+        HookService(
+            ORDER_SELECT,
+            "order-select",
+            "CAR T / tocilizumab / corticosteroid order: baseline risk and current grades",
+            "When a CAR T-cell product, tocilizumab or a corticosteroid is selected: the product's "
+            "published baseline CRS and neurotoxicity rates and the current grades.",
+            order_select_cards,
+            needs_orders=True,
+        ),
+    )
+}
+
+
+def discovery(observation_codes: list[str]) -> dict[str, Any]:
+    prefetch = prefetch_templates(observation_codes)
+    services = []
+    for s in SERVICES.values():
+        entry: dict[str, Any] = {
+            "hook": s.hook,
+            "id": s.id,
+            "title": s.title,
+            "description": s.description,
+            "prefetch": prefetch,
+        }
+        if s.usage:
+            entry["usageRequirements"] = s.usage
+        services.append(entry)
+    return {"services": services}
+
+
+def service_for(service_id: str) -> HookService:
+    service = SERVICES.get(service_id)
+    if service is None:
+        raise FhirError.one(404, "not-found", f"no CDS service {service_id!r}", "service_id")
+    return service
+
+
+def _failed(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
+
+
+def _server_for(url: str | None, settings: Settings) -> tuple[str, FhirServerConfig]:
+    """The configured EHR server whose base URL is `fhirServer` (never an arbitrary URL: no SSRF,
+    no token sent to a server the site did not configure)."""
+    if url:
+        for name, server in settings.ehr_servers.items():
+            if server.base_url.rstrip("/") == url.rstrip("/"):
+                return name, server
+    raise FhirError.one(
+        412, "not-found", "the data are not in the prefetch and fhirServer is not a configured EHR server", "fhirServer"
+    )
+
+
+async def _fetch_missing(
+    req: HookRequest, patient_id: str, missing: list[str], settings: Settings, codebook: Codebook
+) -> tuple[str, list[dict[str, Any]]]:
+    target, server = _server_for(req.fhirServer, settings)
+    token = req.fhirAuthorization.access_token if req.fhirAuthorization else None
+    searches = {
+        "observations": ("Observation", {"patient": patient_id, "code": ",".join(observation_codes(codebook))}),
+        "medications": ("MedicationAdministration", {"patient": patient_id}),
+        "conditions": ("Condition", {"patient": patient_id}),
+        "procedures": ("Procedure", {"patient": patient_id}),
+    }
+    out: list[dict[str, Any]] = []
+    try:
+        async with FhirClient(server, token=token) as client:
+            for key in missing:
+                if key == "patient":
+                    patient = await client.read("Patient", patient_id)
+                    out += [patient] if patient else []
+                else:
+                    rtype, params = searches[key]
+                    out += await client.search(rtype, dict(params))
+    except EhrError as exc:
+        raise FhirError.one(
+            412,
+            "transient",
+            f"the missing data could not be fetched from fhirServer ({type(exc).__name__})",
+            "fhirServer",
+        ) from None
+    return target, out
+
+
+@dataclass(frozen=True)
+class HookCall:
+    """What the route hands over: the parsed request, who called, and where the course lives."""
+
+    service: HookService
+    request: HookRequest
+    actor: str
+    public_base: str
+
+
+async def call_hook(
+    call: HookCall, settings: Settings, codebook: Codebook, engine: Engine, now: datetime
+) -> CdsResponse:
+    """Prefetch or fetch -> store -> evaluate -> enqueue -> cards, for one hook call."""
+    service, req = call.service, call.request
+    if req.hook != service.hook:
+        raise FhirError.one(400, "value", f"this service answers the {service.hook} hook", "hook")
+    patient_id = req.context.get("patientId")
+    if not isinstance(patient_id, str) or not FHIR_ID.fullmatch(patient_id):
+        raise FhirError.one(400, "required", "context.patientId (a FHIR id) is required", "context.patientId")
+    orders = ordered_concepts(req.context, codebook) if service.needs_orders else []
+    if service.needs_orders and not orders:
+        return CdsResponse(cards=[])
+    prefetch = req.prefetch or {}
+    # A key the EHR did not fill is absent (or carries an OperationOutcome): fetch it. null = no data.
+    missing = [key for key in PREFETCH_KEYS if key not in prefetch or _failed(prefetch[key])]
+    resources = [r for key in PREFETCH_KEYS if key not in missing for r in resources_of(prefetch[key])]
+    target: str | None = None
+    if missing:
+        target, fetched = await _fetch_missing(req, patient_id, missing, settings, codebook)
+        resources += fetched
+    if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
+        raise FhirError.one(
+            412, "not-found", "the Patient is neither in the prefetch nor on fhirServer", "context.patientId"
+        )
+    # The audit trail middleware covers /fhir; a hook reads and writes a patient too.
+    audit = AuditEvent(
+        recorded=now,
+        actor=call.actor,
+        action="hook",
+        route=f"/cds-services/{service.id}",
+        patient_id=patient_id,
+        status=200,
+    )
+    evaluation, _ = await run_in_threadpool(
+        store_and_evaluate, engine, patient_id, resources, codebook, settings, now, target=target, audit=audit
+    )
+    assert evaluation is not None  # the Patient is among the resources (checked above)
+    ctx = CardContext(patient_id, f"{call.public_base.rstrip('/')}/fhir/Patient/{patient_id}/$course")
+    return CdsResponse(cards=service.cards(evaluation, ctx, orders))
