@@ -1,9 +1,13 @@
-"""Client side of the EHR integration: an async FHIR R4 client with SMART Backend Services.
+"""Everything that talks out to an EHR's FHIR server.
 
 ``FhirClient`` (``client.py``) reads, searches (with paging), fetches a patient's grading
-inputs and posts transactions, with retries; ``smart.py`` obtains and caches access tokens.
-Servers are configured in ``Settings.ehr_servers`` (env ``IECTOX_EHR_SERVERS``, JSON); the
-entry named ``"default"`` is the default target.
+inputs and posts transactions, with retries; ``smart.py`` obtains and caches SMART Backend
+Services tokens; ``sync.py`` brings a patient in (fetch -> store -> evaluate -> enqueue);
+``notifications.py`` parses subscription notifications; ``poll.py`` is the reconciliation
+poll; ``worker.py`` delivers the outbox. Servers are configured in ``Settings.ehr_servers``
+(``service.config.FhirServerConfig``); the entry named ``"default"`` is the default target.
+
+What never lives here: grading rules, HTTP routes, inbound auth.
 """
 
 from __future__ import annotations
