@@ -73,9 +73,11 @@ def store_resources(session: Session, resources: list[dict[str, Any]], codebook:
 
 
 def _unchanged(session: Session, evaluation: Evaluation) -> bool:
+    """Whether every RiskAssessment of the evaluation is stored as computed (one query)."""
+    stored = repository.emitted_by_id(session, "RiskAssessment", [ra["id"] for ra in evaluation.assessments])
     for ra in evaluation.assessments:
-        stored = repository.get_emitted(session, "RiskAssessment", ra["id"])
-        if stored is None or {k: v for k, v in stored.items() if k != "meta"} != ra:
+        found = stored.get(ra["id"])
+        if found is None or {k: v for k, v in found.items() if k != "meta"} != ra:
             return False
     return True
 
