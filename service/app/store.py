@@ -148,8 +148,10 @@ def evaluate_stored(
     recorded: datetime,
     *,
     store: bool = True,
+    fallback_at: datetime | None = None,
 ) -> Evaluation:
     """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
+    Without `at` and without timed input, grade at `fallback_at` (the Evaluation is `untimed`).
 
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
@@ -158,7 +160,7 @@ def evaluate_stored(
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
-    evaluation = evaluate_entries(entries, codebook, settings, at, recorded)
+    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at)
     if store:
         store_evaluation(session, patient_id, evaluation, settings, recorded)
     return evaluation

@@ -20,7 +20,6 @@ from ..app.evaluate import Evaluation
 from ..app.store import evaluate_stored, store_bundle, store_evaluation
 from ..codebook import Codebook
 from ..config.settings import Settings
-from ..fhir.errors import FhirError
 from ..storage import repository
 from ..storage.models import AuditEvent, WatchedPatient
 from .client import FhirClient
@@ -86,15 +85,17 @@ def evaluate_patient(
     session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime
 ) -> tuple[Evaluation, bool]:
     """Evaluate the stored data; store and enqueue only when something changed.
-    Returns the evaluation and whether it was new."""
-    try:
-        evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False)
-    except FhirError as exc:
-        if exc.status != 422 or not any(i.expression == "at" for i in exc.issues):
-            raise
+    Returns the evaluation and whether it was new.
+
+    The evaluation reads the patient back from storage rather than grading what was just fetched:
+    the stored record may hold more than this fetch (a CDS prefetch or a poll delta carries only
+    part of it; inputs may have been posted to the API) and keeps the newer version of a resource.
+    """
+    evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False, fallback_at=now)
+    if evaluation.untimed:
         # No timed input yet (a Patient and nothing else): every grade is indeterminate at `now`;
         # shown to the caller, never stored (its time, hence its ids, would change every call).
-        return evaluate_stored(session, patient_id, codebook, settings, now, now, store=False), False
+        return evaluation, False
     if _unchanged(session, evaluation):
         return evaluation, False
     store_evaluation(session, patient_id, evaluation, settings, now)
