@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from ..app.evaluate import Evaluation
-from ..app.store import evaluate_stored, store_bundle, store_evaluation
+from ..app.store import evaluate_stored, store_evaluation, store_resources
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..storage import repository
@@ -49,26 +49,13 @@ async def fetch_patient(client: FhirClient, patient_id: str, codebook: Codebook)
     return await client.patient_data(patient_id, observation_codes=observation_codes(codebook))
 
 
-def _batch(resources: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+def _readable(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources of the types the service reads, with an id (anything else is ignored)."""
+    return [
+        r
         for r in resources
         if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES and isinstance(r.get("id"), str)
     ]
-    return {"resourceType": "Bundle", "type": "batch", "entry": entries}
-
-
-def store_resources(session: Session, resources: list[dict[str, Any]], codebook: Codebook, settings: Settings) -> int:
-    """Store what was read (a batch: an invalid resource is skipped, never the others).
-    Returns how many entries were rejected."""
-    doc = _batch(resources)
-    if not doc["entry"]:
-        return 0
-    out = store_bundle(session, doc, codebook, max(settings.max_bundle_entries, len(doc["entry"])))
-    rejected = sum(1 for e in out["entry"] if not str(e["response"]["status"]).startswith("2"))
-    if rejected:
-        log.warning("sync: %d resources rejected (invalid for grading)", rejected)
-    return rejected
 
 
 def _unchanged(session: Session, evaluation: Evaluation) -> bool:
@@ -117,7 +104,9 @@ def store_and_evaluate(
     Only a patient the EHR returned is evaluated and watched (an unknown id would be re-read
     every pass). Returns the evaluation (None without the Patient) and whether it was new."""
     with Session(engine, expire_on_commit=False) as session:
-        store_resources(session, resources, codebook, settings)
+        stored = store_resources(session, _readable(resources), codebook)
+        if stored.rejected:  # a count only: no patient ids or clinical values in the log
+            log.warning("sync: %d resources rejected (invalid for grading)", stored.rejected)
         evaluation, changed = None, False
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
             evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now)
