@@ -1,18 +1,22 @@
-"""Bring one patient in from the EHR: fetch (or take from a CDS prefetch), store, evaluate, enqueue.
+"""Bring patients in from the EHR: fetch (or take from a CDS prefetch), store, evaluate, enqueue.
 
-Used by the CDS Hooks services, the subscription notification endpoint and the reconciliation
-poll. Idempotent: storing is idempotent on id + meta.versionId, the evaluation time defaults to
-the latest input time (so the same data give the same RiskAssessment ids), and an evaluation
-whose RiskAssessments are already stored unchanged is neither stored again nor re-enqueued.
+Used by the CDS Hooks services, the subscription notifications (`sync_notification`) and the
+reconciliation poll. Idempotent: storing is idempotent on id + meta.versionId, the evaluation
+time defaults to the latest input time (so the same data give the same RiskAssessment ids), and
+an evaluation whose RiskAssessments are already stored unchanged is neither stored again nor
+re-enqueued.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -20,9 +24,13 @@ from ..app.evaluate import Evaluation
 from ..app.store import evaluate_stored, store_evaluation, store_resources
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..fhir.errors import FhirError
 from ..storage import repository
 from ..storage.models import AuditEvent, WatchedPatient
+from . import server_config
 from .client import FhirClient
+from .errors import EhrError
+from .notifications import Notification, patient_of, split_reference
 
 log = logging.getLogger("iectox.sync")
 
@@ -116,6 +124,60 @@ def store_and_evaluate(
             repository.add_audit_event(session, audit)
         session.commit()
     return evaluation, changed
+
+
+async def sync_patients(
+    client: FhirClient,
+    engine: Engine,
+    target: str,
+    patient_ids: Iterable[str],
+    codebook: Codebook,
+    settings: Settings,
+    clock: Callable[[], datetime],
+) -> int:
+    """Read, store and evaluate each patient. Returns how many evaluations were new."""
+    new = 0
+    for pid in sorted(set(patient_ids)):
+        resources = await fetch_patient(client, pid, codebook)
+        _, changed = await run_in_threadpool(
+            partial(store_and_evaluate, target=target), engine, pid, resources, codebook, settings, clock()
+        )
+        new += changed
+    return new
+
+
+@dataclass(frozen=True)
+class NotificationSync:
+    patients: int  # how many patients were read, stored and evaluated
+    new: int  # how many of their evaluations were new
+
+
+async def sync_notification(
+    note: Notification, engine: Engine, codebook: Codebook, settings: Settings, clock: Callable[[], datetime]
+) -> NotificationSync:
+    """An event notification: read its focus resources to find their patients, then sync every
+    patient it names from the EHR `subscription_target`. FhirError 503 when that server is not
+    configured or cannot be read (the sender retries; the poll catches up)."""
+    target = settings.subscription_target
+    try:
+        server = server_config(settings, target)
+    except KeyError:
+        raise FhirError.one(503, "transient", f"no EHR server {target!r} configured (IECTOX_EHR_SERVERS)") from None
+    patient_ids = set(note.patient_ids)
+    try:
+        async with FhirClient(server) as client:
+            for ref in note.focus:
+                focus = split_reference(ref)
+                res = await client.read(*focus) if focus else None
+                pid = patient_of(res) if res else None
+                if pid:
+                    patient_ids.add(pid)
+            new = await sync_patients(client, engine, target, patient_ids, codebook, settings, clock)
+    except (EhrError, ValueError) as exc:
+        log.warning("notification: EHR read failed (%s)", type(exc).__name__)
+        raise FhirError.one(503, "transient", "the EHR could not be read; retry later") from None
+    log.info("notification: %d events, %d patients, %d new evaluations", note.events, len(patient_ids), new)
+    return NotificationSync(len(patient_ids), new)
 
 
 def watch(session: Session, target: str, patient_id: str, checkpoint: str | None, now: datetime) -> None:
