@@ -1,8 +1,8 @@
-"""Bring patients in from the EHR, and the reconciliation poll: the safety net for lost notifications.
+"""The reconciliation poll: the safety net for lost notifications.
 
-`sync_patients` (service/ehr/sync.py) reads each patient from the EHR, stores what was read,
-evaluates and enqueues the write-back. `reconcile_once` asks, for every watched patient, whether
-anything changed since its checkpoint (`_lastUpdated=gt<checkpoint>`) and syncs those that did.
+`reconcile_once` asks, for every watched patient, whether anything changed since its checkpoint
+(`_lastUpdated=gt<checkpoint>`) and syncs those that did (`sync_patients`, service/ehr/sync.py:
+read, store, evaluate, enqueue the write-back).
 The checkpoints live in the `watched_patient` table, so a restart resumes where it stopped.
 """
 
