@@ -134,6 +134,7 @@ class Evaluation:
     assessments: list[dict[str, Any]]
     provenance: dict[str, Any]
     indications: list[str]  # the codebook indication values of the patient's Conditions
+    untimed: bool = False  # no timed input: `at` is the caller's `fallback_at`, not a time from the data
 
     @property
     def resources(self) -> list[dict[str, Any]]:
@@ -163,11 +164,21 @@ def parse_at(raw: str | None) -> datetime | None:
 
 
 def evaluate_entries(
-    entries: list[Entry], codebook: Codebook, settings: Settings, at: datetime | None, recorded: datetime
+    entries: list[Entry],
+    codebook: Codebook,
+    settings: Settings,
+    at: datetime | None,
+    recorded: datetime,
+    *,
+    fallback_at: datetime | None = None,
 ) -> Evaluation:
+    """Grade at `at`, else at the latest input time, else at `fallback_at` (then the Evaluation
+    is `untimed`); 422 (expression "at") when there is none of the three."""
     parsed = parse_patient_entries(entries, codebook)
     data = parsed.data
     at = at or data.latest_time()
+    untimed = at is None and fallback_at is not None
+    at = at or fallback_at
     if at is None:
         raise FhirError.one(422, "required", "no timed input: give the evaluation time `at`", "at")
     grader = Grader(data, grading_config(settings))
@@ -186,7 +197,7 @@ def evaluate_entries(
     validate_emitted([*assessments, prov])
     indications = sorted({value for value, _ in data.indications})
     return Evaluation(
-        data.patient_ref, at, results, [c for c, _ in course_results], scores, assessments, prov, indications
+        data.patient_ref, at, results, [c for c, _ in course_results], scores, assessments, prov, indications, untimed
     )
 
 

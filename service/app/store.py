@@ -1,14 +1,17 @@
-"""Storing input resources: transaction / batch Bundles and single-resource create/update.
+"""Storing input resources: transaction / batch Bundles, single-resource create/update, and
+lists of resources read from an EHR.
 
 A transaction is all-or-nothing: every entry is checked before anything is written, and the
-request's database transaction commits only when the route returns.
+request's database transaction commits only when the route returns. Every path checks and
+upserts each resource the same way (`_check`, `_write`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlmodel import Session
 
@@ -23,13 +26,54 @@ from .evaluate import Evaluation, evaluate_entries
 
 WRITE_METHODS = ("POST", "PUT")
 
+Outcome = Literal["stored", "unchanged", "rejected"]
+
+
+@dataclass(frozen=True)
+class ResourceResult:
+    """What storing one resource did: `stored` (created or a new version), `unchanged` (the
+    stored version is the same or newer), or `rejected` (with the FHIRPath issues; not written)."""
+
+    resource_type: str
+    id: str
+    outcome: Outcome
+    issues: tuple[Issue, ...] = ()
+    write: repository.WriteOutcome | None = None  # None when rejected
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    results: tuple[ResourceResult, ...] = ()
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome == outcome)
+
+    @property
+    def rejected(self) -> int:
+        return self.count("rejected")
+
 
 @dataclass
-class _Write:
-    index: int
+class _Checked:
     entry: Entry
-    patient_id: str | None = None
-    issues: list[Issue] | None = None
+    patient_id: str | None
+    issues: list[Issue]
+
+
+def _check(entry: Entry, codebook: Codebook) -> _Checked:
+    patient_id, issues = check_for_storage(entry, codebook)
+    return _Checked(entry, patient_id, issues)
+
+
+def _write(session: Session, checked: _Checked) -> ResourceResult:
+    """Upsert one checked resource in its own savepoint; a resource with issues is not written."""
+    res = checked.entry.resource
+    rtype, rid = str(res.get("resourceType") or ""), str(res.get("id") or "")
+    if checked.issues:
+        return ResourceResult(rtype, rid, "rejected", tuple(checked.issues))
+    with session.begin_nested():
+        out = _upsert(session, res, checked.patient_id)
+    return ResourceResult(rtype, rid, "stored" if out.changed else "unchanged", write=out)
 
 
 def _rewrite(node: Any, refs: dict[str, str]) -> Any:
@@ -44,13 +88,13 @@ def _rewrite(node: Any, refs: dict[str, str]) -> Any:
     return node
 
 
-def _plan(doc: dict[str, Any], max_entries: int) -> list[_Write]:
+def _plan(doc: dict[str, Any], max_entries: int) -> list[Entry]:
     raw = doc.get("entry") or []
     if not isinstance(raw, list):
         raise FhirError.one(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
     if len(raw) > max_entries:
         raise FhirError.one(413, "too-long", f"{len(raw)} entries; the limit is {max_entries}", "Bundle.entry")
-    writes: list[_Write] = []
+    writes: list[Entry] = []
     refs: dict[str, str] = {}
     issues: list[Issue] = []
     for i, e in enumerate(raw):
@@ -84,42 +128,48 @@ def _plan(doc: dict[str, Any], max_entries: int) -> list[_Write]:
         res = {**res, "id": rid}
         if isinstance(e.get("fullUrl"), str):
             refs[e["fullUrl"]] = f"{rtype}/{rid}"
-        writes.append(_Write(i, Entry(res, f"{path}.resource", e.get("fullUrl"))))
+        writes.append(Entry(res, f"{path}.resource", e.get("fullUrl")))
     if issues:
         raise FhirError(422, issues)
-    for w in writes:
-        w.entry.resource = _rewrite(w.entry.resource, refs) if refs else w.entry.resource
+    if refs:
+        for w in writes:
+            w.resource = _rewrite(w.resource, refs)
     return writes
 
 
 def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, max_entries: int) -> dict[str, Any]:
+    """The HTTP API's `POST /fhir`: a transaction or batch Bundle in, its FHIR response Bundle out."""
     btype = doc.get("type")
     if btype not in ("transaction", "batch"):
         raise FhirError.one(422, "value", "POST /fhir takes a transaction or batch Bundle", "Bundle.type")
-    writes = _plan(doc, max_entries)
-    for w in writes:
-        w.patient_id, w.issues = check_for_storage(w.entry, codebook)
+    checked = [_check(entry, codebook) for entry in _plan(doc, max_entries)]
     if btype == "transaction":
-        problems = [i for w in writes for i in w.issues or ()]
+        problems = [i for c in checked for i in c.issues]
         if problems:
             raise FhirError(422, problems[:50])
-    entries = []
-    for w in writes:
-        if w.issues:
-            entries.append({"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome(w.issues)}})
-            continue
-        with session.begin_nested():
-            out = _upsert(session, w.entry.resource, w.patient_id)
-        entries.append(
-            {
-                "response": {
-                    "status": out.status,
-                    "location": f"{out.resource_type}/{out.id}/_history/{out.version_id}",
-                    "etag": f'W/"{out.version_id}"',
-                }
-            }
-        )
+    entries = [_response_entry(_write(session, c)) for c in checked]
     return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}
+
+
+def _response_entry(result: ResourceResult) -> dict[str, Any]:
+    out = result.write
+    if out is None:
+        return {"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome(list(result.issues))}}
+    return {
+        "response": {
+            "status": out.status,
+            "location": f"{out.resource_type}/{out.id}/_history/{out.version_id}",
+            "etag": f'W/"{out.version_id}"',
+        }
+    }
+
+
+def store_resources(session: Session, resources: Iterable[dict[str, Any]], codebook: Codebook) -> StoreResult:
+    """Store resources as read from a FHIR server (ids kept, nothing rewritten), each on its own:
+    an invalid resource is rejected, never the others. No limit on their number."""
+    return StoreResult(
+        tuple(_write(session, _check(Entry(r, str(r.get("resourceType"))), codebook)) for r in resources)
+    )
 
 
 def store_one(session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook) -> repository.WriteOutcome:
@@ -128,10 +178,10 @@ def store_one(session: Session, res: Any, rtype: str, rid: str | None, codebook:
     if rid is not None and res.get("id") not in (None, rid):
         raise FhirError.one(400, "value", "body id differs from the id in the URL", f"{rtype}.id")
     res = {**res, "id": rid or res.get("id") or repository.new_id()}
-    patient_id, issues = check_for_storage(Entry(res, rtype), codebook)
-    if issues:
-        raise FhirError(422, issues)
-    return _upsert(session, res, patient_id)
+    checked = _check(Entry(res, rtype), codebook)
+    if checked.issues:
+        raise FhirError(422, checked.issues)
+    return _upsert(session, res, checked.patient_id)
 
 
 def _upsert(session: Session, res: dict[str, Any], patient_id: str | None) -> repository.WriteOutcome:
@@ -148,8 +198,10 @@ def evaluate_stored(
     recorded: datetime,
     *,
     store: bool = True,
+    fallback_at: datetime | None = None,
 ) -> Evaluation:
     """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
+    Without `at` and without timed input, grade at `fallback_at` (the Evaluation is `untimed`).
 
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
@@ -158,7 +210,7 @@ def evaluate_stored(
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
-    evaluation = evaluate_entries(entries, codebook, settings, at, recorded)
+    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at)
     if store:
         store_evaluation(session, patient_id, evaluation, settings, recorded)
     return evaluation

@@ -1,8 +1,8 @@
-"""Bring patients in from the EHR, and the reconciliation poll: the safety net for lost notifications.
+"""The reconciliation poll: the safety net for lost notifications.
 
-`sync_patients` reads each patient from the EHR, stores what was read, evaluates and enqueues the
-write-back (service/ehr/sync.py). `reconcile_once` asks, for every watched patient, whether
-anything changed since its checkpoint (`_lastUpdated=gt<checkpoint>`) and syncs those that did.
+`reconcile_once` asks, for every watched patient, whether anything changed since its checkpoint
+(`_lastUpdated=gt<checkpoint>`) and syncs those that did (`sync_patients`, service/ehr/sync.py:
+read, store, evaluate, enqueue the write-back).
 The checkpoints live in the `watched_patient` table, so a restart resumes where it stopped.
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime
-from functools import partial
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
@@ -21,30 +20,11 @@ from sqlmodel import Session, select
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..storage.models import WatchedPatient
+from . import server_config
 from .client import EhrError, FhirClient
-from .sync import fetch_patient, high_water, instant_key, observation_codes, store_and_evaluate
+from .sync import high_water, instant_key, observation_codes, sync_patients
 
 log = logging.getLogger("iectox.poll")
-
-
-async def sync_patients(
-    client: FhirClient,
-    engine: Engine,
-    target: str,
-    patient_ids: Iterable[str],
-    codebook: Codebook,
-    settings: Settings,
-    clock: Callable[[], datetime],
-) -> int:
-    """Read, store and evaluate each patient. Returns how many evaluations were new."""
-    new = 0
-    for pid in sorted(set(patient_ids)):
-        resources = await fetch_patient(client, pid, codebook)
-        _, changed = await run_in_threadpool(
-            partial(store_and_evaluate, target=target), engine, pid, resources, codebook, settings, clock()
-        )
-        new += changed
-    return new
 
 
 def watched(engine: Engine, target: str) -> list[WatchedPatient]:
@@ -82,8 +62,9 @@ async def run_poll(
 ) -> int:
     """`iectox poll`: reconcile the watched patients every `poll_interval_s` (or once)."""
     target = settings.subscription_target
-    server = settings.ehr_servers.get(target)
-    if server is None:
+    try:
+        server = server_config(settings, target)
+    except KeyError:
         log.error("poll: no EHR server %r configured (IECTOX_EHR_SERVERS)", target)
         return 2
     async with FhirClient(server) as client:

@@ -1,29 +1,36 @@
-"""Bring one patient in from the EHR: fetch (or take from a CDS prefetch), store, evaluate, enqueue.
+"""Bring patients in from the EHR: fetch (or take from a CDS prefetch), store, evaluate, enqueue.
 
-Used by the CDS Hooks services, the subscription notification endpoint and the reconciliation
-poll. Idempotent: storing is idempotent on id + meta.versionId, the evaluation time defaults to
-the latest input time (so the same data give the same RiskAssessment ids), and an evaluation
-whose RiskAssessments are already stored unchanged is neither stored again nor re-enqueued.
+Used by the CDS Hooks services, the subscription notifications (`sync_notification`) and the
+reconciliation poll. Idempotent: storing is idempotent on id + meta.versionId, the evaluation
+time defaults to the latest input time (so the same data give the same RiskAssessment ids), and
+an evaluation whose RiskAssessments are already stored unchanged is neither stored again nor
+re-enqueued.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from ..app.evaluate import Evaluation
-from ..app.store import evaluate_stored, store_bundle, store_evaluation
+from ..app.store import evaluate_stored, store_evaluation, store_resources
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..fhir.errors import FhirError
 from ..storage import repository
 from ..storage.models import AuditEvent, WatchedPatient
+from . import server_config
 from .client import FhirClient
+from .errors import EhrError
+from .notifications import Notification, patient_of, split_reference
 
 log = logging.getLogger("iectox.sync")
 
@@ -50,32 +57,21 @@ async def fetch_patient(client: FhirClient, patient_id: str, codebook: Codebook)
     return await client.patient_data(patient_id, observation_codes=observation_codes(codebook))
 
 
-def _batch(resources: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    entries = [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+def _readable(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources of the types the service reads, with an id (anything else is ignored)."""
+    return [
+        r
         for r in resources
         if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES and isinstance(r.get("id"), str)
     ]
-    return {"resourceType": "Bundle", "type": "batch", "entry": entries}
-
-
-def store_resources(session: Session, resources: list[dict[str, Any]], codebook: Codebook, settings: Settings) -> int:
-    """Store what was read (a batch: an invalid resource is skipped, never the others).
-    Returns how many entries were rejected."""
-    doc = _batch(resources)
-    if not doc["entry"]:
-        return 0
-    out = store_bundle(session, doc, codebook, max(settings.max_bundle_entries, len(doc["entry"])))
-    rejected = sum(1 for e in out["entry"] if not str(e["response"]["status"]).startswith("2"))
-    if rejected:
-        log.warning("sync: %d resources rejected (invalid for grading)", rejected)
-    return rejected
 
 
 def _unchanged(session: Session, evaluation: Evaluation) -> bool:
+    """Whether every RiskAssessment of the evaluation is stored as computed (one query)."""
+    stored = repository.emitted_by_id(session, "RiskAssessment", [ra["id"] for ra in evaluation.assessments])
     for ra in evaluation.assessments:
-        stored = repository.get_emitted(session, "RiskAssessment", ra["id"])
-        if stored is None or {k: v for k, v in stored.items() if k != "meta"} != ra:
+        found = stored.get(ra["id"])
+        if found is None or {k: v for k, v in found.items() if k != "meta"} != ra:
             return False
     return True
 
@@ -84,15 +80,17 @@ def evaluate_patient(
     session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime
 ) -> tuple[Evaluation, bool]:
     """Evaluate the stored data; store and enqueue only when something changed.
-    Returns the evaluation and whether it was new."""
-    try:
-        evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False)
-    except FhirError as exc:
-        if exc.status != 422 or not any(i.expression == "at" for i in exc.issues):
-            raise
+    Returns the evaluation and whether it was new.
+
+    The evaluation reads the patient back from storage rather than grading what was just fetched:
+    the stored record may hold more than this fetch (a CDS prefetch or a poll delta carries only
+    part of it; inputs may have been posted to the API) and keeps the newer version of a resource.
+    """
+    evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False, fallback_at=now)
+    if evaluation.untimed:
         # No timed input yet (a Patient and nothing else): every grade is indeterminate at `now`;
         # shown to the caller, never stored (its time, hence its ids, would change every call).
-        return evaluate_stored(session, patient_id, codebook, settings, now, now, store=False), False
+        return evaluation, False
     if _unchanged(session, evaluation):
         return evaluation, False
     store_evaluation(session, patient_id, evaluation, settings, now)
@@ -114,7 +112,9 @@ def store_and_evaluate(
     Only a patient the EHR returned is evaluated and watched (an unknown id would be re-read
     every pass). Returns the evaluation (None without the Patient) and whether it was new."""
     with Session(engine, expire_on_commit=False) as session:
-        store_resources(session, resources, codebook, settings)
+        stored = store_resources(session, _readable(resources), codebook)
+        if stored.rejected:  # a count only: no patient ids or clinical values in the log
+            log.warning("sync: %d resources rejected (invalid for grading)", stored.rejected)
         evaluation, changed = None, False
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
             evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now)
@@ -124,6 +124,60 @@ def store_and_evaluate(
             repository.add_audit_event(session, audit)
         session.commit()
     return evaluation, changed
+
+
+async def sync_patients(
+    client: FhirClient,
+    engine: Engine,
+    target: str,
+    patient_ids: Iterable[str],
+    codebook: Codebook,
+    settings: Settings,
+    clock: Callable[[], datetime],
+) -> int:
+    """Read, store and evaluate each patient. Returns how many evaluations were new."""
+    new = 0
+    for pid in sorted(set(patient_ids)):
+        resources = await fetch_patient(client, pid, codebook)
+        _, changed = await run_in_threadpool(
+            partial(store_and_evaluate, target=target), engine, pid, resources, codebook, settings, clock()
+        )
+        new += changed
+    return new
+
+
+@dataclass(frozen=True)
+class NotificationSync:
+    patients: int  # how many patients were read, stored and evaluated
+    new: int  # how many of their evaluations were new
+
+
+async def sync_notification(
+    note: Notification, engine: Engine, codebook: Codebook, settings: Settings, clock: Callable[[], datetime]
+) -> NotificationSync:
+    """An event notification: read its focus resources to find their patients, then sync every
+    patient it names from the EHR `subscription_target`. FhirError 503 when that server is not
+    configured or cannot be read (the sender retries; the poll catches up)."""
+    target = settings.subscription_target
+    try:
+        server = server_config(settings, target)
+    except KeyError:
+        raise FhirError.one(503, "transient", f"no EHR server {target!r} configured (IECTOX_EHR_SERVERS)") from None
+    patient_ids = set(note.patient_ids)
+    try:
+        async with FhirClient(server) as client:
+            for ref in note.focus:
+                focus = split_reference(ref)
+                res = await client.read(*focus) if focus else None
+                pid = patient_of(res) if res else None
+                if pid:
+                    patient_ids.add(pid)
+            new = await sync_patients(client, engine, target, patient_ids, codebook, settings, clock)
+    except (EhrError, ValueError) as exc:
+        log.warning("notification: EHR read failed (%s)", type(exc).__name__)
+        raise FhirError.one(503, "transient", "the EHR could not be read; retry later") from None
+    log.info("notification: %d events, %d patients, %d new evaluations", note.events, len(patient_ids), new)
+    return NotificationSync(len(patient_ids), new)
 
 
 def watch(session: Session, target: str, patient_id: str, checkpoint: str | None, now: datetime) -> None:

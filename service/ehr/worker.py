@@ -128,9 +128,10 @@ class Totals:
 
 def delivery_client(settings: Settings, target: str) -> FhirClient:
     """A FHIR client for `target` without client-side retries (the outbox retries)."""
+    from . import server_config
     from .client import FhirClient
 
-    server = settings.ehr_servers[target]
+    server = server_config(settings, target)
     if "max_retries" in type(server).model_fields:
         server = server.model_copy(update={"max_retries": 0})
     return FhirClient(server)

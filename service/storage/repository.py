@@ -7,7 +7,7 @@ method, code, occurrence) next to the resource it stores verbatim.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ class WriteOutcome:
     id: str
     version_id: int
     status: str  # "201 Created" | "200 OK"
+    changed: bool = True  # False when the stored version was kept (same or newer)
 
 
 def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
@@ -68,7 +69,7 @@ def upsert_resource(
         return WriteOutcome(rtype, rid, 1, "201 Created")
     versioned = bool(source_version or source_updated)
     if row.body == body or (versioned and not supersedes(row.source_version, row.source_last_updated)):
-        return WriteOutcome(rtype, rid, row.version_id, "200 OK")
+        return WriteOutcome(rtype, rid, row.version_id, "200 OK", changed=False)
     row.body, row.patient_id = body, patient_id
     row.source_version, row.source_last_updated = source_version, source_updated
     row.version_id += 1
@@ -139,6 +140,18 @@ def save_emitted(session: Session, patient_id: str, emitted: list[Emitted]) -> N
 def get_emitted(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
     row = session.get(EmittedResource, (rtype, rid))
     return None if row is None else orjson.loads(row.body)
+
+
+def emitted_by_id(session: Session, rtype: str, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+    """The stored emitted resources of type `rtype` among `ids` (one query), by id."""
+    if not ids:
+        return {}
+    rows = session.exec(
+        select(EmittedResource).where(
+            (col(EmittedResource.resource_type) == rtype) & col(EmittedResource.id).in_(list(ids))
+        )
+    ).all()
+    return {row.id: orjson.loads(row.body) for row in rows}
 
 
 def search_assessments(

@@ -1,0 +1,142 @@
+"""The EHR sync path: typed store results, one evaluation without timed input, one query for the
+stored RiskAssessments, and how often a synced resource is normalised."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event
+from sqlmodel import Session
+
+import service.app.evaluate as evaluate_module
+import service.app.store as store_module
+from service.app.store import store_resources
+from service.codebook import Codebook, load_codebook
+from service.config.settings import Settings
+from service.ehr.sync import store_and_evaluate
+from service.storage import repository
+from tests import factories as f
+from tests.conftest import FIXED_NOW
+
+T0 = "2026-11-21T08:00:00+00:00"
+
+
+@pytest.fixture(scope="module")
+def codebook() -> Codebook:
+    return load_codebook(Settings().canonical_base)
+
+
+def test_store_resources_gives_a_typed_outcome_per_resource(clean_engine: Engine, codebook: Codebook) -> None:
+    fever = f.temperature(39.0, T0, id="t1")
+    orphan = f.temperature(38.0, T0, id="t2", subject="Group/g1")
+    with Session(clean_engine) as session:
+        first = store_resources(session, [f.patient(), fever, orphan], codebook)
+        session.commit()
+    assert [(r.resource_type, r.id, r.outcome) for r in first.results] == [
+        ("Patient", "p1", "stored"),
+        ("Observation", "t1", "stored"),
+        ("Observation", "t2", "rejected"),
+    ]
+    assert (first.count("stored"), first.rejected) == (2, 1)
+    rejected = first.results[2]
+    assert rejected.write is None
+    assert [i.expression for i in rejected.issues] == ["Observation.subject.reference"]
+    assert first.results[1].write is not None and first.results[1].write.version_id == 1
+
+    newer = {**fever, "meta": {"versionId": "2"}, "valueQuantity": f.quantity(39.5, "Cel")}
+    with Session(clean_engine) as session:
+        again = store_resources(session, [f.patient(), newer, orphan], codebook)
+        session.commit()
+    assert [r.outcome for r in again.results] == ["unchanged", "stored", "rejected"]
+    assert again.results[1].write is not None and again.results[1].write.version_id == 2
+    with Session(clean_engine) as session:
+        stale = store_resources(session, [{**fever, "meta": {"versionId": "1"}}], codebook)
+    assert [r.outcome for r in stale.results] == ["unchanged"]
+
+
+@contextmanager
+def counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> Iterator[list[Any]]:
+    calls: list[Any] = []
+    real = getattr(module, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(module, name, spy)
+        yield calls
+
+
+def test_a_patient_without_timed_input_is_evaluated_once_and_not_stored(
+    clean_engine: Engine, codebook: Codebook, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses:
+        evaluation, changed = store_and_evaluate(
+            clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None
+        )
+    assert evaluation is not None and evaluation.untimed and evaluation.at == FIXED_NOW
+    assert not changed
+    assert len(parses) == 1
+    with Session(clean_engine) as session:
+        assert repository.search_assessments(session, "p1", None, True, 10, 0)[0] == 0
+
+
+def test_a_synced_resource_is_checked_once_and_normalised_once_for_grading(
+    clean_engine: Engine, codebook: Codebook, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resources = [f.patient(), f.temperature(39.0, T0, id="t1"), f.systolic(85, T0, id="s1")]
+    with (
+        counted(monkeypatch, store_module, "check_for_storage") as checks,
+        counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses,
+    ):
+        evaluation, changed = store_and_evaluate(
+            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None
+        )
+    assert evaluation is not None and not evaluation.untimed and changed
+    assert sorted(e.ref for e in checks) == ["Observation/s1", "Observation/t1", "Patient/p1"]
+    assert len(parses) == 1 and sorted(e.ref for e in parses[0]) == sorted(refs(resources))
+
+
+def refs(resources: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['resourceType']}/{r['id']}" for r in resources]
+
+
+def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    resources = [f.patient(), f.temperature(39.0, T0, id="t1")]
+    _, changed = store_and_evaluate(clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None)
+    assert changed
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "emitted_resource" in statement.lower() and statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+
+    event.listen(clean_engine, "before_cursor_execute", record)
+    try:
+        evaluation, changed = store_and_evaluate(
+            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None
+        )
+    finally:
+        event.remove(clean_engine, "before_cursor_execute", record)
+    assert evaluation is not None and len(evaluation.assessments) > 1
+    assert not changed
+    assert len(statements) == 1
+
+
+def test_emitted_by_id(clean_engine: Engine, codebook: Codebook, settings: Settings) -> None:
+    resources = [f.patient(), f.temperature(39.0, T0, id="t1")]
+    evaluation, _ = store_and_evaluate(clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None)
+    assert evaluation is not None
+    ids = [ra["id"] for ra in evaluation.assessments]
+    with Session(clean_engine) as session:
+        found = repository.emitted_by_id(session, "RiskAssessment", [*ids, "absent"])
+        assert repository.emitted_by_id(session, "RiskAssessment", []) == {}
+        assert repository.emitted_by_id(session, "Provenance", ids) == {}
+    assert sorted(found) == sorted(ids)
+    assert all(found[i]["meta"]["versionId"] == "1" for i in ids)
