@@ -12,10 +12,10 @@ import httpx
 import orjson
 import pytest
 
+from service.app.evaluate import Grader, courses
 from service.core.astct import GradingConfig, grade_crs
 from service.core.course import CourseConfig, course_of
 from service.core.model import Administration, PatientData, Sample
-from service.app.evaluate import Grader, courses
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 

@@ -32,11 +32,11 @@ from sqlmodel import Session, col, select
 from service.api.app import create_app
 from service.config import FhirServerConfig
 from service.config.settings import Settings
-from service.storage import outbox
-from service.storage.models import OutboxRow
 from service.devtools.synth import generate_patient
 from service.ehr.worker import Totals, Worker, backoff_s, check_response, classify
 from service.fhir.writeback import transaction_bundles, writeback_id_system
+from service.storage import outbox
+from service.storage.models import OutboxRow
 from tests import factories as f
 from tests.auth import bearer
 from tests.conftest import PG_URL
