@@ -20,8 +20,8 @@ import uvicorn
 from service.api.app import create_app
 from service.config.settings import Settings
 from tests import factories as f
+from tests.api_helpers import AT, crs3_resources
 from tests.auth import auth_settings, bearer
-from tests.test_api import AT, crs3_resources
 
 CLI = [sys.executable, "-m", "service.cli"]
 

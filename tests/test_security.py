@@ -31,17 +31,17 @@ from sqlmodel import Session
 
 from service.api.app import create_app
 from service.api.auth import CdsClientDep
+from service.config.settings import Settings
 from service.security import AuthError, SecurityConfigError, verify_cds_jwt
 from service.security.cds import CdsTrust
 from service.security.jwks import JwksError, KeyCache, parse_jwks
 from service.security.scopes import Principal, parse_scopes
-from service.config.settings import Settings
 from service.storage import repository
 from service.storage.models import AuditEvent
 from tests import auth
 from tests import factories as f
+from tests.api_helpers import AT, crs3_resources, transaction
 from tests.conftest import FIXED_NOW
-from tests.test_api import AT, crs3_resources, transaction
 
 CLI = [sys.executable, "-m", "service.cli"]
 ACTOR = f"{auth.ISSUER} test-client"
