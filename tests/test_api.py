@@ -16,6 +16,8 @@ from tests import factories as f
 from tests.api_helpers import AT, T0, crs3_resources, transaction
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 
+pytestmark = pytest.mark.integration  # the API over SQLite and PostgreSQL
+
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 

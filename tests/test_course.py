@@ -170,6 +170,7 @@ async def test_max_grade_assessment_and_course_endpoint(client: httpx.AsyncClien
     assert missing.status_code == 404
 
 
+@pytest.mark.integration  # runs the CLI
 def test_compare_cli_prints_every_scale(tmp_path: Path) -> None:
     bundle = tmp_path / "b.json"
     bundle.write_bytes(f.body(*fhir_trajectory()))

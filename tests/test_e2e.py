@@ -36,6 +36,8 @@ from tests.auth import jwks, sign
 from tests.fhir_server import FhirTestServer
 from tests.fhir_validators import assert_valid_fhir
 
+pytestmark = pytest.mark.integration  # PostgreSQL, the Node FHIR server, CDS Hooks and the worker
+
 EHR_ISS = "https://ehr.e2e.example"
 EHR_KEY = ec.generate_private_key(ec.SECP384R1())
 EHR_KID = "e2e-es384"

@@ -489,6 +489,7 @@ def test_high_dose_rule_and_fio2_table_from_the_environment(monkeypatch: pytest.
     assert cfg.older.high_dose == HIGH_DOSE and cfg.older.fio2_points == ((0.0, 21.0), (5.0, 40.0))
 
 
+@pytest.mark.integration  # npm validators (node)
 def test_every_scale_emits_resources_that_pass_both_npm_validators() -> None:
     settings = Settings(high_dose_vasopressors=HIGH_DOSE)
     start = datetime(2026, 1, 5, 8, tzinfo=UTC)

@@ -892,6 +892,7 @@ def test_easix_pure_matches_the_fhir_path() -> None:
 # --- 7. Every emitted score passes R4B and both npm validators ---------------------------------
 
 
+@pytest.mark.integration  # npm validators (node)
 def test_every_score_assessment_is_valid_fhir() -> None:
     # A B-ALL bundle where every score is computed, an LBCL one, and a nearly empty one where
     # every score is indeterminate.

@@ -412,6 +412,7 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
     return subprocess.run([*CLI, "serve", *args], capture_output=True, text=True, env=full, timeout=60, check=False)
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_serve_dev_mode_on_0_0_0_0_exits_non_zero(tmp_path: Path) -> None:
     out = _serve(tmp_path, "--host", "0.0.0.0", "--port", "1", IECTOX_AUTH_MODE="dev")  # noqa: S104
     assert out.returncode == 2
@@ -420,6 +421,7 @@ def test_cli_serve_dev_mode_on_0_0_0_0_exits_non_zero(tmp_path: Path) -> None:
     assert out.returncode == 2 and "loopback" in out.stderr
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_serve_jwt_mode_without_keys_exits_non_zero(tmp_path: Path) -> None:
     out = _serve(tmp_path, "--port", "1")
     assert out.returncode == 2

@@ -478,6 +478,7 @@ def test_utc_checkpoint_compare() -> None:
     assert high_water(marks) == "2026-01-06T09:30:00Z"
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_poll_once(ehr: FhirTestServer, tmp_path: Path) -> None:
     """`iectox poll --once` as a process: IECTOX_EHR_SERVERS, IECTOX_SUBSCRIPTION_TARGET, a file database."""
     url = f"sqlite:///{tmp_path / 'poll.db'}"

@@ -565,6 +565,7 @@ def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] 
         time.sleep(0.05)
 
 
+@pytest.mark.integration  # runs `iectox worker` processes
 @pytest.mark.asyncio
 async def test_worker_killed_mid_delivery_then_restarted_delivers_exactly_once(
     api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, clock: Clock, tmp_path: Path
