@@ -48,6 +48,13 @@ BASE = f.BASE
 RA_SYSTEM = writeback_id_system(BASE)
 BUSINESS_SYSTEM = f"{BASE}/identifier/risk-assessment"
 POLL_LIMIT_S = 120.0  # upper bound for subprocess end states (never a timing assertion)
+# Read timeout of the in-process workers' EHR client (the FhirServerConfig maximum; default 15 s).
+# Deliveries are not retried by the client (max_retries=0) and a timed-out transaction may still
+# be written by the server, so a timeout would fail the exactly-once checks below for a reason
+# that is not the code's: the Node server, one thread serving several concurrent transactions
+# that slow down as its repository grows, can take longer than 15 s per answer on a loaded
+# machine. The workers wait for it instead; a limit, never a timing assertion.
+DELIVERY_TIMEOUT_S = 600.0
 
 
 class Clock:
@@ -89,7 +96,8 @@ def server(fhir_server_clean: FhirTestServer) -> FhirTestServer:
 def wsettings(request: pytest.FixtureRequest, settings: Settings, server: FhirTestServer) -> Settings:
     """Write-back settings; the mode is the default ("conditional") unless parametrized indirectly."""
     mode = getattr(request, "param", None)
-    return wb_settings(settings, server.server_config(), **({"writeback_mode": mode} if mode else {}))
+    config = server.server_config(timeout_s=DELIVERY_TIMEOUT_S)
+    return wb_settings(settings, config, **({"writeback_mode": mode} if mode else {}))
 
 
 @pytest_asyncio.fixture
