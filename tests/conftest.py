@@ -2,6 +2,12 @@
 
 PostgreSQL tests never skip: if the server at IECTOX_TEST_POSTGRES_URL (default
 127.0.0.1:5432, database test, trust auth) is unreachable they fail.
+
+Markers (pyproject.toml): a test is ``integration`` when it needs PostgreSQL, the Node FHIR
+test server, the npm validators, uvicorn or a subprocess. Every test that uses the ``engine``
+fixture (so also ``clean_engine``, ``app``, ``client``: parametrised over SQLite and
+PostgreSQL) or the ``fhir_server`` fixture is marked here; the others that need node or a
+subprocess carry the mark in their module. ``pytest -m "not integration"`` runs the pure tests.
 """
 
 from __future__ import annotations
@@ -24,8 +30,17 @@ from service.storage.db import make_engine, migrate, normalise_url
 from tests.auth import auth_settings, bearer
 from tests.fhir_server import fhir_server, fhir_server_clean  # noqa: F401  (real FHIR test server)
 
+# Fixtures that make a test an integration test (directly or through other fixtures).
+INTEGRATION_FIXTURES = frozenset({"engine", "fhir_server"})
+
 PG_URL = os.environ.get("IECTOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 FIXED_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 def _pg_engine(schema: str) -> Engine:

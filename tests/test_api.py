@@ -13,34 +13,12 @@ from sqlmodel import Session, select
 
 from service.storage.models import EmittedResource, StoredResource
 from tests import factories as f
+from tests.api_helpers import AT, T0, crs3_resources, transaction
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 
-T0 = "2026-01-06T10:00:00+00:00"
-AT = "2026-01-06T12:00:00+00:00"
+pytestmark = pytest.mark.integration  # the API over SQLite and PostgreSQL
+
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
-
-
-def crs3_resources() -> list[dict[str, Any]]:
-    """Fever + one vasopressor + low-flow O2 (clinical-rules.md example: CRS grade 3) + ICE 8."""
-    return [
-        f.patient(),
-        f.administration(f.local("cart-infusion"), at="2026-01-03T10:00:00+00:00", status="completed", id="cart"),
-        f.temperature(38.6, T0, id="temp1"),
-        f.bp_panel(85, 60, T0, id="bp1"),
-        f.administration("norepinephrine", start="2026-01-06T09:00:00+00:00", rate=(5, "ug/min"), id="ne1"),
-        f.oxygen_device("low-flow-nasal-cannula", T0, id="o2dev1"),
-        f.ice_score(8, T0, id="ice1"),
-    ]
-
-
-def transaction(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources
-        ],
-    }
 
 
 def stored_count(engine: Engine) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from tests.auth import bearer, jwks, sign
 from tests.conftest import FIXED_NOW
 from tests.fhir_server import FhirTestServer
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.integration]  # the app over SQLite and PostgreSQL
 
 SERVICE_BASE = "http://iectox.test"
 EHR_ISS = "https://ehr.iectox.test"

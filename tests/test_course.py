@@ -12,10 +12,10 @@ import httpx
 import orjson
 import pytest
 
+from service.app.evaluate import Grader, courses
 from service.core.astct import GradingConfig, grade_crs
 from service.core.course import CourseConfig, course_of
 from service.core.model import Administration, PatientData, Sample
-from service.app.evaluate import Grader, courses
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 
@@ -170,6 +170,7 @@ async def test_max_grade_assessment_and_course_endpoint(client: httpx.AsyncClien
     assert missing.status_code == 404
 
 
+@pytest.mark.integration  # runs the CLI
 def test_compare_cli_prints_every_scale(tmp_path: Path) -> None:
     bundle = tmp_path / "b.json"
     bundle.write_bytes(f.body(*fhir_trajectory()))

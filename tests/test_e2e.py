@@ -23,18 +23,20 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, select
 
 from service.api.app import create_app
+from service.app.evaluate import evaluate_body
 from service.cdshooks.cards import PATIENT_VIEW
 from service.codebook import load_codebook
-from service.core.astct import CRS_METHOD, ICANS_METHOD
-from service.app.evaluate import evaluate_body
 from service.config.settings import Settings
-from service.storage.models import OutboxRow
+from service.core.astct import CRS_METHOD, ICANS_METHOD
 from service.devtools.synth import generate_patient
 from service.ehr.worker import Worker
 from service.fhir.writeback import writeback_id_system
+from service.storage.models import OutboxRow
 from tests.auth import jwks, sign
 from tests.fhir_server import FhirTestServer
 from tests.fhir_validators import assert_valid_fhir
+
+pytestmark = pytest.mark.integration  # PostgreSQL, the Node FHIR server, CDS Hooks and the worker
 
 EHR_ISS = "https://ehr.e2e.example"
 EHR_KEY = ec.generate_private_key(ec.SECP384R1())

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from service.config.settings import Settings
 from service.ehr import (
     FhirAuthError,
     FhirClient,
@@ -30,7 +31,6 @@ from service.ehr import (
     parse_retry_after,
     server_config,
 )
-from service.config.settings import Settings
 from tests.fhir_server import FhirTestServer
 
 LOINC = "http://loinc.org"

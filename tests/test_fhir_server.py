@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.fhir_server import FhirTestServer
 
+pytestmark = pytest.mark.integration  # the Node FHIR test server
+
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 LOINC = "http://loinc.org"

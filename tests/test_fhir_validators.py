@@ -18,6 +18,8 @@ except ImportError:  # pragma: no cover - depends on pytest rootdir/import mode
         validate_with_npm,
     )
 
+pytestmark = pytest.mark.integration  # the npm validators (node)
+
 fhir_validators_module = sys.modules[validate_with_npm.__module__]
 
 RA_FULL_URL = "urn:uuid:6f1c2b7e-8d7a-4c53-9a0e-2b1f4c3d5e01"

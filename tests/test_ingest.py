@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
-from service.codebook import load_codebook
-from service.core.model import PatientData
 from service.app.evaluate import EVALUATE_BUNDLE_TYPES, SCALES, Evaluation, evaluate_body
+from service.codebook import load_codebook
+from service.config.settings import Settings
+from service.core.model import PatientData
 from service.fhir.errors import FhirError
 from service.fhir.ingest import parse_patient_entries, split_entries
-from service.config.settings import Settings
 
 try:
     from tests import factories as f

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 from sqlmodel import SQLModel
+
+pytestmark = pytest.mark.integration  # SQLite and PostgreSQL
 
 
 def test_models_match_migrations(engine: Engine) -> None:

@@ -16,19 +16,19 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
+from service.app.evaluate import SCALES, Grader, courses, evaluate_body, grading_config
 from service.codebook import load_codebook
+from service.config.settings import Settings
 from service.core.astct import GradingConfig
 from service.core.config import HighDoseRule, OlderConfig
 from service.core.course import CourseConfig
 from service.core.model import GradeResult, Sample
 from service.core.older import CARTOX10_BANDS, facts_at
-from service.app.evaluate import SCALES, Grader, courses, evaluate_body, grading_config
-from service.fhir.errors import FhirError
-from service.config.settings import Settings
 from service.devtools.synth import generate_patient
+from service.fhir.errors import FhirError
 from tests import factories as f
+from tests.builders import AT, device, finding, flow, given, obs, patient, ref, sbp, t, temp
 from tests.fhir_validators import assert_valid_fhir
-from tests.test_astct import AT, _ids, device, finding, flow, given, obs, patient, sbp, t, temp
 
 # clinical-rules.md §2 "High-dose vasopressors" (Lee 2014 Table 2; unverified, test configuration).
 HIGH_DOSE = HighDoseRule(
@@ -49,9 +49,7 @@ OLDER = ("lee2014-crs", "penn-crs", "mskcc-crs", "cartox-crs", "ctcae4-crs", "ct
 
 
 def lab(concept: str, value: float, uln: float | None, hours: float = -2) -> Sample:
-    return Sample(
-        concept, t(hours), f"Observation/{concept}-{next(_ids)}", value=value, shown=f"{value:g}", ref_high=uln
-    )
+    return Sample(concept, t(hours), ref("Observation", concept), value=value, shown=f"{value:g}", ref_high=uln)
 
 
 def labs(creatinine: float = 0.8, ast: float = 20, alt: float = 20) -> tuple[Sample, ...]:
@@ -491,6 +489,7 @@ def test_high_dose_rule_and_fio2_table_from_the_environment(monkeypatch: pytest.
     assert cfg.older.high_dose == HIGH_DOSE and cfg.older.fio2_points == ((0.0, 21.0), (5.0, 40.0))
 
 
+@pytest.mark.integration  # npm validators (node)
 def test_every_scale_emits_resources_that_pass_both_npm_validators() -> None:
     settings = Settings(high_dose_vasopressors=HIGH_DOSE)
     start = datetime(2026, 1, 5, 8, tzinfo=UTC)

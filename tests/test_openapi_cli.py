@@ -20,8 +20,8 @@ import uvicorn
 from service.api.app import create_app
 from service.config.settings import Settings
 from tests import factories as f
+from tests.api_helpers import AT, crs3_resources
 from tests.auth import auth_settings, bearer
-from tests.test_api import AT, crs3_resources
 
 CLI = [sys.executable, "-m", "service.cli"]
 
@@ -65,6 +65,7 @@ def _without_recorded(doc: dict) -> dict:  # type: ignore[type-arg]
     return doc
 
 
+@pytest.mark.integration  # runs the CLI
 @pytest.mark.asyncio
 async def test_cli_evaluate_prints_what_the_api_returns(tmp_path: Path, client: httpx.AsyncClient) -> None:
     bundle = tmp_path / "b.json"
@@ -75,6 +76,7 @@ async def test_cli_evaluate_prints_what_the_api_returns(tmp_path: Path, client: 
     assert _without_recorded(json.loads(out.stdout)) == _without_recorded(api)
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_evaluate_bad_input_prints_operation_outcome(tmp_path: Path) -> None:
     bundle = tmp_path / "bad.json"
     bundle.write_bytes(f.body(f.patient(), f.temperature(38.5, "2026-01-06T10:00:00+00:00", unit="K")))
@@ -99,6 +101,7 @@ REQUIRED_VALUES = {
 }
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_codebook_json(tmp_path: Path) -> None:
     out = _run(["codebook", "--json"], tmp_path)
     book = json.loads(out.stdout)["concepts"]
@@ -112,6 +115,7 @@ def test_cli_codebook_json(tmp_path: Path) -> None:
     assert "[degF]" in book["body-temperature"]["units"]
 
 
+@pytest.mark.integration  # runs the CLI
 def test_site_overlay_adds_codes_without_code_change(tmp_path: Path) -> None:
     overlay = tmp_path / "site.json"
     overlay.write_text(
@@ -152,6 +156,7 @@ def live_server(tmp_path: Path) -> Iterator[str]:
     thread.join(timeout=10)
 
 
+@pytest.mark.integration  # uvicorn on a real port
 def test_real_http_round_trip(live_server: str) -> None:
     with httpx.Client(base_url=live_server, timeout=30) as anonymous:
         r = anonymous.post("/fhir/$evaluate", content=f.body(*crs3_resources()), params={"at": AT})

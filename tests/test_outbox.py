@@ -21,9 +21,9 @@ from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
 from service.config.settings import Settings
+from service.fhir.writeback import conditional_url, search_escape, transaction_bundles, writeback_id_system
 from service.storage import outbox
 from service.storage.models import EmittedResource, OutboxRow
-from service.fhir.writeback import conditional_url, search_escape, transaction_bundles, writeback_id_system
 from tests import factories as f
 from tests.auth import bearer as client_headers
 from tests.fhir_validators import assert_valid_fhir

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from service.app.evaluate import Evaluation, evaluate_body
 from service.codebook import load_codebook
+from service.config.settings import Settings
 from service.core.model import Administration, PatientData, Sample
 from service.core.scores import (
     EASIX_PRE_CUTOFF,
@@ -25,9 +27,7 @@ from service.core.scores import (
     easix_scores,
     product_baseline,
 )
-from service.app.evaluate import Evaluation, evaluate_body
 from service.fhir.errors import FhirError
-from service.config.settings import Settings
 from tests import factories as f
 from tests.fhir_validators import assert_valid_fhir, assert_valid_r4b
 
@@ -892,6 +892,7 @@ def test_easix_pure_matches_the_fhir_path() -> None:
 # --- 7. Every emitted score passes R4B and both npm validators ---------------------------------
 
 
+@pytest.mark.integration  # npm validators (node)
 def test_every_score_assessment_is_valid_fhir() -> None:
     # A B-ALL bundle where every score is computed, an LBCL one, and a nearly empty one where
     # every score is indeterminate.

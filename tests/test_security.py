@@ -31,17 +31,17 @@ from sqlmodel import Session
 
 from service.api.app import create_app
 from service.api.auth import CdsClientDep
+from service.config.settings import Settings
 from service.security import AuthError, SecurityConfigError, verify_cds_jwt
 from service.security.cds import CdsTrust
 from service.security.jwks import JwksError, KeyCache, parse_jwks
 from service.security.scopes import Principal, parse_scopes
-from service.config.settings import Settings
 from service.storage import repository
 from service.storage.models import AuditEvent
 from tests import auth
 from tests import factories as f
+from tests.api_helpers import AT, crs3_resources, transaction
 from tests.conftest import FIXED_NOW
-from tests.test_api import AT, crs3_resources, transaction
 
 CLI = [sys.executable, "-m", "service.cli"]
 ACTOR = f"{auth.ISSUER} test-client"
@@ -412,6 +412,7 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
     return subprocess.run([*CLI, "serve", *args], capture_output=True, text=True, env=full, timeout=60, check=False)
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_serve_dev_mode_on_0_0_0_0_exits_non_zero(tmp_path: Path) -> None:
     out = _serve(tmp_path, "--host", "0.0.0.0", "--port", "1", IECTOX_AUTH_MODE="dev")  # noqa: S104
     assert out.returncode == 2
@@ -420,6 +421,7 @@ def test_cli_serve_dev_mode_on_0_0_0_0_exits_non_zero(tmp_path: Path) -> None:
     assert out.returncode == 2 and "loopback" in out.stderr
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_serve_jwt_mode_without_keys_exits_non_zero(tmp_path: Path) -> None:
     out = _serve(tmp_path, "--port", "1")
     assert out.returncode == 2

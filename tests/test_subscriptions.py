@@ -25,10 +25,10 @@ from sqlmodel import Session, col, select
 
 from service.api.app import create_app
 from service.codebook import Codebook, load_codebook
+from service.config.settings import Settings
 from service.ehr.client import FhirClient
 from service.ehr.notifications import EVENT, HANDSHAKE, HEARTBEAT, parse_notification
 from service.ehr.poll import reconcile_once, run_poll, watched
-from service.config.settings import Settings
 from service.storage.db import make_engine, migrate
 from service.storage.models import EmittedResource, OutboxRow, StoredResource, WatchedPatient
 from tests import factories as f
@@ -478,6 +478,7 @@ def test_utc_checkpoint_compare() -> None:
     assert high_water(marks) == "2026-01-06T09:30:00Z"
 
 
+@pytest.mark.integration  # runs the CLI
 def test_cli_poll_once(ehr: FhirTestServer, tmp_path: Path) -> None:
     """`iectox poll --once` as a process: IECTOX_EHR_SERVERS, IECTOX_SUBSCRIPTION_TARGET, a file database."""
     url = f"sqlite:///{tmp_path / 'poll.db'}"

@@ -167,6 +167,7 @@ def test_every_resource_validates_as_r4b(small_cohort: list[SyntheticPatient]) -
 from tests.fhir_validators import assert_valid_fhir  # noqa: E402
 
 
+@pytest.mark.integration  # npm validators (node)
 def test_npm_validators_accept_a_bundle(small_cohort: list[SyntheticPatient]) -> None:
     """Medplum + FHIR.js (required bindings); fails, never skips, without tests/node installed."""
     p = next(p for p in small_cohort if p.scenario == "crs-4")

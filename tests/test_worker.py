@@ -32,11 +32,11 @@ from sqlmodel import Session, col, select
 from service.api.app import create_app
 from service.config import FhirServerConfig
 from service.config.settings import Settings
-from service.storage import outbox
-from service.storage.models import OutboxRow
 from service.devtools.synth import generate_patient
 from service.ehr.worker import Totals, Worker, backoff_s, check_response, classify
 from service.fhir.writeback import transaction_bundles, writeback_id_system
+from service.storage import outbox
+from service.storage.models import OutboxRow
 from tests import factories as f
 from tests.auth import bearer
 from tests.conftest import PG_URL
@@ -48,6 +48,13 @@ BASE = f.BASE
 RA_SYSTEM = writeback_id_system(BASE)
 BUSINESS_SYSTEM = f"{BASE}/identifier/risk-assessment"
 POLL_LIMIT_S = 120.0  # upper bound for subprocess end states (never a timing assertion)
+# Read timeout of the in-process workers' EHR client (the FhirServerConfig maximum; default 15 s).
+# Deliveries are not retried by the client (max_retries=0) and a timed-out transaction may still
+# be written by the server, so a timeout would fail the exactly-once checks below for a reason
+# that is not the code's: the Node server, one thread serving several concurrent transactions
+# that slow down as its repository grows, can take longer than 15 s per answer on a loaded
+# machine. The workers wait for it instead; a limit, never a timing assertion.
+DELIVERY_TIMEOUT_S = 600.0
 
 
 class Clock:
@@ -89,7 +96,8 @@ def server(fhir_server_clean: FhirTestServer) -> FhirTestServer:
 def wsettings(request: pytest.FixtureRequest, settings: Settings, server: FhirTestServer) -> Settings:
     """Write-back settings; the mode is the default ("conditional") unless parametrized indirectly."""
     mode = getattr(request, "param", None)
-    return wb_settings(settings, server.server_config(), **({"writeback_mode": mode} if mode else {}))
+    config = server.server_config(timeout_s=DELIVERY_TIMEOUT_S)
+    return wb_settings(settings, config, **({"writeback_mode": mode} if mode else {}))
 
 
 @pytest_asyncio.fixture
@@ -565,6 +573,7 @@ def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] 
         time.sleep(0.05)
 
 
+@pytest.mark.integration  # runs `iectox worker` processes
 @pytest.mark.asyncio
 async def test_worker_killed_mid_delivery_then_restarted_delivers_exactly_once(
     api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, clock: Clock, tmp_path: Path
