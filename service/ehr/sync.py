@@ -20,6 +20,7 @@ from ..app.evaluate import Evaluation
 from ..app.store import evaluate_stored, store_bundle, store_evaluation
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..core.concepts import Kind
 from ..fhir.errors import FhirError
 from ..storage import repository
 from ..storage.models import AuditEvent, WatchedPatient
@@ -41,7 +42,7 @@ def observation_codes(codebook: Codebook) -> list[str]:
     `system|code` search tokens."""
     tokens = list(BP_PANEL_CODES)
     for concept in codebook.concepts.values():
-        if concept.kind in ("quantity", "score", "coded"):
+        if concept.kind in (Kind.QUANTITY, Kind.SCORE, Kind.CODED):
             tokens += [f"{system}|{code}" for system, code in concept.codings]
     return sorted(set(tokens))
 
