@@ -3,6 +3,9 @@
 Defaults (default.json) are LOINC for vitals and labs, RxNorm for drugs, and project-local
 codes (under the configurable canonical base) where no standard code exists. A site adds its
 own codes with an overlay file of the same shape (IECTOX_CODEBOOK_PATH); overlays only add.
+Concept names and kinds are the registry's (service/core/concepts.py): a name it does not
+know, a kind it disagrees with, or a registered concept left out of default.json stops
+loading with the path of the entry.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..core.concepts import ConceptName, Kind
+from ..core.concepts import spec as registry_spec
 from ..core.units import units_for
 
 DEFAULT_PATH = Path(__file__).with_name("default.json")
@@ -29,7 +34,7 @@ class CodebookError(ValueError):
 @dataclass(frozen=True)
 class Concept:
     name: str
-    kind: str  # quantity | score | coded | drug | vasopressor | event
+    kind: Kind  # the registry's kind of the concept (checked at load)
     codings: tuple[Coding, ...]
     values: dict[str, tuple[Coding, ...]] = field(default_factory=dict)
     text: tuple[str, ...] = ()  # lower-case substrings matched against text, last resort
@@ -120,10 +125,16 @@ def _merge(concepts: dict[str, dict[str, Any]], doc: Any, base: str, source: str
         path = f"{source}: concepts.{name}"
         if overlay and name not in concepts:
             raise CodebookError("unknown concept (overlays may only add codes to existing concepts)", path)
+        registered = registry_spec(name)
+        if registered is None:
+            raise CodebookError("unknown concept (not in the registry, service/core/concepts.py)", path)
         if not isinstance(spec, dict):
             raise CodebookError("expected an object", path)
+        kind = spec.get("kind")
+        if (kind is not None or not overlay) and kind != registered.kind:
+            raise CodebookError(f"kind {kind!r} disagrees with the registry's {registered.kind!r}", f"{path}.kind")
         entry = concepts.setdefault(
-            name, {"kind": spec.get("kind"), "codings": [], "values": {}, "text": [], "value_text": {}}
+            name, {"kind": registered.kind, "codings": [], "values": {}, "text": [], "value_text": {}}
         )
         entry["codings"] += _codings(spec.get("codings", []), f"{path}.codings", base)
         for value, raw in (spec.get("values") or {}).items():
@@ -142,6 +153,9 @@ def load_codebook(base: str, overlay: Path | None = None) -> Codebook:
     """The default codebook with an optional site overlay; immutable once built."""
     merged: dict[str, dict[str, Any]] = {}
     _merge(merged, json.loads(DEFAULT_PATH.read_text()), base, "default.json", overlay=False)
+    absent = [c.value for c in ConceptName if c not in merged]
+    if absent:
+        raise CodebookError(f"registered concepts without an entry: {', '.join(absent)}", "default.json: concepts")
     if overlay is not None:
         try:
             doc = json.loads(Path(overlay).read_text())
@@ -163,7 +177,7 @@ def load_codebook(base: str, overlay: Path | None = None) -> Codebook:
         )
         concepts[name] = c
         # An event's value codes (cart-infusion.<product>) also identify the event itself.
-        own = c.codings + (tuple(x for cs in c.values.values() for x in cs) if c.kind == "event" else ())
+        own = c.codings + (tuple(x for cs in c.values.values() for x in cs) if c.kind == Kind.EVENT else ())
         for coding in own:
             other = by_coding.setdefault(coding, name)
             if other != name:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from .concepts import C
 from .model import Administration, PatientData, Sample
 from .model import fmt_time as _t
 
@@ -63,8 +64,8 @@ LD_COURSE_GAP = timedelta(days=7)
 def lymphodepletion(data: PatientData) -> Administration | None:
     """The first administration of the lymphodepletion course that precedes the CAR T infusion:
     within 14 days before day 0, or without day 0, the last run of doses no more than 7 days apart."""
-    given = data.given("lymphodepletion")
-    day0 = data.first_event("cart-infusion")
+    given = data.given(C.LYMPHODEPLETION)
+    day0 = data.first_event(C.CART_INFUSION)
     if day0 is not None:
         course = [a for a in given if day0.start - LD_COURSE_BEFORE_INFUSION <= a.start <= day0.start]
         return course[0] if course else None
@@ -145,12 +146,15 @@ class Formula:
 
 
 EASIX = Formula(
-    "easix", EASIX_CITATION, ("ldh", "creatinine", "platelets"), lambda v: v["ldh"] * v["creatinine"] / v["platelets"]
+    "easix",
+    EASIX_CITATION,
+    (C.LDH, C.CREATININE, C.PLATELETS),
+    lambda v: v[C.LDH] * v[C.CREATININE] / v[C.PLATELETS],
 )
 M_EASIX = Formula(
-    "m-easix", M_EASIX_CITATION, ("ldh", "crp", "platelets"), lambda v: v["ldh"] * v["crp"] / v["platelets"]
+    "m-easix", M_EASIX_CITATION, (C.LDH, C.CRP, C.PLATELETS), lambda v: v[C.LDH] * v[C.CRP] / v[C.PLATELETS]
 )
-S_EASIX = Formula("s-easix", S_EASIX_CITATION, ("ldh", "platelets"), lambda v: v["ldh"] / v["platelets"])
+S_EASIX = Formula("s-easix", S_EASIX_CITATION, (C.LDH, C.PLATELETS), lambda v: v[C.LDH] / v[C.PLATELETS])
 
 
 @dataclass
@@ -180,7 +184,7 @@ def _formula_result(
 ) -> ScoreResult:
     got = _gather(data, f.inputs, window)
     span = f"values from {_t(window.lo)} to {_t(window.hi)}"
-    if got.missing or got.values.get("platelets") == 0:
+    if got.missing or got.values.get(C.PLATELETS) == 0:
         missing = tuple(got.missing) or ("platelets (non-zero)",)
         p = prediction(None)
         text = f"Indeterminate at {label}: no {', '.join(missing)} ({span}). {p.rationale}"
@@ -239,7 +243,7 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
     out: list[ScoreResult] = []
     ld = lymphodepletion(data)
     if ld is None:
-        missing = ("lymphodepletion",)
+        missing = (C.LYMPHODEPLETION,)
         p = _easix_pre_prediction(None)
         why = "Indeterminate: no lymphodepletion recorded, so there is no pre-lymphodepletion time point."
         out.append(ScoreResult("easix", EASIX_CITATION, at, "pre-lymphodepletion", None, (_with(p, why),), (), missing))
@@ -247,7 +251,7 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
         window = before_lymphodepletion(ld.start, at, cfg)
         out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction))
     seen: set[datetime] = set()
-    for s in data.series("ldh"):
+    for s in data.series(C.LDH):
         if s.t > at:
             break
         if ld is not None and s.t < ld.start and ld.start <= at:
@@ -264,15 +268,15 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
 def pennisi_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[ScoreResult]:
     """m-EASIX and s-EASIX at lymphodepletion, day -1, day +1 and day +3 (Pennisi 2021)."""
     ld = lymphodepletion(data)
-    day0 = data.first_event("cart-infusion")
+    day0 = data.first_event(C.CART_INFUSION)
     points: list[tuple[str, Window | None, str]] = [
-        ("lymphodepletion", before_lymphodepletion(ld.start, at, cfg) if ld else None, "lymphodepletion"),
+        ("lymphodepletion", before_lymphodepletion(ld.start, at, cfg) if ld else None, C.LYMPHODEPLETION),
     ]
     if day0 is None:  # one indeterminate result for the three infusion-relative points
-        points.append(("day -1, +1 and +3", None, "cart-infusion"))
+        points.append(("day -1, +1 and +3", None, C.CART_INFUSION))
     else:
         for label, days in (("day -1", -1), ("day +1", 1), ("day +3", 3)):
-            points.append((label, around(day0.start + timedelta(days=days), at, cfg), "cart-infusion"))
+            points.append((label, around(day0.start + timedelta(days=days), at, cfg), C.CART_INFUSION))
     out: list[ScoreResult] = []
     for f in (M_EASIX, S_EASIX):
         for label, window, anchor in points:
@@ -336,15 +340,15 @@ def _indication(data: PatientData) -> tuple[str | None, str, tuple[str, ...]]:
 
 
 def product_baseline(data: PatientData, at: datetime) -> list[ScoreResult]:
-    infusion = data.first_event("cart-infusion")
+    infusion = data.first_event(C.CART_INFUSION)
     indication, why_not, cond_refs = _indication(data)
     missing: list[str] = []
     reasons: list[str] = []
     if infusion is None or infusion.product is None:
-        missing.append("cart-infusion product")
+        missing.append(f"{C.CART_INFUSION} product")
         reasons.append("no CAR T infusion recorded" if infusion is None else "infused product not identified")
     if indication is None:
-        missing.append("indication")
+        missing.append(C.INDICATION)
         reasons.append(why_not)
     when = infusion.start if infusion else at
     if infusion is not None and infusion.start > at:
@@ -407,24 +411,24 @@ def disease_burden(data: PatientData, at: datetime) -> list[ScoreResult]:
     if indication is not None and indication != "b-all":
         return []  # applies only to B-ALL
     ld = lymphodepletion(data)
-    day0 = data.first_event("cart-infusion")
+    day0 = data.first_event(C.CART_INFUSION)
     anchor: Administration | None = ld or day0
     label = "pre-lymphodepletion" if ld else "pre-infusion"
-    missing: list[str] = [] if indication else ["indication"]
+    missing: list[str] = [] if indication else [C.INDICATION]
     if anchor is None:
-        missing.append("lymphodepletion or cart-infusion")
+        missing.append(f"{C.LYMPHODEPLETION} or {C.CART_INFUSION}")
     elif anchor.start > at:
         return []
     cut = anchor.start if anchor else at
-    blasts = _latest_before(data.series("bm-blasts"), cut)
-    emd = _latest_before(data.series("extramedullary-disease"), cut)
+    blasts = _latest_before(data.series(C.BM_BLASTS), cut)
+    emd = _latest_before(data.series(C.EXTRAMEDULLARY_DISEASE), cut)
     scope = "Applies only to B-ALL (seed 001 cohort: 56 adults, 19-28z). ICD-10-CM C91.0 does not tell B- from T-ALL."
     morphologic = (blasts is not None and (blasts.value or 0) >= MORPHOLOGIC_BLASTS_PCT) or (
         emd is not None and emd.code == "present"
     )
     mrd_only = blasts is not None and emd is not None and not morphologic
     if not (morphologic or mrd_only):
-        missing += [c for c, s in (("bm-blasts", blasts), ("extramedullary-disease", emd)) if s is None]
+        missing += [c for c, s in ((C.BM_BLASTS, blasts), (C.EXTRAMEDULLARY_DISEASE, emd)) if s is None]
     if missing:
         text = f"Indeterminate: missing {', '.join(missing)}{' (' + why_not + ')' if why_not else ''}. {scope}"
         pred = Prediction("relapse-after-car-t", "Relapsed/refractory disease after CAR T", rationale=text)

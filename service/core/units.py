@@ -1,4 +1,4 @@
-"""Explicit UCUM unit conversion to each concept's canonical unit.
+"""Explicit UCUM unit conversion to each concept's canonical unit (declared in concepts.py).
 
 Only the conversions listed here exist. A unit not listed for a concept is an error, never
 a guess (clinical-rules.md; fhir-integration.md "UCUM units").
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .concepts import CONCEPTS, C, spec
 
 # Creatinine: 1 mg/dL = 88.42 umol/L (molar mass 113.12 g/mol).
 CREATININE_UMOL_L_PER_MG_DL = 88.42
@@ -71,35 +73,52 @@ _VASOPRESSIN = {
     "[USP'U]/h": Conversion("U/min", 1 / 60),
 }
 
+# Keyed by the registry (service/core/concepts.py); checked against it at import.
 CONVERSIONS: dict[str, dict[str, Conversion]] = {
-    "body-temperature": _TEMPERATURE,
-    "systolic-bp": _PRESSURE,
-    "mean-arterial-pressure": _PRESSURE,
-    "spo2": _PERCENT,
-    "fio2": _PERCENT,
-    "oxygen-flow": _FLOW,
-    "body-weight": _WEIGHT,
-    "ice-score": _SCORE,
-    "capd-score": _SCORE,
-    "cartox-10": _SCORE,
-    "crp": _MG_DL,
-    "ferritin": _NG_ML,
-    "ldh": _ENZYME,
-    "platelets": _COUNT,
-    "creatinine": _CREATININE,
-    "anc": _COUNT,
-    "hemoglobin": _HB,
-    "ast": _ENZYME,
-    "alt": _ENZYME,
-    "il6": _PG_ML,
-    "mcp1": _PG_ML,
-    "bm-blasts": {"%": _same("%")},
-    "norepinephrine": _UG_MIN,
-    "epinephrine": _UG_MIN,
-    "phenylephrine": _UG_MIN,
-    "dopamine": _UG_KG_MIN,
-    "vasopressin": _VASOPRESSIN,
+    C.BODY_TEMPERATURE: _TEMPERATURE,
+    C.SYSTOLIC_BP: _PRESSURE,
+    C.MEAN_ARTERIAL_PRESSURE: _PRESSURE,
+    C.SPO2: _PERCENT,
+    C.FIO2: _PERCENT,
+    C.OXYGEN_FLOW: _FLOW,
+    C.BODY_WEIGHT: _WEIGHT,
+    C.ICE_SCORE: _SCORE,
+    C.CAPD_SCORE: _SCORE,
+    C.CARTOX_10: _SCORE,
+    C.CRP: _MG_DL,
+    C.FERRITIN: _NG_ML,
+    C.LDH: _ENZYME,
+    C.PLATELETS: _COUNT,
+    C.CREATININE: _CREATININE,
+    C.ANC: _COUNT,
+    C.HEMOGLOBIN: _HB,
+    C.AST: _ENZYME,
+    C.ALT: _ENZYME,
+    C.IL6: _PG_ML,
+    C.MCP1: _PG_ML,
+    C.BM_BLASTS: {"%": _same("%")},
+    C.NOREPINEPHRINE: _UG_MIN,
+    C.EPINEPHRINE: _UG_MIN,
+    C.PHENYLEPHRINE: _UG_MIN,
+    C.DOPAMINE: _UG_KG_MIN,
+    C.VASOPRESSIN: _VASOPRESSIN,
 }
+
+
+def _check_against_registry() -> None:
+    """Every concept with a canonical unit has its conversions here, all into that unit, and no other."""
+    unknown = set(CONVERSIONS) - set(CONCEPTS)
+    if unknown:
+        raise RuntimeError(f"units.py: conversions for unregistered concepts {sorted(unknown)}")
+    for name, s in CONCEPTS.items():
+        table = CONVERSIONS.get(name)
+        if (s.unit is None) != (table is None):
+            raise RuntimeError(f"units.py: {name} has canonical unit {s.unit!r} but conversions {table!r}")
+        if table is not None and {c.to_unit for c in table.values()} != {s.unit}:
+            raise RuntimeError(f"units.py: {name} converts to a unit other than its canonical {s.unit!r}")
+
+
+_check_against_registry()
 
 
 def units_for(concept: str) -> list[str]:
@@ -107,7 +126,10 @@ def units_for(concept: str) -> list[str]:
 
 
 def canonical_unit(concept: str) -> str:
-    return next(iter(CONVERSIONS[concept].values())).to_unit
+    s = spec(concept)
+    if s is None or s.unit is None:
+        raise KeyError(concept)
+    return s.unit
 
 
 def converter(concept: str, unit: str) -> Callable[[float, float | None], float]:

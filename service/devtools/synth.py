@@ -38,6 +38,8 @@ from typing import Any
 
 import orjson
 
+from ..core.concepts import C, ConceptName
+
 SCENARIOS: tuple[str, ...] = (
     "no-crs",
     "crs-1",
@@ -127,7 +129,7 @@ _DRUGS: dict[str, tuple[tuple[tuple[str, str, str], ...], str]] = {
     "methylprednisolone": ((("rx", "6902", "methylprednisolone"),), "methylprednisolone"),
     "acetaminophen": ((("rx", "161", "acetaminophen"),), "acetaminophen"),
     "cyclophosphamide": ((("rx", "3002", "cyclophosphamide"),), "cyclophosphamide"),
-    "fludarabine": ((("local", "lymphodepletion", "lymphodepletion chemotherapy"),), "fludarabine"),
+    "fludarabine": ((("local", C.LYMPHODEPLETION, "lymphodepletion chemotherapy"),), "fludarabine"),
     # Not graded (not in the codebook): realistic noise the service must pass over.
     "diphenhydramine": ((("local", "diphenhydramine", "diphenhydramine"),), "diphenhydramine"),
     "saline-bolus": ((("local", "sodium-chloride-0.9-bolus", "sodium chloride 0.9% bolus"),), "0.9% sodium chloride"),
@@ -600,7 +602,7 @@ class _Writer:
             extra["referenceRange"] = [rr]
         self.obs(m, category, _cc(LOINC, code[0], code[1]), extra, **kw)
 
-    def coded(self, m: int, category: str, concept: str, value: str, display: str) -> None:
+    def coded(self, m: int, category: str, concept: ConceptName, value: str, display: str) -> None:
         self.obs(
             m,
             category,
@@ -737,7 +739,7 @@ def _vitals(w: _Writer, rng: random.Random, plan: _Plan, base: dict[str, int], m
     w.loinc(m, v, _L_RR, rr, "/min")
     spo2_code = {"coding": [{"system": LOINC, "code": c, "display": d} for c, d in (_L_SPO2, _L_SAO2)]}
     w.obs(m, v, spo2_code, {"valueQuantity": _qty(spo2, "%")})
-    w.coded(m, v, "oxygen-device", device, "Oxygen delivery device")
+    w.coded(m, v, C.OXYGEN_DEVICE, device, "Oxygen delivery device")
     has_flow, has_fio2 = _DEVICES[device]
     if has_flow and flow is not None:
         w.loinc(m, v, _L_FLOW, flow, "L/min")
@@ -763,7 +765,7 @@ def _vitals_times(plan: _Plan, end: int, every: int | None) -> list[int]:
 
 
 def _neuro(w: _Writer, rng: random.Random, plan: _Plan, end: int) -> None:
-    tool = "capd-score" if plan.child else "ice-score"
+    tool = C.CAPD_SCORE if plan.child else C.ICE_SCORE
     every = 480 if plan.neuro_window else rng.choice((480, 600, 720))
     baseline_score = 0 if plan.child else 10
     points = [(t, baseline_score, "alert") for t in range(-_h(23), end + 1, every)]
@@ -776,9 +778,9 @@ def _neuro(w: _Writer, rng: random.Random, plan: _Plan, end: int) -> None:
         if t > end:
             continue
         w.obs(t, "survey", w.local_cc(tool, display), {"valueInteger": score})
-        w.coded(t, "exam", "consciousness", loc, "Level of consciousness (ASTCT)")
+        w.coded(t, "exam", C.CONSCIOUSNESS, loc, "Level of consciousness (ASTCT)")
     if plan.seizure_at is not None and plan.seizure_at <= end:
-        w.coded(plan.seizure_at, "exam", "seizure", "rapidly-resolving", "Seizure (ASTCT)")
+        w.coded(plan.seizure_at, "exam", C.SEIZURE, "rapidly-resolving", "Seizure (ASTCT)")
 
 
 def _activity(m: int, plan: _Plan, lag_h: float, half_life_h: float) -> float:
@@ -1002,7 +1004,7 @@ def generate_patient(
         {
             "status": "completed",
             "medicationCodeableConcept": {
-                "coding": [{"system": w.local, "code": "cart-infusion", "display": "CAR T-cell infusion"}],
+                "coding": [{"system": w.local, "code": C.CART_INFUSION, "display": "CAR T-cell infusion"}],
                 "text": product,
             },
             "subject": w.subject,
@@ -1026,11 +1028,11 @@ def generate_patient(
     if plan.child:
         marrow = -8 * 1440
         blasts = rng.choice((0.5, 2.0, 3.5, 12.0, 35.0, 60.0))
-        w.obs(marrow, "laboratory", w.local_cc("bm-blasts", "Bone marrow blasts"), {"valueQuantity": _qty(blasts, "%")})
+        w.obs(marrow, "laboratory", w.local_cc(C.BM_BLASTS, "Bone marrow blasts"), {"valueQuantity": _qty(blasts, "%")})
         w.coded(
             marrow,
             "exam",
-            "extramedullary-disease",
+            C.EXTRAMEDULLARY_DISEASE,
             rng.choice(("absent", "absent", "present")),
             "Extramedullary disease",
         )

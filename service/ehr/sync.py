@@ -24,6 +24,7 @@ from ..app.evaluate import Evaluation
 from ..app.store import evaluate_stored, store_evaluation, store_resources
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..core.concepts import Kind
 from ..fhir.errors import FhirError
 from ..storage import repository
 from ..storage.models import AuditEvent, WatchedPatient
@@ -48,7 +49,7 @@ def observation_codes(codebook: Codebook) -> list[str]:
     `system|code` search tokens."""
     tokens = list(BP_PANEL_CODES)
     for concept in codebook.concepts.values():
-        if concept.kind in ("quantity", "score", "coded"):
+        if concept.kind in (Kind.QUANTITY, Kind.SCORE, Kind.CODED):
             tokens += [f"{system}|{code}" for system, code in concept.codings]
     return sorted(set(tokens))
 

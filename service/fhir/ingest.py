@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 
 from ..codebook import Codebook, Coding
+from ..core.concepts import C, Kind
+from ..core.concepts import spec as concept_spec
 from ..core.model import Administration, Ignored, PatientData, Sample
 from ..core.units import UnitError, canonical_unit, converter
 from .errors import FhirError, Issue
@@ -308,7 +310,7 @@ class Normaliser:
     def _value(self, concept: str, holder: dict[str, Any], path: str, t: datetime, ref: str) -> None:
         kind = self.cb.concepts[concept].kind
         if "valueQuantity" in holder:
-            if kind in ("coded", "drug", "vasopressor", "event"):
+            if kind in (Kind.CODED, Kind.DRUG, Kind.VASOPRESSOR, Kind.EVENT):
                 self.r.fail("value", f"{concept} expects a coded value", f"{path}.valueQuantity")
                 return
             q = self._quantity(concept, holder["valueQuantity"], f"{path}.valueQuantity")
@@ -316,13 +318,13 @@ class Normaliser:
                 v, unit, shown = q
                 high = self._reference_high(concept, holder.get("referenceRange"), path)
                 self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown, ref_high=high))
-        elif "valueInteger" in holder and kind == "score":
+        elif "valueInteger" in holder and kind == Kind.SCORE:
             v = holder["valueInteger"]
             if isinstance(v, bool) or not isinstance(v, int):
                 self.r.fail("value", "valueInteger must be an integer", f"{path}.valueInteger")
                 return
             self._add(Sample(concept, t, ref, value=float(v), unit="{score}", shown=f"{v}"))
-        elif "valueCodeableConcept" in holder and kind == "coded":
+        elif "valueCodeableConcept" in holder and kind == Kind.CODED:
             value = self.cb.value_for(concept, _codings(holder["valueCodeableConcept"]))
             if value is None:
                 self.r.fail(
@@ -336,7 +338,7 @@ class Normaliser:
             self.ignored.append(Ignored(ref, "no value", concept))
         else:
             self.r.fail("value", f"value type not usable for {concept} ({kind})", path)
-        if kind == "score":
+        if kind == Kind.SCORE:
             self._check_score_range(concept, path)
 
     def _reference_high(self, concept: str, ranges: Any, path: str) -> float | None:
@@ -350,14 +352,16 @@ class Normaliser:
         return None
 
     def _check_score_range(self, concept: str, path: str) -> None:
-        # ICE is 0-10 (ASTCT 2019); CAPD is 0-32 (Traube 2014); CARTOX-10 is 0-10 (Neelapu 2018).
-        top = {"ice-score": 10, "capd-score": 32, "cartox-10": 10}.get(concept)
+        # The valid range is the registry's (ICE 0-10, CAPD 0-32, CARTOX-10 0-10).
+        spec = concept_spec(concept)
+        bounds = spec.score_range if spec is not None else None
         series = self.samples.get(concept)
-        if top is not None and series:
+        if bounds is not None and series:
+            lo, hi = bounds
             v = series[-1].value
-            if v is not None and not (0 <= v <= top and v == int(v)):
+            if v is not None and not (lo <= v <= hi and v == int(v)):
                 series.pop()
-                self.r.fail("value", f"{concept} must be an integer 0-{top}", path)
+                self.r.fail("value", f"{concept} must be an integer {lo}-{hi}", path)
 
     # MedicationAdministration / Procedure ---------------------------------------------
     def _medication(self, res: dict[str, Any], path: str) -> tuple[str | None, str | None]:
@@ -380,7 +384,7 @@ class Normaliser:
     def _concept_and_product(self, cc: Any) -> tuple[str | None, str | None]:
         codings, text = _codings(cc), _text(cc)
         concept = self.cb.concept_for(codings, text)
-        product = self.cb.value_for(concept, codings, text) if concept == "cart-infusion" else None
+        product = self.cb.value_for(concept, codings, text) if concept == C.CART_INFUSION else None
         return concept, product
 
     def administration(self, en: Entry) -> None:
@@ -406,7 +410,7 @@ class Normaliser:
             self.ignored.append(Ignored(en.ref, f"{status} without an end: counted at its start only", concept))
         dose = _RawDose(concept, start, end, en.ref, path, product=product)
         rate = (res.get("dosage") or {}).get("rateQuantity")
-        if rate is not None and self.cb.concepts[concept].kind == "vasopressor":
+        if rate is not None and self.cb.concepts[concept].kind == Kind.VASOPRESSOR:
             p = f"{path}.dosage.rateQuantity"
             if not isinstance(rate, dict) or not isinstance(rate.get("value"), int | float):
                 r.fail("required", "rateQuantity.value must be a number", f"{p}.value")
@@ -426,7 +430,7 @@ class Normaliser:
     def procedure(self, en: Entry) -> None:
         res, path, r = en.resource, en.path, self.r
         concept, product = self._concept_and_product(res.get("code"))
-        if concept not in ("cart-infusion", "lymphodepletion"):
+        if concept not in (C.CART_INFUSION, C.LYMPHODEPLETION):
             return
         if not self._usable(en, res.get("status"), PROC_USED, PROC_IGNORED, concept):
             return
@@ -440,12 +444,12 @@ class Normaliser:
     def condition(self, en: Entry) -> None:
         """A diagnosis the codebook maps to an indication (product baseline, disease burden)."""
         res = en.resource
-        value = self.cb.value_for("indication", _codings(res.get("code")), _text(res.get("code")))
+        value = self.cb.value_for(C.INDICATION, _codings(res.get("code")), _text(res.get("code")))
         if value is None:
             return
         verification = {c for _, c in _codings(res.get("verificationStatus"))}
         if verification & {"refuted", "entered-in-error"}:
-            self.ignored.append(Ignored(en.ref, f"verificationStatus {'/'.join(sorted(verification))}", "indication"))
+            self.ignored.append(Ignored(en.ref, f"verificationStatus {'/'.join(sorted(verification))}", C.INDICATION))
             return
         self.indications.append((value, en.ref))
 
@@ -453,7 +457,7 @@ class Normaliser:
     def finish(self, patient_ref: str, birth: date | None) -> PatientData:
         for series in self.samples.values():
             series.sort(key=lambda s: s.t)
-        weights = self.samples.get("body-weight", [])
+        weights = self.samples.get(C.BODY_WEIGHT, [])
         weight_times = [w.t for w in weights]
         admins: dict[str, list[Administration]] = {}
         for d in self.doses:
