@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from .config import VASOPRESSIN, OlderConfig
+from .grading import MAX_GRADE, Domain, band, combine, ignored_note
 from .model import Administration, GradeResult, PatientData, Sample
 from .model import fmt_time as _fmt_t
 
@@ -23,7 +24,6 @@ CRS_METHOD = "astct-crs"
 ICANS_METHOD = "astct-icans"
 CRS_SCALE = "ASTCT 2019 CRS consensus grading (Lee DW et al., BBMT 2019;25:625-638)"
 ICANS_SCALE = "ASTCT 2019 ICANS consensus grading (Lee DW et al., BBMT 2019;25:625-638)"
-MAX_GRADE = 4  # grade 5 (death due to CRS/ICANS) needs attribution the data cannot give
 
 # --- CRS (table "ASTCT CRS Consensus Grading") ---------------------------------------
 
@@ -151,17 +151,6 @@ CRS_CONCEPTS = frozenset(
     }
 )
 ICANS_CONCEPTS = frozenset({"ice-score", "capd-score", *(c for c, _ in CODED_ICANS_DOMAINS)})
-IGNORED_SHOWN = 5
-
-
-def ignored_note(data: PatientData, concepts: frozenset[str]) -> list[str]:
-    """What was left out of grading, for the rationale (statuses, missing values, ...)."""
-    items = [i for i in data.ignored if i.concept in concepts]
-    if not items:
-        return []
-    shown = ", ".join(f"{i.ref} ({i.concept}: {i.reason})" for i in items[:IGNORED_SHOWN])
-    more = f" and {len(items) - IGNORED_SHOWN} more" if len(items) > IGNORED_SHOWN else ""
-    return [f"Ignored: {shown}{more}."]
 
 
 def age_days(birth: date | None, at: datetime) -> int | None:
@@ -172,31 +161,6 @@ def completed_years(birth: date, on: date) -> int:
     return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
 
 
-def _band(value: float, bands: tuple[tuple[int, int, int], ...]) -> int | None:
-    for low, high, grade in bands:
-        if low <= value <= high:
-            return grade
-    return None
-
-
-@dataclass
-class _Domain:
-    """One domain's contribution: grade None = unknown (no data).
-
-    `needs` names the missing inputs (codebook concepts) when unknown; `required` domains
-    (CRS fever) are part of the basis of any grade they allow.
-    """
-
-    name: str
-    grade: int | None
-    why: str
-    refs: tuple[str, ...] = ()
-    needs: str = ""
-    required: bool = False
-    ceiling: int = MAX_GRADE  # the worst grade this domain could give if its data were there
-    at_least: int = 0  # what an unknown domain already gives for sure (e.g. a pressor of unknown dose)
-
-
 def _worst_coded(series: list[Sample], table: dict[str, int]) -> tuple[int, Sample] | None:
     best: tuple[int, Sample] | None = None
     for s in series:
@@ -204,48 +168,6 @@ def _worst_coded(series: list[Sample], table: dict[str, int]) -> tuple[int, Samp
         if g is not None and (best is None or g > best[0]):
             best = (g, s)
     return best
-
-
-def _combine(
-    method: str,
-    scale: str,
-    at: datetime,
-    domains: list[_Domain],
-    head: str,
-    notes: list[str],
-    considered: list[str],
-) -> GradeResult:
-    known = [d for d in domains if d.grade is not None]
-    floor = max([d.grade for d in known if d.grade is not None] + [d.at_least for d in domains], default=0)
-    # A domain without data matters only if it could still raise the grade.
-    unknown = [d for d in domains if d.grade is None and d.ceiling > floor]
-    deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
-    details = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
-    if unknown:
-        missing = tuple(d.needs or d.name for d in unknown)
-        verdict = f"Indeterminate: no {' / '.join(missing)} in the window" + (
-            f"; at least grade {floor} from the data present." if floor else "."
-        )
-        grade: int | None = None
-        basis = tuple(r for d in known for r in d.refs)
-    else:
-        missing = ()
-        grade = floor
-        basis = tuple(r for d in deciding for r in d.refs)
-        shown = [d for d in deciding if d.grade] or known[:2]
-        why = "; ".join(d.why.split(" -> ")[0].rstrip(".") for d in shown)
-        verdict = f"Grade {grade}: {why} (the worst domain decides)."
-    lines = [verdict, *details]
-    return GradeResult(
-        method=method,
-        scale=scale,
-        at=at,
-        grade=grade,
-        rationale=" ".join(lines + notes),
-        basis=tuple(dict.fromkeys(basis)),
-        missing=missing,
-        considered=tuple(dict.fromkeys(considered)),
-    )
 
 
 # --- CRS -----------------------------------------------------------------------------
@@ -263,7 +185,7 @@ def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[S
     return (first, min(drugs, key=lambda a: a.start)) if drugs else None
 
 
-def _pressors_running(data: PatientData, lo: datetime, hi: datetime) -> _Domain | None:
+def pressors_running(data: PatientData, lo: datetime, hi: datetime) -> Domain | None:
     """Vasopressor domain, or None when no counted vasopressor ran in the window."""
     runs = [
         a for c in VASOPRESSORS_COUNTED for a in data.given(c) if a.overlaps(lo, hi) and (a.rate is None or a.rate > 0)
@@ -283,15 +205,15 @@ def _pressors_running(data: PatientData, lo: datetime, hi: datetime) -> _Domain 
                         f"multiple vasopressors ({a.concept} and {b.concept} running together "
                         f"from {_fmt_t(start)}; vasopressin not counted) -> grade {MULTIPLE_VASOPRESSORS_GRADE}"
                     )
-                    return _Domain("hypotension", MULTIPLE_VASOPRESSORS_GRADE, why, (a.ref, b.ref))
+                    return Domain("hypotension", MULTIPLE_VASOPRESSORS_GRADE, why, (a.ref, b.ref))
     first = runs[0]
     dose = f" {first.shown}" if first.shown else ""
     why = f"one vasopressor ({first.concept} from {_fmt_t(first.start)}{dose}) -> grade {ONE_VASOPRESSOR_GRADE}"
-    return _Domain("hypotension", ONE_VASOPRESSOR_GRADE, why, tuple(a.ref for a in runs))
+    return Domain("hypotension", ONE_VASOPRESSOR_GRADE, why, tuple(a.ref for a in runs))
 
 
-def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConfig) -> _Domain:
-    pressors = _pressors_running(data, lo, hi)
+def hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConfig) -> Domain:
+    pressors = pressors_running(data, lo, hi)
     vaso = [a for a in data.given(VASOPRESSIN) if a.overlaps(lo, hi)]
     vaso_note = " Vasopressin ran in the window and is not counted as a vasopressor (ASTCT)." if vaso else ""
     if pressors is not None:
@@ -310,22 +232,22 @@ def _hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConf
             f"hypotension not requiring vasopressors ({worst.concept} {worst.shown} at {_fmt_t(worst.t)}; "
             f"rule: {rule}) -> grade {HYPOTENSION_NO_PRESSOR_GRADE}.{vaso_note}"
         )
-        return _Domain("hypotension", HYPOTENSION_NO_PRESSOR_GRADE, why, tuple(s.ref for s in low[:5]))
+        return Domain("hypotension", HYPOTENSION_NO_PRESSOR_GRADE, why, tuple(s.ref for s in low[:5]))
     if sbp or (maps and map_lim is not None):  # the pediatric rule reads systolic pressure only
         why = f"no hypotension ({len(sbp) + len(maps)} pressures; rule: {rule}), no vasopressor.{vaso_note}"
-        return _Domain("hypotension", 0, why)
+        return Domain("hypotension", 0, why)
     why = f"no blood pressure and no vasopressor recorded.{vaso_note}"
-    return _Domain("hypotension", None, why, needs="systolic-bp or mean-arterial-pressure")
+    return Domain("hypotension", None, why, needs="systolic-bp or mean-arterial-pressure")
 
 
-def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> _Domain:
+def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> Domain:
     """Oxygen domain. Positive pressure counts on its own; other devices count only with a
     flow rate recorded in the window, because oxygen given for comfort is not hypoxia
     (clinical-rules.md §1.1) and a device alone cannot tell the two apart."""
     devices = [s for s in data.window("oxygen-device", lo, hi) if s.code in OXYGEN_DEVICE_GRADE]
     flows = [s for s in data.window("oxygen-flow", lo, hi) if s.value is not None]
     if not devices and not flows:
-        return _Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
+        return Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
     flowing = [s for s in flows if (s.value or 0.0) > 0]
     known: list[tuple[int, Sample, str]] = []
     uncredited: list[tuple[int, Sample]] = []
@@ -347,11 +269,11 @@ def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> _Domain:
             f"oxygen device {s.code} at {_fmt_t(s.t)} without a flow rate in the window: oxygen for comfort "
             "cannot be excluded, so the device alone is not graded"
         )
-        return _Domain("hypoxia", None, why, needs="oxygen-flow", ceiling=g)
+        return Domain("hypoxia", None, why, needs="oxygen-flow", ceiling=g)
     assert best is not None
     grade, sample, text = best
     why = f"{text} -> grade {grade}" if grade else f"no oxygen support ({text})"
-    return _Domain("hypoxia", grade, why, (sample.ref,))
+    return Domain("hypoxia", grade, why, (sample.ref,))
 
 
 @dataclass(frozen=True)
@@ -360,7 +282,7 @@ class FeverGate:
     masked by antipyretic/anti-cytokine therapy). `domain` is set when present; otherwise
     `grade` is 0 (no fever) or None (no temperature) with `why`."""
 
-    domain: _Domain | None
+    domain: Domain | None
     grade: int | None
     why: str
     temps: tuple[Sample, ...]
@@ -374,7 +296,7 @@ def fever_gate(data: PatientData, lo: datetime, at: datetime) -> FeverGate:
     fever = max(temps, key=lambda s: s.value or 0.0) if temps else None
     if fever is not None and (fever.value or 0.0) >= FEVER_C:
         why = f"fever {fever.shown} at {_fmt_t(fever.t)} (>= {FEVER_C:g} °C)"
-        return FeverGate(_Domain("fever", 1, why, (fever.ref,), required=True), 1, why, temps, day0)
+        return FeverGate(Domain("fever", 1, why, (fever.ref,), required=True), 1, why, temps, day0)
     masked = _masking(data, since, at)
     if masked is not None:
         f, drug = masked
@@ -383,7 +305,7 @@ def fever_gate(data: PatientData, lo: datetime, at: datetime) -> FeverGate:
             f"{_fmt_t(drug.start)}, so fever is no longer required and the grade is driven by hypotension "
             "and hypoxia (ASTCT)."
         )
-        return FeverGate(_Domain("fever", 0, why, (f.ref, drug.ref), required=True), 0, why, temps, day0)
+        return FeverGate(Domain("fever", 0, why, (f.ref, drug.ref), required=True), 0, why, temps, day0)
     if fever is not None:
         why = f"no fever (max {fever.shown} at {_fmt_t(fever.t)}; < {FEVER_C:g} °C) and no masking therapy."
         return FeverGate(None, 0, why, temps, day0)
@@ -422,7 +344,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
         return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes)
     fever_dom = gate.domain
     considered = [s.ref for s in gate.temps]
-    hypo = _hypotension(data, lo, at, cfg)
+    hypo = hypotension(data, lo, at, cfg)
     hypox = _hypoxia(data, lo, at)
     considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
     for c in ("systolic-bp", "mean-arterial-pressure", "oxygen-device", "oxygen-flow"):
@@ -431,7 +353,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
         considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
     if gate.day0:
         considered.append(gate.day0.ref)
-    return _combine(CRS_METHOD, CRS_SCALE, at, [fever_dom, hypo, hypox], window, notes, considered)
+    return combine(CRS_METHOD, CRS_SCALE, at, [fever_dom, hypo, hypox], window, notes, considered)
 
 
 # --- ICANS ---------------------------------------------------------------------------
@@ -439,15 +361,15 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
 
 def _score_domain(
     name: str, concept: str, series: list[Sample], bands: tuple[tuple[int, int, int], ...], worst_is_low: bool
-) -> _Domain:
+) -> Domain:
     scored = [s for s in series if s.value is not None]
     if not scored:
         # ICE/CAPD alone give at most grade 3 (ICE 0 unarousable is the consciousness row).
-        return _Domain(name, None, "not recorded.", needs=concept, ceiling=TOOL_MAX_GRADE)
+        return Domain(name, None, "not recorded.", needs=concept, ceiling=TOOL_MAX_GRADE)
     pick = min if worst_is_low else max
     worst = pick(scored, key=lambda s: s.value or 0.0)
-    grade = _band(worst.value or 0.0, bands)
-    return _Domain(name, grade, f"worst {name} {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
+    grade = band(worst.value or 0.0, bands)
+    return Domain(name, grade, f"worst {name} {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
 
 
 def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
@@ -480,14 +402,14 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
         worst = _worst_coded(series, table)
         if worst is None:
             if concept == "consciousness":
-                domains.append(_Domain(concept, None, "not recorded.", needs=concept))
+                domains.append(Domain(concept, None, "not recorded.", needs=concept))
             else:
                 # ASTCT rows for seizure, motor and edema are findings: none recorded = none.
-                domains.append(_Domain(concept, 0, "no finding recorded."))
+                domains.append(Domain(concept, 0, "no finding recorded."))
             continue
         conscious_known |= concept == "consciousness"
         g, s = worst
-        domains.append(_Domain(concept, g, f"{s.code} at {_fmt_t(s.t)} -> grade {g}", (s.ref,)))
+        domains.append(Domain(concept, g, f"{s.code} at {_fmt_t(s.t)} -> grade {g}", (s.ref,)))
     if tool.grade is not None and not conscious_known:
         if use_capd and tool.grade == CAPD_BANDS[1][2]:
             # ASTCT pediatric table: CAPD 1-8 is grade 1 if the child awakens spontaneously
@@ -502,4 +424,4 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
             notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
     notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")
     notes += ignored_note(data, ICANS_CONCEPTS)
-    return _combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)
+    return combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)

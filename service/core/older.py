@@ -27,23 +27,19 @@ from itertools import pairwise
 
 from .astct import (
     CRS_CONCEPTS,
-    MAX_GRADE,
     OXYGEN_DEVICE_GRADE,
     VASOPRESSIN,
     VASOPRESSORS_COUNTED,
     FeverGate,
     GradingConfig,
-    _band,
-    _combine,
-    _Domain,
-    _hypotension,
-    _pressors_running,
     crs_notes,
     fever_gate,
-    ignored_note,
+    hypotension,
     no_crs,
+    pressors_running,
 )
 from .config import ATLANTA_FIO2_POINTS, ATLANTA_SOURCE, FIO2_ESTIMATE_DEVICES, HighDoseRule, OlderConfig
+from .grading import MAX_GRADE, Domain, band, combine, ignored_note
 from .model import Administration, GradeResult, PatientData, Sample
 from .model import fmt_time as _fmt_t
 from .scores import lymphodepletion
@@ -242,7 +238,7 @@ OLDER_CRS_CONCEPTS = CRS_CONCEPTS | {"fio2", "creatinine", "ast", "alt"}
 
 @dataclass(frozen=True)
 class PressorFacts:
-    counted: _Domain | None  # ASTCT's one-or-multiple reading (vasopressin not counted)
+    counted: Domain | None  # ASTCT's one-or-multiple reading (vasopressin not counted)
     any_refs: tuple[str, ...]  # every vasopressor incl. vasopressin in the window
     vasopressin_only: bool
     longest_run: timedelta  # longest continuous vasopressor run (incl. vasopressin) reaching the window
@@ -280,7 +276,7 @@ class Facts:
     at: datetime
     lo: datetime
     gate: FeverGate
-    hypotension: _Domain | None  # the configured no-pressor hypotension reading (None: pressors ran)
+    hypotension: Domain | None  # the configured no-pressor hypotension reading (None: pressors ran)
     pressors: PressorFacts
     oxygen: OxygenFacts
     organ: dict[str, OrganFacts]  # "creatinine", "transaminase"
@@ -367,7 +363,7 @@ def _pressor_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConf
     since = lo - cfg.pressor_lookback
     admins = [a for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN) for a in data.given(c) if a.overlaps(since, at)]
     in_window = [a for a in admins if a.overlaps(lo, at) and (a.rate is None or a.rate > 0)]
-    counted = _pressors_running(data, lo, at)
+    counted = pressors_running(data, lo, at)
     run, run_start, _ = _longest_run(admins, lo, at) if in_window else (timedelta(0), None, ())
     if in_window:
         high, high_why, high_refs = _high_dose(admins, lo, at, cfg.high_dose)
@@ -540,7 +536,7 @@ def facts_at(data: PatientData, at: datetime, cfg: GradingConfig) -> Facts:
     gate = fever_gate(data, lo, at)
     older = cfg.older
     pressors = _pressor_facts(data, lo, at, older)
-    hypo = None if pressors.any_refs else _hypotension(data, lo, at, cfg)
+    hypo = None if pressors.any_refs else hypotension(data, lo, at, cfg)
     considered = [s.ref for s in gate.temps]
     for c in FACT_CONCEPTS:
         considered += [s.ref for s in data.window(c, lo, at)]
@@ -563,27 +559,27 @@ def facts_at(data: PatientData, at: datetime, cfg: GradingConfig) -> Facts:
 # --- grading ------------------------------------------------------------------------------
 
 
-def _hypotension_domain(sc: Scale, f: Facts) -> _Domain:
+def _hypotension_domain(sc: Scale, f: Facts) -> Domain:
     p = f.pressors
     if not p.any_refs:
         h = f.hypotension
         assert h is not None
         if h.grade == 2 and sc.hypotension_no_pressor is None:
             why = f"{h.why.split(' -> ')[0]}: this scale's hypotension rows need a vasopressor (or IV fluids, not read)"
-            return _Domain("hypotension", 0, why, h.refs)
+            return Domain("hypotension", 0, why, h.refs)
         if h.grade == 2:
-            return _Domain(
+            return Domain(
                 "hypotension",
                 sc.hypotension_no_pressor,
                 h.why.replace("grade 2", f"grade {sc.hypotension_no_pressor}"),
                 h.refs,
             )
         if h.grade is None and sc.hypotension_no_pressor is None:
-            return _Domain("hypotension", 0, "no vasopressor recorded (blood pressure alone is not graded here)")
-        return _Domain("hypotension", h.grade, h.why, h.refs, needs=h.needs, ceiling=sc.hypotension_no_pressor or 0)
+            return Domain("hypotension", 0, "no vasopressor recorded (blood pressure alone is not graded here)")
+        return Domain("hypotension", h.grade, h.why, h.refs, needs=h.needs, ceiling=sc.hypotension_no_pressor or 0)
     if p.vasopressin_only and not sc.vasopressin_counts and sc.pressor_hours_split is None:
         # MSKCC's "any vasopressors" duration counts vasopressin; the others do not grade it alone.
-        return _Domain("hypotension", 0, "vasopressin alone (not counted as a vasopressor, as in ASTCT)", p.any_refs)
+        return Domain("hypotension", 0, "vasopressin alone (not counted as a vasopressor, as in ASTCT)", p.any_refs)
     grade = sc.one_pressor
     multiple = p.counted is not None and p.counted.grade == MAX_GRADE
     parts: list[str] = []
@@ -606,7 +602,7 @@ def _hypotension_domain(sc: Scale, f: Facts) -> _Domain:
     if sc.high_dose is not None and sc.high_dose > grade:
         if p.high is None:
             why = "; ".join(parts) + f"; high-dose unknown: {p.high_why}"
-            return _Domain(
+            return Domain(
                 "hypotension",
                 None,
                 why,
@@ -619,41 +615,41 @@ def _hypotension_domain(sc: Scale, f: Facts) -> _Domain:
         if p.high:
             grade = sc.high_dose
             refs = tuple(dict.fromkeys((*refs, *p.high_refs)))
-    return _Domain("hypotension", grade, "; ".join(parts) + f" -> grade {grade}", refs)
+    return Domain("hypotension", grade, "; ".join(parts) + f" -> grade {grade}", refs)
 
 
-def _oxygen_domain(sc: Scale, f: Facts) -> _Domain:
+def _oxygen_domain(sc: Scale, f: Facts) -> Domain:
     o = f.oxygen
     if o.ventilator is not None:
         why = f"invasive mechanical ventilation at {_fmt_t(o.ventilator.t)} -> grade {sc.ventilator}"
-        return _Domain("hypoxia", sc.ventilator, why, (o.ventilator.ref,))
+        return Domain("hypoxia", sc.ventilator, why, (o.ventilator.ref,))
     # Without any oxygen record a ventilator is not excluded; with one, the scale's oxygen rows cap it.
     ceiling = sc.ventilator if not o.charted else max(sc.oxygen_lt40, sc.oxygen_ge40)
     if sc.oxygen is None:
         if not o.charted:
-            return _Domain("hypoxia", None, o.fio2_why, needs="oxygen-device", ceiling=sc.ventilator)
-        return _Domain("hypoxia", 0, "no invasive ventilation charted (this scale grades no other oxygen support)")
+            return Domain("hypoxia", None, o.fio2_why, needs="oxygen-device", ceiling=sc.ventilator)
+        return Domain("hypoxia", 0, "no invasive ventilation charted (this scale grades no other oxygen support)")
     if sc.oxygen == "any":
         if o.any_o2 is None:
-            return _Domain("hypoxia", None, o.any_why, needs=o.fio2_needs or "oxygen-flow", ceiling=ceiling)
+            return Domain("hypoxia", None, o.any_why, needs=o.fio2_needs or "oxygen-flow", ceiling=ceiling)
         if o.any_o2:
             g = sc.oxygen_lt40
-            return _Domain("hypoxia", g, f"oxygen requirement ({o.any_why}) -> grade {g}", o.any_refs)
-        return _Domain("hypoxia", 0, o.any_why, o.any_refs)
+            return Domain("hypoxia", g, f"oxygen requirement ({o.any_why}) -> grade {g}", o.any_refs)
+        return Domain("hypoxia", 0, o.any_why, o.any_refs)
     if o.fio2 is None:
-        return _Domain("hypoxia", None, o.fio2_why, needs=o.fio2_needs or "fio2", ceiling=ceiling)
+        return Domain("hypoxia", None, o.fio2_why, needs=o.fio2_needs or "fio2", ceiling=ceiling)
     low, high = o.fio2
     if low >= FIO2_THRESHOLD_PCT:
         g = sc.oxygen_ge40
-        return _Domain("hypoxia", g, f"{o.fio2_why} (>= {FIO2_THRESHOLD_PCT:g}%) -> grade {g}", o.fio2_refs)
+        return Domain("hypoxia", g, f"{o.fio2_why} (>= {FIO2_THRESHOLD_PCT:g}%) -> grade {g}", o.fio2_refs)
     if high < FIO2_THRESHOLD_PCT:
         g = sc.oxygen_lt40 if high > ROOM_AIR_FIO2_PCT else 0
-        return _Domain("hypoxia", g, f"{o.fio2_why} (< {FIO2_THRESHOLD_PCT:g}%) -> grade {g}", o.fio2_refs)
+        return Domain("hypoxia", g, f"{o.fio2_why} (< {FIO2_THRESHOLD_PCT:g}%) -> grade {g}", o.fio2_refs)
     why = f"{o.fio2_why}: the estimate straddles {FIO2_THRESHOLD_PCT:g}%, so a charted FiO2 is needed"
-    return _Domain("hypoxia", None, why, o.fio2_refs, needs="fio2", ceiling=sc.oxygen_ge40)
+    return Domain("hypoxia", None, why, o.fio2_refs, needs="fio2", ceiling=sc.oxygen_ge40)
 
 
-def _organ_domains(sc: Scale, f: Facts) -> list[_Domain]:
+def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
     out = []
     for kind, table in (("creatinine", sc.creatinine), ("transaminase", sc.transaminase)):
         if not table:
@@ -661,10 +657,10 @@ def _organ_domains(sc: Scale, f: Facts) -> list[_Domain]:
         o = f.organ[kind]
         name = "creatinine" if kind == "creatinine" else "transaminases"
         if o.grade is None:
-            out.append(_Domain(name, None, o.why, o.refs, needs=o.needs, ceiling=max(table.values())))
+            out.append(Domain(name, None, o.why, o.refs, needs=o.needs, ceiling=max(table.values())))
             continue
         g = table.get(o.grade, 0)
-        out.append(_Domain(name, g, f"{o.why} -> {sc.method} grade {g}" if o.grade else o.why, o.refs))
+        out.append(Domain(name, g, f"{o.why} -> {sc.method} grade {g}" if o.grade else o.why, o.refs))
     return out
 
 
@@ -685,7 +681,7 @@ def grade_scale(sc: Scale, f: Facts) -> GradeResult:
         notes.append("Organ toxicity not graded: fever masked and no hypotension or hypoxia in the window.")
         organ = []
     domains += organ
-    return _combine(sc.method, sc.name, f.at, domains, head, notes, list(f.considered))
+    return combine(sc.method, sc.name, f.at, domains, head, notes, list(f.considered))
 
 
 def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
@@ -693,40 +689,40 @@ def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResu
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
     scores = [s for s in data.window("cartox-10", lo, at) if s.value is not None]
     considered = [s.ref for s in scores]
-    domains: list[_Domain] = []
+    domains: list[Domain] = []
     if scores:
         worst = min(scores, key=lambda s: s.value or 0.0)
-        g = _band(worst.value or 0.0, CARTOX10_BANDS)
+        g = band(worst.value or 0.0, CARTOX10_BANDS)
         domains.append(
-            _Domain("CARTOX-10", g, f"worst CARTOX-10 {worst.shown} at {_fmt_t(worst.t)} -> grade {g}", (worst.ref,))
+            Domain("CARTOX-10", g, f"worst CARTOX-10 {worst.shown} at {_fmt_t(worst.t)} -> grade {g}", (worst.ref,))
         )
     else:
-        domains.append(_Domain("CARTOX-10", None, "not recorded.", needs="cartox-10", ceiling=3))
+        domains.append(Domain("CARTOX-10", None, "not recorded.", needs="cartox-10", ceiling=3))
     conscious = data.window("consciousness", lo, at)
     considered += [s.ref for s in conscious]
     obtunded = next((s for s in conscious if s.code in CRES_OBTUNDED), None)
     if obtunded is not None:
         domains.append(
-            _Domain(
+            Domain(
                 "consciousness", 4, f"{obtunded.code} at {_fmt_t(obtunded.t)} (obtunded) -> grade 4", (obtunded.ref,)
             )
         )
     elif conscious or scores:
-        domains.append(_Domain("consciousness", 0, "not obtunded" if conscious else "a CARTOX-10 could be taken"))
+        domains.append(Domain("consciousness", 0, "not obtunded" if conscious else "a CARTOX-10 could be taken"))
     else:
-        domains.append(_Domain("consciousness", None, "not recorded.", needs="consciousness"))
+        domains.append(Domain("consciousness", None, "not recorded.", needs="consciousness"))
     for concept in CRES_UNVERIFIED_ROWS:
         found = [s for s in data.window(concept, lo, at) if s.code not in (None, "none")]
         considered += [s.ref for s in found]
         if found:
             s = found[-1]
             why = f"{s.code} at {_fmt_t(s.t)}: the CRES {concept} rows are not verified, so it cannot be graded"
-            domains.append(_Domain(concept, None, why, (s.ref,), needs=f"verified CRES {concept} rule", ceiling=4))
+            domains.append(Domain(concept, None, why, (s.ref,), needs=f"verified CRES {concept} rule", ceiling=4))
     notes = [
         "CARTOX-10 0-2 is grade 3 as in clinical-rules.md (one secondary source says 0-1); 'obtunded' read as "
         "unarousable. Papilledema, CSF pressure, seizure, motor and edema rows are not verified and not graded.",
         "Sedation and other causes cannot be excluded from data.",
     ]
-    return _combine(
+    return combine(
         CRES_METHOD, CRES_SCALE, at, domains, head, notes + ignored_note(data, frozenset({"cartox-10"})), considered
     )

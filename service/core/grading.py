@@ -1,0 +1,96 @@
+"""Grading machinery shared by every scale: domains, their combination into one result, and
+score bands.
+
+A scale grades a window domain by domain (fever, hypotension, hypoxia, ICE, ...). A domain with
+no data is unknown (grade None), never 0: an unknown domain that could still raise the grade
+makes the result indeterminate (clinical-rules.md rule 3), and the result then states the
+grade the data present already prove (`GradeResult.floor`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from .model import GradeResult, PatientData
+
+MAX_GRADE = 4  # grade 5 (death due to CRS/ICANS) needs attribution the data cannot give
+IGNORED_SHOWN = 5  # ignored inputs named in a rationale; the rest are counted
+
+
+def band(value: float, bands: tuple[tuple[int, int, int], ...]) -> int | None:
+    """The grade of the (lowest, highest, grade) row that holds `value`; None outside every row."""
+    for low, high, grade in bands:
+        if low <= value <= high:
+            return grade
+    return None
+
+
+def ignored_note(data: PatientData, concepts: frozenset[str]) -> list[str]:
+    """What was left out of grading, for the rationale (statuses, missing values, ...)."""
+    items = [i for i in data.ignored if i.concept in concepts]
+    if not items:
+        return []
+    shown = ", ".join(f"{i.ref} ({i.concept}: {i.reason})" for i in items[:IGNORED_SHOWN])
+    more = f" and {len(items) - IGNORED_SHOWN} more" if len(items) > IGNORED_SHOWN else ""
+    return [f"Ignored: {shown}{more}."]
+
+
+@dataclass
+class Domain:
+    """One domain's contribution: grade None = unknown (no data).
+
+    `needs` names the missing inputs (codebook concepts) when unknown; `required` domains
+    (CRS fever) are part of the basis of any grade they allow.
+    """
+
+    name: str
+    grade: int | None
+    why: str
+    refs: tuple[str, ...] = ()
+    needs: str = ""
+    required: bool = False
+    ceiling: int = MAX_GRADE  # the worst grade this domain could give if its data were there
+    at_least: int = 0  # what an unknown domain already gives for sure (e.g. a pressor of unknown dose)
+
+
+def combine(
+    method: str,
+    scale: str,
+    at: datetime,
+    domains: list[Domain],
+    head: str,
+    notes: list[str],
+    considered: list[str],
+) -> GradeResult:
+    known = [d for d in domains if d.grade is not None]
+    floor = max([d.grade for d in known if d.grade is not None] + [d.at_least for d in domains], default=0)
+    # A domain without data matters only if it could still raise the grade.
+    unknown = [d for d in domains if d.grade is None and d.ceiling > floor]
+    deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
+    details = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
+    if unknown:
+        missing = tuple(d.needs or d.name for d in unknown)
+        verdict = f"Indeterminate: no {' / '.join(missing)} in the window" + (
+            f"; at least grade {floor} from the data present." if floor else "."
+        )
+        grade: int | None = None
+        basis = tuple(r for d in known for r in d.refs)
+    else:
+        missing = ()
+        grade = floor
+        basis = tuple(r for d in deciding for r in d.refs)
+        shown = [d for d in deciding if d.grade] or known[:2]
+        why = "; ".join(d.why.split(" -> ")[0].rstrip(".") for d in shown)
+        verdict = f"Grade {grade}: {why} (the worst domain decides)."
+    lines = [verdict, *details]
+    return GradeResult(
+        method=method,
+        scale=scale,
+        at=at,
+        grade=grade,
+        rationale=" ".join(lines + notes),
+        basis=tuple(dict.fromkeys(basis)),
+        missing=missing,
+        considered=tuple(dict.fromkeys(considered)),
+    )
