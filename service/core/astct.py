@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta
 
 from .config import VASOPRESSIN, OlderConfig
 from .grading import MAX_GRADE, Domain, band, combine, ignored_note
-from .model import Administration, GradeResult, PatientData, Sample
+from .model import Administration, DomainFinding, GradeResult, PatientData, Sample
 from .model import fmt_time as _fmt_t
 
 CRS_METHOD = "astct-crs"
@@ -201,15 +201,17 @@ def pressors_running(data: PatientData, lo: datetime, hi: datetime) -> Domain | 
                 # Truly concurrent: one ending as the other starts is a switch, not two at once.
                 instant = a.start == a.end or b.start == b.end
                 if start < end or (instant and start == end):
-                    why = (
+                    finding = (
                         f"multiple vasopressors ({a.concept} and {b.concept} running together "
-                        f"from {_fmt_t(start)}; vasopressin not counted) -> grade {MULTIPLE_VASOPRESSORS_GRADE}"
+                        f"from {_fmt_t(start)}; vasopressin not counted)"
                     )
-                    return Domain("hypotension", MULTIPLE_VASOPRESSORS_GRADE, why, (a.ref, b.ref))
+                    why = f"{finding} -> grade {MULTIPLE_VASOPRESSORS_GRADE}"
+                    return Domain("hypotension", MULTIPLE_VASOPRESSORS_GRADE, why, (a.ref, b.ref), finding=finding)
     first = runs[0]
     dose = f" {first.shown}" if first.shown else ""
-    why = f"one vasopressor ({first.concept} from {_fmt_t(first.start)}{dose}) -> grade {ONE_VASOPRESSOR_GRADE}"
-    return Domain("hypotension", ONE_VASOPRESSOR_GRADE, why, tuple(a.ref for a in runs))
+    finding = f"one vasopressor ({first.concept} from {_fmt_t(first.start)}{dose})"
+    why = f"{finding} -> grade {ONE_VASOPRESSOR_GRADE}"
+    return Domain("hypotension", ONE_VASOPRESSOR_GRADE, why, tuple(a.ref for a in runs), finding=finding)
 
 
 def hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConfig) -> Domain:
@@ -228,11 +230,12 @@ def hypotension(data: PatientData, lo: datetime, hi: datetime, cfg: GradingConfi
         low += [s for s in maps if s.value is not None and s.value < map_lim]
     if low:
         worst = min(low, key=lambda s: s.value or 0.0)
-        why = (
-            f"hypotension not requiring vasopressors ({worst.concept} {worst.shown} at {_fmt_t(worst.t)}; "
-            f"rule: {rule}) -> grade {HYPOTENSION_NO_PRESSOR_GRADE}.{vaso_note}"
+        finding = (
+            f"hypotension not requiring vasopressors ({worst.concept} {worst.shown} at {_fmt_t(worst.t)}; rule: {rule})"
         )
-        return Domain("hypotension", HYPOTENSION_NO_PRESSOR_GRADE, why, tuple(s.ref for s in low[:5]))
+        why = f"{finding} -> grade {HYPOTENSION_NO_PRESSOR_GRADE}.{vaso_note}"
+        refs = tuple(s.ref for s in low[:5])
+        return Domain("hypotension", HYPOTENSION_NO_PRESSOR_GRADE, why, refs, finding=finding)
     if sbp or (maps and map_lim is not None):  # the pediatric rule reads systolic pressure only
         why = f"no hypotension ({len(sbp) + len(maps)} pressures; rule: {rule}), no vasopressor.{vaso_note}"
         return Domain("hypotension", 0, why)
@@ -272,8 +275,9 @@ def _hypoxia(data: PatientData, lo: datetime, hi: datetime) -> Domain:
         return Domain("hypoxia", None, why, needs="oxygen-flow", ceiling=g)
     assert best is not None
     grade, sample, text = best
-    why = f"{text} -> grade {grade}" if grade else f"no oxygen support ({text})"
-    return Domain("hypoxia", grade, why, (sample.ref,))
+    if grade:
+        return Domain("hypoxia", grade, f"{text} -> grade {grade}", (sample.ref,), finding=text)
+    return Domain("hypoxia", grade, f"no oxygen support ({text})", (sample.ref,))
 
 
 @dataclass(frozen=True)
@@ -322,16 +326,19 @@ def crs_notes(gate: FeverGate) -> list[str]:
 def no_crs(method: str, scale: str, at: datetime, gate: FeverGate, head: str, notes: list[str]) -> GradeResult:
     """Grade 0 (no fever) or indeterminate (no temperature): CRS is not established."""
     refs = tuple(s.ref for s in gate.temps)
-    verdict = "Grade 0" if gate.grade == 0 else "Indeterminate"
+    verdict = f"{'Grade 0' if gate.grade == 0 else 'Indeterminate'}: {gate.why}"
+    needs = "" if gate.grade == 0 else "body-temperature"
     return GradeResult(
         method,
         scale,
         at,
         gate.grade,
-        f"{verdict}: {gate.why} {head} " + " ".join(notes),
+        f"{verdict} {head} " + " ".join(notes),
         refs if gate.grade == 0 else (),
-        () if gate.grade == 0 else ("body-temperature",),
+        (needs,) if needs else (),
         refs,
+        verdict=verdict,
+        domains=(DomainFinding("fever", gate.grade, refs, needs),),
     )
 
 
@@ -369,7 +376,8 @@ def _score_domain(
     pick = min if worst_is_low else max
     worst = pick(scored, key=lambda s: s.value or 0.0)
     grade = band(worst.value or 0.0, bands)
-    return Domain(name, grade, f"worst {name} {worst.shown} at {_fmt_t(worst.t)} -> grade {grade}", (worst.ref,))
+    finding = f"worst {name} {worst.shown} at {_fmt_t(worst.t)}"
+    return Domain(name, grade, f"{finding} -> grade {grade}", (worst.ref,), finding=finding)
 
 
 def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
@@ -409,7 +417,8 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
             continue
         conscious_known |= concept == "consciousness"
         g, s = worst
-        domains.append(Domain(concept, g, f"{s.code} at {_fmt_t(s.t)} -> grade {g}", (s.ref,)))
+        finding = f"{s.code} at {_fmt_t(s.t)}"
+        domains.append(Domain(concept, g, f"{finding} -> grade {g}", (s.ref,), finding=finding))
     if tool.grade is not None and not conscious_known:
         if use_capd and tool.grade == CAPD_BANDS[1][2]:
             # ASTCT pediatric table: CAPD 1-8 is grade 1 if the child awakens spontaneously

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .model import GradeResult, PatientData
+from .model import CrsFindings, DomainFinding, GradeResult, PatientData
 
 MAX_GRADE = 4  # grade 5 (death due to CRS/ICANS) needs attribution the data cannot give
 IGNORED_SHOWN = 5  # ignored inputs named in a rationale; the rest are counted
@@ -52,6 +52,16 @@ class Domain:
     required: bool = False
     ceiling: int = MAX_GRADE  # the worst grade this domain could give if its data were there
     at_least: int = 0  # what an unknown domain already gives for sure (e.g. a pressor of unknown dose)
+    # The finding alone, for the verdict sentence, when `why` goes on to the rule that fired
+    # ("one vasopressor (...)" of "one vasopressor (...) -> grade 3"); None: `why` is the finding.
+    finding: str | None = None
+
+    @property
+    def short(self) -> str:
+        return self.why if self.finding is None else self.finding
+
+    def as_finding(self) -> DomainFinding:
+        return DomainFinding(self.name, self.grade, self.refs, self.needs)
 
 
 def combine(
@@ -62,7 +72,10 @@ def combine(
     head: str,
     notes: list[str],
     considered: list[str],
+    crs: CrsFindings | None = None,
 ) -> GradeResult:
+    """One result from the domains: the worst known grade, or indeterminate when an unknown
+    domain could still raise it; the rationale is the verdict, `head`, each domain, `notes`."""
     known = [d for d in domains if d.grade is not None]
     floor = max([d.grade for d in known if d.grade is not None] + [d.at_least for d in domains], default=0)
     # A domain without data matters only if it could still raise the grade.
@@ -81,7 +94,7 @@ def combine(
         grade = floor
         basis = tuple(r for d in deciding for r in d.refs)
         shown = [d for d in deciding if d.grade] or known[:2]
-        why = "; ".join(d.why.split(" -> ")[0].rstrip(".") for d in shown)
+        why = "; ".join(d.short.rstrip(".") for d in shown)
         verdict = f"Grade {grade}: {why} (the worst domain decides)."
     lines = [verdict, *details]
     return GradeResult(
@@ -93,4 +106,8 @@ def combine(
         basis=tuple(dict.fromkeys(basis)),
         missing=missing,
         considered=tuple(dict.fromkeys(considered)),
+        floor=floor if grade is None and floor else None,
+        verdict=verdict,
+        domains=tuple(d.as_finding() for d in domains),
+        crs=crs,
     )

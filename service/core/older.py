@@ -269,6 +269,7 @@ class OrganFacts:
     why: str
     refs: tuple[str, ...]
     needs: str
+    finding: str | None = None  # the lab value and its ratio, without the CTCAE grade (None: `why`)
 
 
 @dataclass(frozen=True)
@@ -504,12 +505,13 @@ def _lab_grade(
                 if gb > g:  # both criteria apply; the higher grade is taken (iectox choice)
                     g, rule = gb, f"{base_ratio:.2f} x baseline {base.shown if base else ''}"
         refs = (s.ref,) + ((base.ref,) if base is not None and "baseline" in rule else ())
-        why = f"{concept} {s.shown} at {_fmt_t(s.t)} = {rule} -> CTCAE v{version} grade {g}"
+        finding = f"{concept} {s.shown} at {_fmt_t(s.t)} = {rule}"
+        why = f"{finding} -> CTCAE v{version} grade {g}"
         if best is None or (best.grade or 0) < g:
-            best = OrganFacts(g, why, refs, "")
+            best = OrganFacts(g, why, refs, "", finding)
     assert best is not None
     if base is None and best.grade:
-        best = OrganFacts(best.grade, best.why + " (no pre-lymphodepletion baseline)", best.refs, "")
+        best = OrganFacts(best.grade, best.why + " (no pre-lymphodepletion baseline)", best.refs, "", best.finding)
     return best
 
 
@@ -565,7 +567,7 @@ def _hypotension_domain(sc: Scale, f: Facts) -> Domain:
         h = f.hypotension
         assert h is not None
         if h.grade == 2 and sc.hypotension_no_pressor is None:
-            why = f"{h.why.split(' -> ')[0]}: this scale's hypotension rows need a vasopressor (or IV fluids, not read)"
+            why = f"{h.short}: this scale's hypotension rows need a vasopressor (or IV fluids, not read)"
             return Domain("hypotension", 0, why, h.refs)
         if h.grade == 2:
             return Domain(
@@ -573,6 +575,7 @@ def _hypotension_domain(sc: Scale, f: Facts) -> Domain:
                 sc.hypotension_no_pressor,
                 h.why.replace("grade 2", f"grade {sc.hypotension_no_pressor}"),
                 h.refs,
+                finding=h.finding,
             )
         if h.grade is None and sc.hypotension_no_pressor is None:
             return Domain("hypotension", 0, "no vasopressor recorded (blood pressure alone is not graded here)")
@@ -584,7 +587,7 @@ def _hypotension_domain(sc: Scale, f: Facts) -> Domain:
     multiple = p.counted is not None and p.counted.grade == MAX_GRADE
     parts: list[str] = []
     if p.counted is not None:
-        parts.append(p.counted.why.split(" -> ")[0])
+        parts.append(p.counted.short)
     else:
         parts.append("vasopressor running")
     refs = p.any_refs
@@ -615,14 +618,17 @@ def _hypotension_domain(sc: Scale, f: Facts) -> Domain:
         if p.high:
             grade = sc.high_dose
             refs = tuple(dict.fromkeys((*refs, *p.high_refs)))
-    return Domain("hypotension", grade, "; ".join(parts) + f" -> grade {grade}", refs)
+    finding = "; ".join(parts)
+    return Domain("hypotension", grade, f"{finding} -> grade {grade}", refs, finding=finding)
 
 
 def _oxygen_domain(sc: Scale, f: Facts) -> Domain:
     o = f.oxygen
     if o.ventilator is not None:
-        why = f"invasive mechanical ventilation at {_fmt_t(o.ventilator.t)} -> grade {sc.ventilator}"
-        return Domain("hypoxia", sc.ventilator, why, (o.ventilator.ref,))
+        finding = f"invasive mechanical ventilation at {_fmt_t(o.ventilator.t)}"
+        return Domain(
+            "hypoxia", sc.ventilator, f"{finding} -> grade {sc.ventilator}", (o.ventilator.ref,), finding=finding
+        )
     # Without any oxygen record a ventilator is not excluded; with one, the scale's oxygen rows cap it.
     ceiling = sc.ventilator if not o.charted else max(sc.oxygen_lt40, sc.oxygen_ge40)
     if sc.oxygen is None:
@@ -634,17 +640,20 @@ def _oxygen_domain(sc: Scale, f: Facts) -> Domain:
             return Domain("hypoxia", None, o.any_why, needs=o.fio2_needs or "oxygen-flow", ceiling=ceiling)
         if o.any_o2:
             g = sc.oxygen_lt40
-            return Domain("hypoxia", g, f"oxygen requirement ({o.any_why}) -> grade {g}", o.any_refs)
+            finding = f"oxygen requirement ({o.any_why})"
+            return Domain("hypoxia", g, f"{finding} -> grade {g}", o.any_refs, finding=finding)
         return Domain("hypoxia", 0, o.any_why, o.any_refs)
     if o.fio2 is None:
         return Domain("hypoxia", None, o.fio2_why, needs=o.fio2_needs or "fio2", ceiling=ceiling)
     low, high = o.fio2
     if low >= FIO2_THRESHOLD_PCT:
         g = sc.oxygen_ge40
-        return Domain("hypoxia", g, f"{o.fio2_why} (>= {FIO2_THRESHOLD_PCT:g}%) -> grade {g}", o.fio2_refs)
+        finding = f"{o.fio2_why} (>= {FIO2_THRESHOLD_PCT:g}%)"
+        return Domain("hypoxia", g, f"{finding} -> grade {g}", o.fio2_refs, finding=finding)
     if high < FIO2_THRESHOLD_PCT:
         g = sc.oxygen_lt40 if high > ROOM_AIR_FIO2_PCT else 0
-        return Domain("hypoxia", g, f"{o.fio2_why} (< {FIO2_THRESHOLD_PCT:g}%) -> grade {g}", o.fio2_refs)
+        finding = f"{o.fio2_why} (< {FIO2_THRESHOLD_PCT:g}%)"
+        return Domain("hypoxia", g, f"{finding} -> grade {g}", o.fio2_refs, finding=finding)
     why = f"{o.fio2_why}: the estimate straddles {FIO2_THRESHOLD_PCT:g}%, so a charted FiO2 is needed"
     return Domain("hypoxia", None, why, o.fio2_refs, needs="fio2", ceiling=sc.oxygen_ge40)
 
@@ -660,7 +669,8 @@ def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
             out.append(Domain(name, None, o.why, o.refs, needs=o.needs, ceiling=max(table.values())))
             continue
         g = table.get(o.grade, 0)
-        out.append(Domain(name, g, f"{o.why} -> {sc.method} grade {g}" if o.grade else o.why, o.refs))
+        why = f"{o.why} -> {sc.method} grade {g}" if o.grade else o.why
+        out.append(Domain(name, g, why, o.refs, finding=o.finding))
     return out
 
 
@@ -693,20 +703,16 @@ def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResu
     if scores:
         worst = min(scores, key=lambda s: s.value or 0.0)
         g = band(worst.value or 0.0, CARTOX10_BANDS)
-        domains.append(
-            Domain("CARTOX-10", g, f"worst CARTOX-10 {worst.shown} at {_fmt_t(worst.t)} -> grade {g}", (worst.ref,))
-        )
+        finding = f"worst CARTOX-10 {worst.shown} at {_fmt_t(worst.t)}"
+        domains.append(Domain("CARTOX-10", g, f"{finding} -> grade {g}", (worst.ref,), finding=finding))
     else:
         domains.append(Domain("CARTOX-10", None, "not recorded.", needs="cartox-10", ceiling=3))
     conscious = data.window("consciousness", lo, at)
     considered += [s.ref for s in conscious]
     obtunded = next((s for s in conscious if s.code in CRES_OBTUNDED), None)
     if obtunded is not None:
-        domains.append(
-            Domain(
-                "consciousness", 4, f"{obtunded.code} at {_fmt_t(obtunded.t)} (obtunded) -> grade 4", (obtunded.ref,)
-            )
-        )
+        finding = f"{obtunded.code} at {_fmt_t(obtunded.t)} (obtunded)"
+        domains.append(Domain("consciousness", 4, f"{finding} -> grade 4", (obtunded.ref,), finding=finding))
     elif conscious or scores:
         domains.append(Domain("consciousness", 0, "not obtunded" if conscious else "a CARTOX-10 could be taken"))
     else:
