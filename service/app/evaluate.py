@@ -9,20 +9,12 @@ from typing import Any
 
 from ..codebook import Codebook
 from ..config.settings import Settings
-from ..core.astct import (
-    CRS_METHOD,
-    CRS_SCALE,
-    ICANS_METHOD,
-    ICANS_SCALE,
-    GradingConfig,
-    HypotensionRule,
-    grade_crs,
-    grade_icans,
-)
-from ..core.config import ATLANTA_FIO2_POINTS, OlderConfig
+from ..core.astct import CRS_METHOD, CRS_SCALE, ICANS_METHOD, ICANS_SCALE, crs_from_facts, grade_crs, grade_icans
+from ..core.config import ATLANTA_FIO2_POINTS, GradingConfig, HypotensionRule, OlderConfig
 from ..core.course import Course, CourseConfig, course_of
+from ..core.facts import Facts, facts_at
 from ..core.model import GradeResult, PatientData
-from ..core.older import CRES_METHOD, CRES_SCALE, CRS_SCALES, Facts, facts_at, grade_cres, grade_scale
+from ..core.older import CRES_METHOD, CRES_SCALE, CRS_SCALES, grade_cres, grade_scale
 from ..core.scores import ScoreConfig, ScoreResult, all_scores
 from ..fhir.emit import (
     collection,
@@ -78,6 +70,8 @@ class Grader:
         older = OLDER_BY_METHOD.get(method)
         if older is not None:
             return grade_scale(older, self.facts(t))
+        if method == CRS_METHOD:
+            return crs_from_facts(self.facts(t))
         return DIRECT[method](self.data, t, self.cfg)
 
 

@@ -9,10 +9,12 @@ grade the data present already prove (`GradeResult.floor`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from .model import CrsFindings, DomainFinding, GradeResult, PatientData
+from .facts import FeverFacts
+from .model import Administration, CrsFindings, DomainFinding, GradeResult, Ignored, PatientData, Sample
 
 MAX_GRADE = 4  # grade 5 (death due to CRS/ICANS) needs attribution the data cannot give
 IGNORED_SHOWN = 5  # ignored inputs named in a rationale; the rest are counted
@@ -28,7 +30,10 @@ def band(value: float, bands: tuple[tuple[int, int, int], ...]) -> int | None:
 
 def ignored_note(data: PatientData, concepts: frozenset[str]) -> list[str]:
     """What was left out of grading, for the rationale (statuses, missing values, ...)."""
-    items = [i for i in data.ignored if i.concept in concepts]
+    return ignored_items_note([i for i in data.ignored if i.concept in concepts])
+
+
+def ignored_items_note(items: Sequence[Ignored]) -> list[str]:
     if not items:
         return []
     shown = ", ".join(f"{i.ref} ({i.concept}: {i.reason})" for i in items[:IGNORED_SHOWN])
@@ -59,9 +64,6 @@ class Domain:
     @property
     def short(self) -> str:
         return self.why if self.finding is None else self.finding
-
-    def as_finding(self) -> DomainFinding:
-        return DomainFinding(self.name, self.grade, self.refs, self.needs)
 
 
 def combine(
@@ -108,6 +110,64 @@ def combine(
         considered=tuple(dict.fromkeys(considered)),
         floor=floor if grade is None and floor else None,
         verdict=verdict,
-        domains=tuple(d.as_finding() for d in domains),
+        domains=tuple([DomainFinding(d.name, d.grade, d.refs, d.needs) for d in domains]),
+        crs=crs,
+    )
+
+
+# --- CRS presence, the same on every CRS scale ----------------------------------------------
+
+FEVER_GRADE = 1  # "Temperature >= 38 °C" is grade 1 on ASTCT and on every older CRS scale
+
+
+@dataclass(frozen=True)
+class FeverGate:
+    """Whether CRS is present in the window (fever >= 38 °C, or, as ASTCT says, a CRS fever since
+    day 0 masked by antipyretic/anti-cytokine therapy), for every CRS scale. `domain` is set when
+    present; otherwise `grade` is 0 (no fever) or None (no temperature) with `why`."""
+
+    domain: Domain | None
+    grade: int | None
+    why: str
+    temps: tuple[Sample, ...]
+    day0: Administration | None
+
+
+def fever_gate(fever: FeverFacts) -> FeverGate:
+    why, temps, day0 = fever.why, fever.temps, fever.day0
+    if fever.present:
+        assert fever.hottest is not None
+        domain = Domain("fever", FEVER_GRADE, why, (fever.hottest.ref,), required=True)
+        return FeverGate(domain, FEVER_GRADE, why, temps, day0)
+    if fever.masked is not None:
+        f, drug = fever.masked
+        return FeverGate(Domain("fever", 0, why, (f.ref, drug.ref), required=True), 0, why, temps, day0)
+    return FeverGate(None, 0 if fever.hottest is not None else None, why, temps, day0)
+
+
+def crs_notes(gate: FeverGate) -> list[str]:
+    notes = [] if gate.day0 else ["No CAR T infusion (day 0) found: masked fever looked for over all data."]
+    notes.append("Attribution to another cause cannot be judged from data; graded as recorded.")
+    return notes
+
+
+def no_crs(
+    method: str, scale: str, at: datetime, gate: FeverGate, head: str, notes: list[str], crs: CrsFindings | None = None
+) -> GradeResult:
+    """Grade 0 (no fever) or indeterminate (no temperature): CRS is not established."""
+    refs = tuple(s.ref for s in gate.temps)
+    verdict = f"{'Grade 0' if gate.grade == 0 else 'Indeterminate'}: {gate.why}"
+    needs = "" if gate.grade == 0 else "body-temperature"
+    return GradeResult(
+        method,
+        scale,
+        at,
+        gate.grade,
+        f"{verdict} {head} " + " ".join(notes),
+        refs if gate.grade == 0 else (),
+        (needs,) if needs else (),
+        refs,
+        verdict=verdict,
+        domains=(DomainFinding("fever", gate.grade, refs, needs),),
         crs=crs,
     )

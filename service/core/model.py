@@ -5,11 +5,22 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import NamedTuple
 
 
 def fmt_time(t: datetime) -> str:
     """A time for rationales: ISO 8601 to the minute, with its offset."""
     return t.isoformat(timespec="minutes")
+
+
+def age_days(birth: date | None, at: datetime) -> int | None:
+    """Age in days on the date of `at` (None: birth date unknown)."""
+    return None if birth is None else (at.date() - birth).days
+
+
+def completed_years(birth: date, on: date) -> int:
+    """Age in completed years on `on` (a birthday on the day counts)."""
+    return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +112,7 @@ class PatientData:
         return max(times) if times else None
 
 
-@dataclass(frozen=True, slots=True)
-class DomainFinding:
+class DomainFinding(NamedTuple):
     """One graded domain of a result (fever, hypotension, ICE, ...): its grade (None: unknown),
     the inputs it rests on and, when unknown, the inputs it needs."""
 
