@@ -164,7 +164,6 @@ CTCAE5 = Scale(
     "vasopressors and invasive ventilation",
     choices=VENTILATOR_READING + " Multiple vasopressors (vasopressin not counted) read as grade 4.",
 )
-CRS_SCALES: tuple[Scale, ...] = (LEE, PENN, MSKCC, CARTOX, CTCAE4, CTCAE5)
 
 CRES_METHOD = "cartox-cres"
 CRES_SCALE = "CARTOX CRES grading with CARTOX-10 (Neelapu SS et al., Nat Rev Clin Oncol 2018;15:47-62)"
