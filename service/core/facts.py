@@ -486,7 +486,7 @@ class Facts:
     @cached_property
     def findings(self) -> CrsFindings:
         """The deciding CRS facts as data, for GradeResult.crs. Beyond fever they are filled only
-        when CRS is present (fever or masked fever); otherwise they are None (not assessed)."""
+        when CRS is present (fever or masked fever); otherwise they keep their defaults (not assessed)."""
         fv = self.fever
         present = None if fv.hottest is None else fv.present
         masked = not fv.present and fv.masked is not None

@@ -130,6 +130,7 @@ class CrsFindings:
     counted agents (vasopressin excluded): `vasopressors_concurrent` is 2 when two different agents
     ran at the same time, else the number running (0 or 1). `oxygen_support` is one of
     OXYGEN_SUPPORT_CLASSES (service/core/facts.py), None when no oxygen record is in the window.
+    Beyond fever the fields are filled only when CRS is present (fever or masked fever).
     """
 
     fever_present: bool | None = None
