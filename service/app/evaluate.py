@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from ..codebook import Codebook
 from ..config.settings import Settings
-from ..core.astct import (
-    CRS_METHOD,
-    CRS_SCALE,
-    ICANS_METHOD,
-    ICANS_SCALE,
-    GradingConfig,
-    HypotensionRule,
-    grade_crs,
-    grade_icans,
-)
-from ..core.config import ATLANTA_FIO2_POINTS, OlderConfig
+from ..core.config import ATLANTA_FIO2_POINTS, GradingConfig, HypotensionRule, OlderConfig
 from ..core.course import Course, CourseConfig, course_of
+from ..core.facts import Facts, facts_at
 from ..core.model import GradeResult, PatientData
-from ..core.older import CRES_METHOD, CRES_SCALE, CRS_SCALES, Facts, facts_at, grade_cres, grade_scale
+from ..core.registry import BY_METHOD, REGISTRY
 from ..core.scores import ScoreConfig, ScoreResult, all_scores
 from ..fhir.emit import (
     collection,
@@ -61,7 +51,7 @@ def grading_config(settings: Settings) -> GradingConfig:
 
 
 class Grader:
-    """Grades one patient's data at any time on every scale; the older scales share one set of
+    """Grades one patient's data at any time on every scale; the scales share one set of
     per-window facts per time point (computed once, not once per scale)."""
 
     def __init__(self, data: PatientData, cfg: GradingConfig) -> None:
@@ -75,22 +65,11 @@ class Grader:
         return f
 
     def grade(self, method: str, t: datetime) -> GradeResult:
-        older = OLDER_BY_METHOD.get(method)
-        if older is not None:
-            return grade_scale(older, self.facts(t))
-        return DIRECT[method](self.data, t, self.cfg)
+        return BY_METHOD[method].grade(self.facts(t))
 
 
-GradeFn = Callable[[PatientData, datetime, GradingConfig], GradeResult]
-DIRECT: dict[str, GradeFn] = {CRS_METHOD: grade_crs, ICANS_METHOD: grade_icans, CRES_METHOD: grade_cres}
-OLDER_BY_METHOD = {sc.method: sc for sc in CRS_SCALES}
 # Every grading scale, in output order: (method code, scale name). The course is computed for each.
-SCALES: tuple[tuple[str, str], ...] = (
-    (CRS_METHOD, CRS_SCALE),
-    (ICANS_METHOD, ICANS_SCALE),
-    *((sc.method, sc.name) for sc in CRS_SCALES),
-    (CRES_METHOD, CRES_SCALE),
-)
+SCALES: tuple[tuple[str, str], ...] = tuple((s.method, s.name) for s in REGISTRY)
 
 
 def course_config(settings: Settings) -> CourseConfig:

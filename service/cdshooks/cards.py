@@ -7,7 +7,6 @@ missing data and never reads as "no CRS".
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -36,33 +35,17 @@ class Order(NamedTuple):
     ref: str
 
 
-_FLOOR = re.compile(r"^Indeterminate: .*; at least grade (\d) from the data present")
-
-
-def floor_of(r: GradeResult | None) -> int | None:
-    """The lowest grade an indeterminate result already shows (None: no floor, or graded)."""
-    if r is None or r.grade is not None:
-        return None
-    m = _FLOOR.match(r.rationale)
-    return int(m.group(1)) if m else None
-
-
 def _grade_text(r: GradeResult | None) -> str:
     if r is None or r.grade is None:
-        floor = floor_of(r)
+        floor = r.floor if r is not None else None
         return f"indeterminate (>= grade {floor})" if floor else "indeterminate"
     return f"grade {r.grade}"
-
-
-def _verdict(r: GradeResult) -> str:
-    # The rationale opens with the verdict and the rule that fired, then the window.
-    return r.rationale.split(" Window ", 1)[0]
 
 
 def indicator(results: list[GradeResult | None]) -> str:
     """info below grade 2, warning at 2, critical at >= 3; unknown data are at least a warning,
     and an indeterminate grade counts with the grade the data present already show."""
-    grades = [g for r in results if r is not None for g in (r.grade, floor_of(r)) if g is not None]
+    grades = [g for r in results if r is not None for g in (r.grade, r.floor) if g is not None]
     worst = max(grades, default=0)
     if worst >= 3:
         return "critical"
@@ -78,9 +61,9 @@ def _grade_section(title: str, r: GradeResult | None) -> list[str]:
         return [
             f"**{title}: indeterminate** ({r.scale}, at {r.at.isoformat(timespec='minutes')}).",
             f"Cannot be graded without: {', '.join(r.missing) or 'more data'}. This is not grade 0.",
-            f"{_verdict(r)}",
+            r.verdict,
         ]
-    lines = [f"**{title}: grade {r.grade}** ({r.scale}, at {r.at.isoformat(timespec='minutes')}).", _verdict(r)]
+    lines = [f"**{title}: grade {r.grade}** ({r.scale}, at {r.at.isoformat(timespec='minutes')}).", r.verdict]
     if r.basis:
         lines.append("Deciding inputs: " + ", ".join(f"`{ref}`" for ref in r.basis[:6]))
     return lines
@@ -112,7 +95,7 @@ def _other_scales(ev: Evaluation) -> str:
 
 
 def _masked_note(crs: GradeResult | None) -> list[str]:
-    if crs is not None and "fever masked" in crs.rationale:
+    if crs is not None and crs.fever_masked:
         return [
             "**Masked fever:** fever was treated (antipyretic or anti-cytokine therapy), so it is no longer "
             "required; the grade is driven by hypotension and hypoxia (ASTCT 2019)."

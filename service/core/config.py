@@ -1,8 +1,9 @@
-"""Configuration of the older CRS scales (service/core/older.py) that no scale fixes by itself."""
+"""Grading configuration: what no scale fixes by itself (the hypotension rule without a
+vasopressor, high-dose vasopressors, FiO2 from flow, organ-toxicity limits) and the window."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 VASOPRESSIN = "vasopressin"
@@ -89,3 +90,57 @@ class OlderConfig:
     baseline_lookback: timedelta = timedelta(hours=72)
     # High-dose runs and vasopressor duration look back this far before the window.
     pressor_lookback: timedelta = timedelta(hours=72)
+
+
+# Pediatric hypotension (ASTCT sets no number): systolic limits of the AHA Pediatric
+# Advanced Life Support (PALS/ATLS) definition of hypotension, as compared in
+# J Trauma Acute Care Surg 2019;86:448-453 (doi:10.1097/TA.0000000000002139): < 60 mmHg term neonates (0-28 d),
+# < 70 infants (1-12 mo), < 70 + 2 x age in years (1-10 y), < 90 from 10 y.
+PALS_NEONATE_DAYS = 28
+
+
+def pals_sbp_below_mmhg(age_days: int, age_years: int | None = None) -> float:
+    if age_days <= PALS_NEONATE_DAYS:
+        return 60.0
+    # Age in completed years (a birthday on the day counts); days / 365.25 only as fallback.
+    years = age_years if age_years is not None else int(age_days / 365.25)
+    if years < 1:
+        return 70.0
+    if years < 10:
+        return 70.0 + 2 * years
+    return 90.0
+
+
+@dataclass(frozen=True)
+class HypotensionRule:
+    """The explicit hypotension-without-vasopressor rule; ASTCT gives no number."""
+
+    adult_sbp_below_mmhg: float = 90.0
+    adult_map_below_mmhg: float = 65.0
+    adult_from_age_years: int = 18
+
+    def limits(self, age_days: int | None, age_years: int | None = None) -> tuple[float, float | None, str]:
+        """(systolic limit, MAP limit or None, wording) for the patient's age."""
+        child = age_days is not None and (
+            age_years < self.adult_from_age_years
+            if age_years is not None
+            else age_days < self.adult_from_age_years * 365.25
+        )
+        if age_days is not None and child:
+            sbp = pals_sbp_below_mmhg(age_days, age_years)
+            return sbp, None, f"systolic < {sbp:g} mmHg (PALS limit for age; configurable)"
+        text = (
+            f"systolic < {self.adult_sbp_below_mmhg:g} mmHg or MAP < {self.adult_map_below_mmhg:g} mmHg "
+            "(adult rule; configurable, ASTCT sets no number)"
+        )
+        if age_days is None:
+            text += "; age unknown, adult rule used"
+        return self.adult_sbp_below_mmhg, self.adult_map_below_mmhg, text
+
+
+@dataclass(frozen=True)
+class GradingConfig:
+    window: timedelta = timedelta(hours=24)
+    capd_max_age_years: int = 12
+    hypotension: HypotensionRule = HypotensionRule()
+    older: OlderConfig = field(default_factory=OlderConfig)  # the older CRS scales (service/core/older.py)

@@ -5,11 +5,22 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import NamedTuple
 
 
 def fmt_time(t: datetime) -> str:
     """A time for rationales: ISO 8601 to the minute, with its offset."""
     return t.isoformat(timespec="minutes")
+
+
+def age_days(birth: date | None, at: datetime) -> int | None:
+    """Age in days on the date of `at` (None: birth date unknown)."""
+    return None if birth is None else (at.date() - birth).days
+
+
+def completed_years(birth: date, on: date) -> int:
+    """Age in completed years on `on` (a birthday on the day counts)."""
+    return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +112,49 @@ class PatientData:
         return max(times) if times else None
 
 
+class DomainFinding(NamedTuple):
+    """One graded domain of a result (fever, hypotension, ICE, ...): its grade (None: unknown),
+    the inputs it rests on and, when unknown, the inputs it needs."""
+
+    name: str
+    grade: int | None
+    refs: tuple[str, ...] = ()
+    needs: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CrsFindings:
+    """The deciding CRS facts of a window, as data (rationales are rendered from the same facts).
+
+    `fever_present` is None when no temperature was recorded in the window. Vasopressors are the
+    counted agents (vasopressin excluded): `vasopressors_concurrent` is 2 when two different agents
+    ran at the same time, else the number running (0 or 1). `oxygen_support` is one of
+    OXYGEN_SUPPORT_CLASSES (service/core/facts.py), None when no oxygen record is in the window.
+    Beyond fever the fields are filled only when CRS is present (fever or masked fever).
+    """
+
+    fever_present: bool | None = None
+    fever_masked: bool = False
+    fever_refs: tuple[str, ...] = ()
+    vasopressors_concurrent: int = 0
+    vasopressor_agents: tuple[str, ...] = ()
+    vasopressor_refs: tuple[str, ...] = ()
+    vasopressin: bool = False
+    oxygen_support: str | None = None
+    oxygen_flow_l_min: float | None = None  # highest recorded flow in the window
+    fio2_pct: float | None = None  # highest charted FiO2 in the window
+    oxygen_refs: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class GradeResult:
-    """A graded outcome. grade None means indeterminate (never silently 0)."""
+    """A graded outcome. grade None means indeterminate (never silently 0).
+
+    The rationale is rendered from the other fields; consumers read the fields, never the prose.
+    `floor` is the grade the data present already prove when the result is indeterminate (None
+    when graded, or when nothing is proven above 0); `verdict` is the sentence the rationale
+    opens with.
+    """
 
     method: str
     scale: str
@@ -113,7 +164,15 @@ class GradeResult:
     basis: tuple[str, ...]
     missing: tuple[str, ...] = ()
     considered: tuple[str, ...] = ()  # every input read while grading (Provenance entities)
+    floor: int | None = None
+    verdict: str = ""
+    domains: tuple[DomainFinding, ...] = ()
+    crs: CrsFindings | None = None  # CRS scales only
 
     @property
     def indeterminate(self) -> bool:
         return self.grade is None
+
+    @property
+    def fever_masked(self) -> bool:
+        return self.crs is not None and self.crs.fever_masked

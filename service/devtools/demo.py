@@ -4,7 +4,6 @@ The data stay in the database afterwards."""
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
@@ -33,12 +32,10 @@ def _grade(ra: dict[str, Any]) -> str:
 
 
 def _why(ra: dict[str, Any]) -> str:
-    """The verdict sentence of the rationale, shortened for a table row."""
-    verdict = ra["prediction"][0]["rationale"].split(" Window ")[0]
-    verdict = verdict.split(": ", 1)[-1].replace(" (the worst domain decides).", "")
-    verdict = re.sub(r" \(= [^)]*\)", "", verdict)  # drop the unit-converted echo
-    verdict = re.sub(r"(\d{4}-\d\d-\d\dT\d\d:\d\d)[+-]\d\d:\d\d", r"\1", verdict)
-    return verdict if len(verdict) <= WHY_WIDTH else verdict[: WHY_WIDTH - 1] + "…"
+    """The rationale as emitted, cut to the table's width. It opens with the verdict (the grade
+    and the finding that decided it); the text is shown, never parsed."""
+    text = str(ra["prediction"][0]["rationale"])
+    return text if len(text) <= WHY_WIDTH else text[: WHY_WIDTH - 1] + "…"
 
 
 def _risk_line(resources: list[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from .. import __version__
+from ..core.astct import CRS_METHOD, ICANS_METHOD
 from ..core.course import Course, CourseConfig
 from ..core.model import GradeResult
 from ..core.scores import ScoreResult
@@ -31,8 +32,8 @@ ID_NAMESPACE = uuid.UUID("6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10")
 
 # ICD-10-CM graded codes (fhir-integration.md "Grade codes"): grade 1..5.
 ICD_GRADE_CODES = {
-    "astct-crs": ("D89.83", "Cytokine release syndrome, grade {g}"),
-    "astct-icans": ("G92.0", "Immune effector cell-associated neurotoxicity syndrome, grade {g}"),
+    CRS_METHOD: ("D89.83", "Cytokine release syndrome, grade {g}"),
+    ICANS_METHOD: ("G92.0", "Immune effector cell-associated neurotoxicity syndrome, grade {g}"),
 }
 # Severity band reported as qualitativeRisk (documented in docs/output-contract.md).
 QUALITATIVE = {0: "negligible", 1: "low", 2: "moderate", 3: "high", 4: "high", 5: "high"}
