@@ -8,6 +8,7 @@ from typing import Any
 
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..core.concepts import C
 from ..core.config import ATLANTA_FIO2_POINTS, GradingConfig, HypotensionRule, OlderConfig
 from ..core.course import Course, CourseConfig, course_of
 from ..core.facts import Facts, facts_at
@@ -82,7 +83,7 @@ def course_config(settings: Settings) -> CourseConfig:
 def courses(grader: Grader, at: datetime, ccfg: CourseConfig) -> list[tuple[Course, GradeResult | None]]:
     """The course of every scale since day 0 (or the first input), with the result at its peak."""
     data = grader.data
-    day0 = data.first_event("cart-infusion")
+    day0 = data.first_event(C.CART_INFUSION)
     start = day0.start if day0 else min(data.earliest_time() or at, at)
     out = []
     for method, scale in SCALES:

@@ -13,17 +13,18 @@ from typing import Any, NamedTuple
 
 from ..app.evaluate import Evaluation
 from ..core.astct import CRS_METHOD, ICANS_METHOD
+from ..core.concepts import C
 from ..core.model import GradeResult
 from ..core.scores import PRODUCT_RATES
 
 PATIENT_VIEW = "iectox-patient-view"
 ORDER_SELECT = "iectox-order-select"
 SUMMARY_MAX = 139  # "< 140 characters" (CDS Hooks 2.0 Card.summary)
-ORDER_CONCEPTS = {
-    "cart-infusion": "a CAR T-cell product",
-    "tocilizumab": "tocilizumab",
-    "dexamethasone": "a corticosteroid (dexamethasone)",
-    "methylprednisolone": "a corticosteroid (methylprednisolone)",
+ORDER_CONCEPTS: dict[str, str] = {
+    C.CART_INFUSION: "a CAR T-cell product",
+    C.TOCILIZUMAB: "tocilizumab",
+    C.DEXAMETHASONE: "a corticosteroid (dexamethasone)",
+    C.METHYLPREDNISOLONE: "a corticosteroid (methylprednisolone)",
 }
 
 
@@ -141,7 +142,7 @@ def order_select_cards(ev: Evaluation, ctx: CardContext, orders: list[Order]) ->
     detail = [f"Order selected: {what}."]
     head = f"CRS {_grade_text(crs)}, ICANS {_grade_text(icans)}"
     for concept, product, _ in orders:
-        if concept != "cart-infusion":
+        if concept != C.CART_INFUSION:
             continue
         rows = [r for r in PRODUCT_RATES if r.product == product]
         if ev.indications:

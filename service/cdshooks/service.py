@@ -20,6 +20,7 @@ from ..app.evaluate import Evaluation
 from ..codebook import Codebook
 from ..config.ehr import FhirServerConfig
 from ..config.settings import Settings
+from ..core.concepts import C
 from ..ehr.client import FhirClient
 from ..ehr.errors import EhrError
 from ..ehr.sync import observation_codes, store_and_evaluate
@@ -83,7 +84,7 @@ def ordered_concepts(context: dict[str, Any], codebook: Codebook) -> list[Order]
         text = cc.get("text") if isinstance(cc.get("text"), str) else None
         concept = codebook.concept_for(codings, text)
         if concept in ORDER_CONCEPTS:
-            product = codebook.value_for(concept, codings, text) if concept == "cart-infusion" else None
+            product = codebook.value_for(concept, codings, text) if concept == C.CART_INFUSION else None
             found.append(Order(concept, product, ref))
     return found
 

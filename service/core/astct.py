@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from .concepts import C
 from .config import VASOPRESSIN, GradingConfig
 from .config import HypotensionRule as HypotensionRule
 from .facts import CRS_CONCEPTS, OXYGEN_DEVICES, VASOPRESSIN_NOTE, VASOPRESSORS_COUNTED, Facts, facts_at
@@ -78,16 +79,16 @@ MOTOR_GRADE = {"none": 0, "deep-focal": 4}
 EDEMA_GRADE = {"none": 0, "focal": 3, "diffuse": 4}
 TOOL_MAX_GRADE = max(g for _, _, g in ICE_BANDS + CAPD_BANDS)  # 3
 CODED_ICANS_DOMAINS = (
-    ("consciousness", CONSCIOUSNESS_GRADE),
-    ("seizure", SEIZURE_GRADE),
-    ("motor-weakness", MOTOR_GRADE),
-    ("cerebral-edema", EDEMA_GRADE),
+    (C.CONSCIOUSNESS, CONSCIOUSNESS_GRADE),
+    (C.SEIZURE, SEIZURE_GRADE),
+    (C.MOTOR_WEAKNESS, MOTOR_GRADE),
+    (C.CEREBRAL_EDEMA, EDEMA_GRADE),
 )
 
 
 # --- helpers -------------------------------------------------------------------------
 
-ICANS_CONCEPTS = frozenset({"ice-score", "capd-score", *(c for c, _ in CODED_ICANS_DOMAINS)})
+ICANS_CONCEPTS = frozenset({C.ICE_SCORE, C.CAPD_SCORE, *(c for c, _ in CODED_ICANS_DOMAINS)})
 
 
 def _worst_coded(series: list[Sample], table: dict[str, int]) -> tuple[int, Sample] | None:
@@ -153,7 +154,7 @@ def _hypoxia(f: Facts) -> Domain:
             f"oxygen device {s.code} at {_fmt_t(s.t)} without a flow rate in the window: oxygen for comfort "
             "cannot be excluded, so the device alone is not graded"
         )
-        return Domain("hypoxia", None, why, needs="oxygen-flow", ceiling=g)
+        return Domain("hypoxia", None, why, needs=C.OXYGEN_FLOW, ceiling=g)
     assert best is not None
     grade, sample, text = best
     if grade:
@@ -178,7 +179,7 @@ def crs_from_facts(f: Facts) -> GradeResult:
     hypo = _hypotension(f)
     hypox = _hypoxia(f)
     considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
-    for c in ("systolic-bp", "mean-arterial-pressure", "oxygen-device", "oxygen-flow"):
+    for c in (C.SYSTOLIC_BP, C.MEAN_ARTERIAL_PRESSURE, C.OXYGEN_DEVICE, C.OXYGEN_FLOW):
         considered += [s.ref for s in data.window(c, lo, at)]
     for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN):
         considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
@@ -209,8 +210,8 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
     lo = at - cfg.window
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
     notes: list[str] = []
-    ice = data.window("ice-score", lo, at)
-    capd = data.window("capd-score", lo, at)
+    ice = data.window(C.ICE_SCORE, lo, at)
+    capd = data.window(C.CAPD_SCORE, lo, at)
     if data.birth_date is None:
         use_capd = bool(capd) and not ice
         notes.append(f"Age unknown (no Patient.birthDate): {'CAPD' if use_capd else 'ICE'} used as recorded.")
@@ -222,9 +223,9 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
             f"Age {years} y: {'CAPD' if use_capd else 'ICE'} (age {rule} {cfg.capd_max_age_years}, configurable)."
         )
     tool = (
-        _score_domain("CAPD", "capd-score", capd, CAPD_BANDS, worst_is_low=False)
+        _score_domain("CAPD", C.CAPD_SCORE, capd, CAPD_BANDS, worst_is_low=False)
         if use_capd
-        else _score_domain("ICE", "ice-score", ice, ICE_BANDS, worst_is_low=True)
+        else _score_domain("ICE", C.ICE_SCORE, ice, ICE_BANDS, worst_is_low=True)
     )
     domains = [tool]
     considered = [s.ref for s in (capd if use_capd else ice)]
@@ -234,13 +235,13 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
         considered += [s.ref for s in series]
         worst = _worst_coded(series, table)
         if worst is None:
-            if concept == "consciousness":
+            if concept == C.CONSCIOUSNESS:
                 domains.append(Domain(concept, None, "not recorded.", needs=concept))
             else:
                 # ASTCT rows for seizure, motor and edema are findings: none recorded = none.
                 domains.append(Domain(concept, 0, "no finding recorded."))
             continue
-        conscious_known |= concept == "consciousness"
+        conscious_known |= concept == C.CONSCIOUSNESS
         g, s = worst
         finding = f"{s.code} at {_fmt_t(s.t)}"
         domains.append(Domain(concept, g, f"{finding} -> grade {g}", (s.ref,), finding=finding))

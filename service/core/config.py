@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-VASOPRESSIN = "vasopressin"
+from .concepts import C
+
+VASOPRESSIN = C.VASOPRESSIN
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,10 @@ class HighDoseRule:
 
     def ne_equivalent(self, rates: dict[str, float]) -> float:
         return (
-            rates.get("norepinephrine", 0.0)
-            + rates.get("dopamine", 0.0) / self.dopamine_divisor
-            + rates.get("epinephrine", 0.0)
-            + rates.get("phenylephrine", 0.0) / self.phenylephrine_divisor
+            rates.get(C.NOREPINEPHRINE, 0.0)
+            + rates.get(C.DOPAMINE, 0.0) / self.dopamine_divisor
+            + rates.get(C.EPINEPHRINE, 0.0)
+            + rates.get(C.PHENYLEPHRINE, 0.0) / self.phenylephrine_divisor
         )
 
     def is_high(self, rates: dict[str, float]) -> tuple[bool, str]:
@@ -50,12 +52,13 @@ class HighDoseRule:
             limit = self.combination_ne_eq_ug_min
             return ne_eq >= limit, f"combination: norepinephrine equivalent {ne_eq:g} ug/min (high-dose >= {limit:g})"
         agent = agents[0]
-        limit, unit = {
-            "norepinephrine": (self.norepinephrine_ug_min, "ug/min"),
-            "dopamine": (self.dopamine_ug_kg_min, "ug/kg/min"),
-            "phenylephrine": (self.phenylephrine_ug_min, "ug/min"),
-            "epinephrine": (self.epinephrine_ug_min, "ug/min"),
-        }[agent]
+        limits: dict[str, tuple[float, str]] = {
+            C.NOREPINEPHRINE: (self.norepinephrine_ug_min, "ug/min"),
+            C.DOPAMINE: (self.dopamine_ug_kg_min, "ug/kg/min"),
+            C.PHENYLEPHRINE: (self.phenylephrine_ug_min, "ug/min"),
+            C.EPINEPHRINE: (self.epinephrine_ug_min, "ug/min"),
+        }
+        limit, unit = limits[agent]
         return rates[agent] >= limit, f"{agent} alone {rates[agent]:g} {unit} (high-dose >= {limit:g})"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from .concepts import C
 from .config import OlderConfig
 from .model import Administration, PatientData, Sample
 from .model import fmt_time as _fmt_t
@@ -37,7 +38,7 @@ ORGAN_BASELINE_BANDS: dict[tuple[str, str], Bands] = {
     # v5 AST/ALT, baseline abnormal: "1.5 - 3.0 x baseline" 1; ">3.0 - 5.0" 2; ">5.0 - 20.0" 3; ">20.0" 4.
     ("5.0", "transaminase"): ((1.5, True, 1), (3.0, False, 2), (5.0, False, 3), (20.0, False, 4)),
 }
-ORGAN_LABS = (("creatinine", "creatinine"), ("ast", "transaminase"), ("alt", "transaminase"))
+ORGAN_LABS = ((C.CREATININE, "creatinine"), (C.AST, "transaminase"), (C.ALT, "transaminase"))
 
 
 def _ratio_grade(ratio: float, bands: Bands) -> int:
@@ -62,7 +63,12 @@ class OrganFacts:
 def _uln(sample: Sample, concept: str, cfg: OlderConfig) -> tuple[float | None, str]:
     if sample.ref_high is not None:
         return sample.ref_high, "referenceRange"
-    configured = {"creatinine": cfg.uln_creatinine_mg_dl, "ast": cfg.uln_ast_u_l, "alt": cfg.uln_alt_u_l}[concept]
+    uln: dict[str, float | None] = {
+        C.CREATININE: cfg.uln_creatinine_mg_dl,
+        C.AST: cfg.uln_ast_u_l,
+        C.ALT: cfg.uln_alt_u_l,
+    }
+    configured = uln[concept]
     return configured, "configured ULN"
 
 

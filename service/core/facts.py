@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from itertools import pairwise
 
+from .concepts import C
 from .config import (
     ATLANTA_FIO2_POINTS,
     ATLANTA_SOURCE,
@@ -32,9 +33,9 @@ from .model import fmt_time as _fmt_t
 FEVER_C = 38.0
 # Masked fever (ASTCT CRS table footnote): after antipyretic or anti-cytokine therapy
 # (tocilizumab, corticosteroids) fever is no longer required.
-FEVER_MASKING_DRUGS = ("tocilizumab", "anakinra", "dexamethasone", "methylprednisolone", "acetaminophen")
+FEVER_MASKING_DRUGS = (C.TOCILIZUMAB, C.ANAKINRA, C.DEXAMETHASONE, C.METHYLPREDNISOLONE, C.ACETAMINOPHEN)
 # "Vasopressors" as ASTCT counts them: "multiple vasopressors (excluding vasopressin)".
-VASOPRESSORS_COUNTED = ("norepinephrine", "epinephrine", "phenylephrine", "dopamine")
+VASOPRESSORS_COUNTED = (C.NOREPINEPHRINE, C.EPINEPHRINE, C.PHENYLEPHRINE, C.DOPAMINE)
 VASOPRESSIN_NOTE = " Vasopressin ran in the window and is not counted as a vasopressor (ASTCT)."
 # Oxygen devices of the codebook that the scales grade (the rows of astct.OXYGEN_DEVICE_GRADE).
 OXYGEN_DEVICES = (
@@ -63,29 +64,29 @@ OXYGEN_SUPPORT_CLASSES = (
 
 CRS_CONCEPTS = frozenset(
     {
-        "body-temperature",
-        "systolic-bp",
-        "mean-arterial-pressure",
-        "oxygen-device",
-        "oxygen-flow",
+        C.BODY_TEMPERATURE,
+        C.SYSTOLIC_BP,
+        C.MEAN_ARTERIAL_PRESSURE,
+        C.OXYGEN_DEVICE,
+        C.OXYGEN_FLOW,
         *VASOPRESSORS_COUNTED,
         VASOPRESSIN,
         *FEVER_MASKING_DRUGS,
-        "cart-infusion",
+        C.CART_INFUSION,
     }
 )
 # Windowed inputs read by the facts beyond temperature and drugs, and every concept they read.
 FACT_CONCEPTS = (
-    "systolic-bp",
-    "mean-arterial-pressure",
-    "oxygen-device",
-    "oxygen-flow",
-    "fio2",
-    "creatinine",
-    "ast",
-    "alt",
+    C.SYSTOLIC_BP,
+    C.MEAN_ARTERIAL_PRESSURE,
+    C.OXYGEN_DEVICE,
+    C.OXYGEN_FLOW,
+    C.FIO2,
+    C.CREATININE,
+    C.AST,
+    C.ALT,
 )
-CRS_FACT_CONCEPTS = CRS_CONCEPTS | {"fio2", "creatinine", "ast", "alt"}
+CRS_FACT_CONCEPTS = CRS_CONCEPTS | {C.FIO2, C.CREATININE, C.AST, C.ALT}
 
 
 @dataclass(frozen=True)
@@ -199,9 +200,9 @@ class OxygenFacts:
 
 def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[Sample, Administration] | None:
     """The first CRS fever since day 0 followed, before `at`, by a masking drug."""
-    temps = data.series("body-temperature")
+    temps = data.series(C.BODY_TEMPERATURE)
     if since is not None and temps:
-        temps = data.window("body-temperature", since, at)
+        temps = data.window(C.BODY_TEMPERATURE, since, at)
     first = next((s for s in temps if s.value is not None and s.value >= FEVER_C and s.t <= at), None)
     if first is None:
         return None
@@ -210,8 +211,8 @@ def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[S
 
 
 def _fever_facts(data: PatientData, lo: datetime, at: datetime) -> FeverFacts:
-    day0 = data.first_event("cart-infusion")
-    temps = tuple(data.window("body-temperature", lo, at))
+    day0 = data.first_event(C.CART_INFUSION)
+    temps = tuple(data.window(C.BODY_TEMPERATURE, lo, at))
     hottest = max(temps, key=lambda s: s.value or 0.0) if temps else None
     if hottest is not None and (hottest.value or 0.0) >= FEVER_C:
         return FeverFacts(temps, day0, hottest, None)
@@ -221,8 +222,8 @@ def _fever_facts(data: PatientData, lo: datetime, at: datetime) -> FeverFacts:
 def _blood_pressure_facts(data: PatientData, lo: datetime, at: datetime, cfg: GradingConfig) -> BloodPressureFacts:
     years = completed_years(data.birth_date, at.date()) if data.birth_date else None
     sbp_lim, map_lim, rule = cfg.hypotension.limits(age_days(data.birth_date, at), years)
-    sbp = data.window("systolic-bp", lo, at)
-    maps = data.window("mean-arterial-pressure", lo, at)
+    sbp = data.window(C.SYSTOLIC_BP, lo, at)
+    maps = data.window(C.MEAN_ARTERIAL_PRESSURE, lo, at)
     low = [s for s in sbp if s.value is not None and s.value < sbp_lim]
     if map_lim is not None:
         low += [s for s in maps if s.value is not None and s.value < map_lim]
@@ -363,9 +364,9 @@ def _fio2_estimate(flow_l_min: float, points: tuple[tuple[float, float], ...]) -
 
 
 def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> OxygenFacts:
-    devices = [s for s in data.window("oxygen-device", lo, at) if s.code in OXYGEN_DEVICES]
-    flows = [s for s in data.window("oxygen-flow", lo, at) if s.value is not None]
-    fio2s = [s for s in data.window("fio2", lo, at) if s.value is not None]
+    devices = [s for s in data.window(C.OXYGEN_DEVICE, lo, at) if s.code in OXYGEN_DEVICES]
+    flows = [s for s in data.window(C.OXYGEN_FLOW, lo, at) if s.value is not None]
+    fio2s = [s for s in data.window(C.FIO2, lo, at) if s.value is not None]
     vent = next((s for s in reversed(devices) if s.code == "mechanical-ventilation"), None)
     nippv = [s for s in devices if s.code in ("cpap", "bipap")]
     flowing = [s for s in flows if (s.value or 0.0) > 0]
@@ -396,11 +397,11 @@ def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfi
         elif flowing and not other:
             top = max(flowing, key=lambda s: s.value or 0.0)
             why = f"oxygen flow {top.shown} at {_fmt_t(top.t)} without a charted FiO2 (estimate switched off)"
-            needs = "fio2"
+            needs = C.FIO2
         elif other or nippv:
             s = (other or nippv)[-1]
             why = f"oxygen device {s.code} at {_fmt_t(s.t)} without a charted FiO2 (no estimate for this device)"
-            needs = "fio2"
+            needs = C.FIO2
         elif devices:
             s = devices[-1]
             why = f"oxygen device {s.code} at {_fmt_t(s.t)} without a flow or FiO2 (oxygen for comfort not excluded)"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from .concepts import C
 from .facts import FeverFacts
 from .model import Administration, CrsFindings, DomainFinding, GradeResult, Ignored, PatientData, Sample
 
@@ -157,7 +158,7 @@ def no_crs(
     """Grade 0 (no fever) or indeterminate (no temperature): CRS is not established."""
     refs = tuple(s.ref for s in gate.temps)
     verdict = f"{'Grade 0' if gate.grade == 0 else 'Indeterminate'}: {gate.why}"
-    needs = "" if gate.grade == 0 else "body-temperature"
+    needs = "" if gate.grade == 0 else C.BODY_TEMPERATURE
     return GradeResult(
         method,
         scale,

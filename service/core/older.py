@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from .concepts import C
 from .config import GradingConfig
 from .facts import ROOM_AIR_FIO2_PCT, VASOPRESSIN_NOTE, Facts, hours_text
 from .facts import facts_at as facts_at  # re-exported: the older scales' entry to the facts
@@ -171,7 +172,7 @@ CRES_SCALE = "CARTOX CRES grading with CARTOX-10 (Neelapu SS et al., Nat Rev Cli
 # clinical-rules.md §2 (one source says 0-1 but then leaves 2 in no band); 10 is no impairment.
 CARTOX10_BANDS: tuple[tuple[int, int, int], ...] = ((10, 10, 0), (7, 9, 1), (3, 6, 2), (0, 2, 3))
 CRES_OBTUNDED = frozenset({"unarousable"})  # "obtunded" grade 4, read as unarousable
-CRES_UNVERIFIED_ROWS = ("seizure", "motor-weakness", "cerebral-edema")
+CRES_UNVERIFIED_ROWS = (C.SEIZURE, C.MOTOR_WEAKNESS, C.CEREBRAL_EDEMA)
 
 # "O2 < 40% / >= 40%" (Lee, MSKCC, CARTOX, CTCAE v5): FiO2 in %; room air is facts.ROOM_AIR_FIO2_PCT.
 FIO2_THRESHOLD_PCT = 40.0
@@ -253,18 +254,18 @@ def _oxygen_domain(sc: Scale, f: Facts) -> Domain:
     ceiling = sc.ventilator if not o.charted else max(sc.oxygen_lt40, sc.oxygen_ge40)
     if sc.oxygen is None:
         if not o.charted:
-            return Domain("hypoxia", None, o.fio2_why, needs="oxygen-device", ceiling=sc.ventilator)
+            return Domain("hypoxia", None, o.fio2_why, needs=C.OXYGEN_DEVICE, ceiling=sc.ventilator)
         return Domain("hypoxia", 0, "no invasive ventilation charted (this scale grades no other oxygen support)")
     if sc.oxygen == "any":
         if o.any_o2 is None:
-            return Domain("hypoxia", None, o.any_why, needs=o.fio2_needs or "oxygen-flow", ceiling=ceiling)
+            return Domain("hypoxia", None, o.any_why, needs=o.fio2_needs or C.OXYGEN_FLOW, ceiling=ceiling)
         if o.any_o2:
             g = sc.oxygen_lt40
             finding = f"oxygen requirement ({o.any_why})"
             return Domain("hypoxia", g, f"{finding} -> grade {g}", o.any_refs, finding=finding)
         return Domain("hypoxia", 0, o.any_why, o.any_refs)
     if o.fio2 is None:
-        return Domain("hypoxia", None, o.fio2_why, needs=o.fio2_needs or "fio2", ceiling=ceiling)
+        return Domain("hypoxia", None, o.fio2_why, needs=o.fio2_needs or C.FIO2, ceiling=ceiling)
     low, high = o.fio2
     if low >= FIO2_THRESHOLD_PCT:
         g = sc.oxygen_ge40
@@ -275,7 +276,7 @@ def _oxygen_domain(sc: Scale, f: Facts) -> Domain:
         finding = f"{o.fio2_why} (< {FIO2_THRESHOLD_PCT:g}%)"
         return Domain("hypoxia", g, f"{finding} -> grade {g}", o.fio2_refs, finding=finding)
     why = f"{o.fio2_why}: the estimate straddles {FIO2_THRESHOLD_PCT:g}%, so a charted FiO2 is needed"
-    return Domain("hypoxia", None, why, o.fio2_refs, needs="fio2", ceiling=sc.oxygen_ge40)
+    return Domain("hypoxia", None, why, o.fio2_refs, needs=C.FIO2, ceiling=sc.oxygen_ge40)
 
 
 def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
@@ -318,7 +319,7 @@ def grade_scale(sc: Scale, f: Facts) -> GradeResult:
 def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
     lo = at - cfg.window
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
-    scores = [s for s in data.window("cartox-10", lo, at) if s.value is not None]
+    scores = [s for s in data.window(C.CARTOX_10, lo, at) if s.value is not None]
     considered = [s.ref for s in scores]
     domains: list[Domain] = []
     if scores:
@@ -327,8 +328,8 @@ def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResu
         finding = f"worst CARTOX-10 {worst.shown} at {_fmt_t(worst.t)}"
         domains.append(Domain("CARTOX-10", g, f"{finding} -> grade {g}", (worst.ref,), finding=finding))
     else:
-        domains.append(Domain("CARTOX-10", None, "not recorded.", needs="cartox-10", ceiling=3))
-    conscious = data.window("consciousness", lo, at)
+        domains.append(Domain("CARTOX-10", None, "not recorded.", needs=C.CARTOX_10, ceiling=3))
+    conscious = data.window(C.CONSCIOUSNESS, lo, at)
     considered += [s.ref for s in conscious]
     obtunded = next((s for s in conscious if s.code in CRES_OBTUNDED), None)
     if obtunded is not None:
@@ -337,7 +338,7 @@ def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResu
     elif conscious or scores:
         domains.append(Domain("consciousness", 0, "not obtunded" if conscious else "a CARTOX-10 could be taken"))
     else:
-        domains.append(Domain("consciousness", None, "not recorded.", needs="consciousness"))
+        domains.append(Domain("consciousness", None, "not recorded.", needs=C.CONSCIOUSNESS))
     for concept in CRES_UNVERIFIED_ROWS:
         found = [s for s in data.window(concept, lo, at) if s.code not in (None, "none")]
         considered += [s.ref for s in found]
@@ -351,5 +352,5 @@ def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResu
         "Sedation and other causes cannot be excluded from data.",
     ]
     return combine(
-        CRES_METHOD, CRES_SCALE, at, domains, head, notes + ignored_note(data, frozenset({"cartox-10"})), considered
+        CRES_METHOD, CRES_SCALE, at, domains, head, notes + ignored_note(data, frozenset({C.CARTOX_10})), considered
     )
