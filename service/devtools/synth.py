@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from ..core.concepts import C, ConceptName
+from ..fhir.ingest import UCUM
 
 SCENARIOS: tuple[str, ...] = (
     "no-crs",
@@ -56,7 +57,6 @@ MIN_DAYS = 7  # every scenario's peak falls before day +6
 WELL_VITALS_MIN = 240  # q4h when well
 
 LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"

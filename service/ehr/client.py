@@ -34,6 +34,7 @@ import httpx
 import orjson
 
 from ..config.ehr import DEFAULT_SCOPE, FhirServerConfig
+from ..fhir.ingest import FHIR_ID
 from .errors import EhrError, FhirAuthError, FhirConfigError, FhirHttpError, FhirUnavailable
 from .smart import SmartBackendAuth, TokenCache
 
@@ -53,7 +54,6 @@ __all__ = [
 log = logging.getLogger("iectox.ehr")
 
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _INSTANT_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 _RETRYABLE_EXC = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -90,7 +90,7 @@ def _check_type(rtype: str) -> None:
 
 
 def _check_id(rid: str) -> None:
-    if not _ID_RE.match(rid):
+    if not FHIR_ID.fullmatch(rid):
         raise ValueError("invalid resource id")
 
 

@@ -19,13 +19,13 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from .. import __version__
+from ..codebook import ICD10CM
 from ..core.astct import CRS_METHOD, ICANS_METHOD
 from ..core.course import Course, CourseConfig
 from ..core.model import GradeResult
 from ..core.scores import ScoreResult
+from .ingest import UCUM
 
-ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-UCUM = "http://unitsofmeasure.org"
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 PROVENANCE_ROLE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 ID_NAMESPACE = uuid.UUID("6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10")
