@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-from service.codebook import load_codebook
 from service.app.evaluate import evaluate_body
+from service.codebook import load_codebook
 from service.config.settings import Settings
 from service.devtools.synth import generate_patient
 

@@ -1,6 +1,8 @@
 """Inbound security: bearer JWTs with SMART scopes on /fhir, CDS Hooks client JWTs, dev mode.
 
-See docs/security.md. Nothing here is global: the key stores live on app.state.security.
+What lives here: token verification, key sets, scope parsing and the start-up checks
+(docs/security.md). What never does: routes (service/api/auth.py wires these in), grading, EHR
+calls. Nothing here is global: the key stores live on app.state.security.
 """
 
 from .cds import CdsClient, CdsTrust, verify_cds_jwt
