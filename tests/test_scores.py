@@ -173,9 +173,9 @@ def outcome(ra: dict[str, Any], i: int = 0) -> str:
     [
         # 250 U/L x 1.2 mg/dL / 150 10^9/L = 300 / 150 = 2.0
         pytest.param(lab("creatinine", 1.2, hours(LD, -2), id="crea"), 2.0, id="creatinine-mg-dL"),
-        # 106.104 umol/L / 88.42 = 1.2 mg/dL -> 250 x 1.2 / 150 = 2.0
+        # 106.08 umol/L / 88.4 = 1.2 mg/dL -> 250 x 1.2 / 150 = 2.0
         pytest.param(
-            lab("creatinine-molar", 106.104, hours(LD, -2), unit="umol/L", id="crea"), 2.0, id="creatinine-umol-L"
+            lab("creatinine-molar", 106.08, hours(LD, -2), unit="umol/L", id="crea"), 2.0, id="creatinine-umol-L"
         ),
     ],
 )

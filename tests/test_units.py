@@ -44,8 +44,8 @@ CONVERSION_TABLE = [
     pytest.param("ast", "[IU]/L", 40.0, None, 40.0, id="ast-IU/L"),
     pytest.param("alt", "U/L", 40.0, None, 40.0, id="alt-U/L"),
     pytest.param("creatinine", "mg/dL", 1.0, None, 1.0, id="creat-mg/dL"),
-    pytest.param("creatinine", "umol/L", 88.42, None, 1.0, id="creat-umol/L-88.42"),
-    pytest.param("creatinine", "umol/L", 176.84, None, 2.0, id="creat-umol/L-176.84"),
+    pytest.param("creatinine", "umol/L", 88.4, None, 1.0, id="creat-umol/L-88.4"),
+    pytest.param("creatinine", "umol/L", 176.8, None, 2.0, id="creat-umol/L-176.8"),
     pytest.param("platelets", "10*9/L", 150.0, None, 150.0, id="plt-10*9/L"),
     pytest.param("platelets", "10*3/uL", 150.0, None, 150.0, id="plt-10*3/uL"),
     pytest.param("platelets", "/uL", 150000.0, None, 150.0, id="plt-/uL-150000"),
@@ -104,7 +104,7 @@ def test_canonical_unit(concept: str, expected: str) -> None:
 
 
 def test_creatinine_factor() -> None:
-    assert CREATININE_UMOL_L_PER_MG_DL == 88.42
+    assert CREATININE_UMOL_L_PER_MG_DL == 88.4
 
 
 @pytest.mark.parametrize(

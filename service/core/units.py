@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from .concepts import CONCEPTS, C, spec
 
-# Creatinine: 1 mg/dL = 88.42 umol/L (molar mass 113.12 g/mol).
-CREATININE_UMOL_L_PER_MG_DL = 88.42
+# Creatinine: 1 mg/dL = 88.4 umol/L (molar mass 113.12 g/mol: 10,000 / 113.12 = 88.40).
+CREATININE_UMOL_L_PER_MG_DL = 88.4
 
 
 class UnitError(ValueError):

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from ..core.concepts import C, ConceptName
+from ..core.units import CREATININE_UMOL_L_PER_MG_DL
 from ..fhir.ingest import UCUM
 
 SCENARIOS: tuple[str, ...] = (
@@ -895,10 +896,13 @@ def _labs(w: _Writer, rng: random.Random, plan: _Plan, day0: datetime, days: int
                 m,
                 lab,
                 _L_CREAT_MOLES,
-                round(creat * 88.42),
+                round(creat * CREATININE_UMOL_L_PER_MG_DL),
                 "umol/L",
                 issued=issued,
-                ref=(round(creat_ref[0] * 88.42), round(creat_ref[1] * 88.42)),
+                ref=(
+                    round(creat_ref[0] * CREATININE_UMOL_L_PER_MG_DL),
+                    round(creat_ref[1] * CREATININE_UMOL_L_PER_MG_DL),
+                ),
             )
         else:
             w.loinc(m, lab, _L_CREAT_MASS, round(creat, 2), "mg/dL", issued=issued, ref=creat_ref)
