@@ -30,7 +30,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     codebook = load_codebook(settings.canonical_base, settings.codebook_path)
     try:
         body = Path(args.bundle).read_bytes()
-        evaluation = evaluate_body(body, codebook, settings, parse_at(args.at), datetime.now(UTC))
+        strict = True if args.strict else None
+        evaluation = evaluate_body(body, codebook, settings, parse_at(args.at), datetime.now(UTC), strict=strict)
     except FhirError as exc:
         sys.stdout.buffer.write(orjson.dumps(operation_outcome(exc.issues)) + b"\n")
         return 2
@@ -196,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="grade a Bundle file; prints what POST /fhir/$evaluate returns")
     p.add_argument("bundle")
     p.add_argument("--at", help="evaluation time, ISO 8601 with timezone (default: latest input)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="an input the rules cannot use is an error (exit 2), as with `Prefer: handling=strict`",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="every grading scale side by side: current, maximum, onset, duration")

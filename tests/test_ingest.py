@@ -45,8 +45,9 @@ def evaluate(*resources: dict[str, Any], settings: Settings = SETTINGS) -> Evalu
 
 
 def fails(body: bytes, settings: Settings = SETTINGS) -> FhirError:
+    """Strict handling (`Prefer: handling=strict`): bad input is a 422 with every FHIRPath."""
     with pytest.raises(FhirError) as err:
-        evaluate_body(body, CODEBOOK, settings, AT, RECORDED)
+        evaluate_body(body, CODEBOOK, settings, AT, RECORDED, strict=True)
     return err.value
 
 

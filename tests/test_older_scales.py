@@ -469,7 +469,7 @@ def test_reference_range_in_an_unknown_unit_is_rejected_with_its_path() -> None:
     when = fhir_at(-2)
     body = f.body(f.patient(), creatinine_obs(1.0, "mg/dL", f.quantity(1.2, "mmol/L"), when))
     with pytest.raises(FhirError) as err:
-        evaluate_body(body, CODEBOOK, Settings(), AT, AT)
+        evaluate_body(body, CODEBOOK, Settings(), AT, AT, strict=True)
     assert err.value.status == 422
     assert err.value.issues[0].expression == "Bundle.entry[1].resource.referenceRange[0].high.code"
 

@@ -120,8 +120,9 @@ def evaluate(*resources: dict[str, Any], at: datetime = AT, settings: Settings =
 
 
 def fails(*resources: dict[str, Any]) -> FhirError:
+    """Strict handling (`Prefer: handling=strict`): bad input is a 422 with every FHIRPath."""
     with pytest.raises(FhirError) as err:
-        evaluate_body(f.body(f.patient(), *resources), CODEBOOK, SETTINGS, AT, RECORDED)
+        evaluate_body(f.body(f.patient(), *resources), CODEBOOK, SETTINGS, AT, RECORDED, strict=True)
     return err.value
 
 

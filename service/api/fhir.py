@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 
 from ..app.evaluate import evaluate_body, parse_at
 from ..app.store import evaluate_stored, store_bundle, store_one
@@ -24,7 +24,24 @@ AtQuery = Annotated[
     str | None,
     Query(description="Evaluation time (FHIR dateTime with timezone). Default: the latest input time."),
 ]
+PreferHeader = Annotated[
+    str | None,
+    Header(
+        description="`handling=strict`: an input the rules cannot use (bad date, unknown unit, implausible value) "
+        "is a 422 OperationOutcome; `handling=lenient` (the default, setting `IECTOX_INPUT_HANDLING`): it is left "
+        "out, named in the rationale and in a warning OperationOutcome entry of the result Bundle."
+    ),
+]
 INPUT_TYPES = ("Observation", "MedicationAdministration", "Patient", "Procedure")
+
+
+def handling_strict(prefer: str | None) -> bool | None:
+    """`Prefer: handling=strict|lenient` (FHIR RESTful API) as a flag; None: not given."""
+    for part in (prefer or "").replace(";", ",").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "handling" and value.strip().strip('"').lower() in ("strict", "lenient"):
+            return value.strip().strip('"').lower() == "strict"
+    return None
 
 
 @router.get("/metadata", summary="CapabilityStatement", response_model=FhirResource)
@@ -40,16 +57,22 @@ def metadata(settings: SettingsDep) -> FhirResponse:
     "with code `current-grade` and one with code `max-grade` (the course since day 0); the risk scores as "
     "RiskAssessments with code `risk-score`, whose value is in the extension `<base>/StructureDefinition/score` "
     "(valueDecimal), with probabilities as fractions 0-1 and qualitativeRisk only where a verified cut-off exists; "
-    "and one Provenance. Nothing is stored.",
+    "and one Provenance; with lenient handling (the default) an OperationOutcome (severity warning) naming each "
+    "input left out of grading with its FHIRPath and reason. Nothing is stored.",
     response_model=FhirBundle,
     openapi_extra=fhir_body(FhirBundle, "Bundle with the Patient and its inputs"),
     **requires(READ, "Observation"),
 )
 async def evaluate(
-    request: Request, settings: SettingsDep, codebook: CodebookDep, clock: ClockDep, at: AtQuery = None
+    request: Request,
+    settings: SettingsDep,
+    codebook: CodebookDep,
+    clock: ClockDep,
+    at: AtQuery = None,
+    prefer: PreferHeader = None,
 ) -> FhirResponse:
     body = await request.body()
-    evaluation = evaluate_body(body, codebook, settings, parse_at(at), clock())
+    evaluation = evaluate_body(body, codebook, settings, parse_at(at), clock(), strict=handling_strict(prefer))
     return FhirResponse(evaluation.bundle())
 
 

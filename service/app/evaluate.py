@@ -12,13 +12,14 @@ from ..core.concepts import C
 from ..core.config import ATLANTA_FIO2_POINTS, GradingConfig, HypotensionRule, OlderConfig
 from ..core.course import Course, CourseConfig, course_of
 from ..core.facts import Facts, facts_at
-from ..core.model import GradeResult, PatientData
+from ..core.model import BIRTH_DATE, GradeResult, LeftOut, PatientData, completed_years
 from ..core.registry import BY_METHOD, REGISTRY
 from ..core.scores import ScoreConfig, ScoreResult, all_scores
 from ..fhir.emit import (
     collection,
     course_assessment,
     course_parameters,
+    left_out_outcome,
     provenance,
     risk_assessment,
     score_assessment,
@@ -37,6 +38,7 @@ def grading_config(settings: Settings) -> GradingConfig:
         hypotension=HypotensionRule(
             settings.adult_sbp_below_mmhg, settings.adult_map_below_mmhg, settings.adult_from_age_years
         ),
+        room_air_when_spo2_only=settings.room_air_when_spo2_only,
         older=OlderConfig(
             high_dose=settings.high_dose_vasopressors,
             fio2_points=ATLANTA_FIO2_POINTS
@@ -115,13 +117,17 @@ class Evaluation:
     provenance: dict[str, Any]
     indications: list[str]  # the codebook indication values of the patient's Conditions
     untimed: bool = False  # no timed input: `at` is the caller's `fallback_at`, not a time from the data
+    left_out: tuple[LeftOut, ...] = ()  # inputs left out of grading (lenient handling), named
+    outcome: dict[str, Any] | None = None  # their warning OperationOutcome (None: nothing left out)
 
     @property
     def resources(self) -> list[dict[str, Any]]:
+        """What is stored and written back: the RiskAssessments and the Provenance."""
         return [*self.assessments, self.provenance]
 
     def bundle(self) -> dict[str, Any]:
-        return collection(self.resources)
+        """The response: the resources, then the warning OperationOutcome when inputs were left out."""
+        return collection(self.resources + ([self.outcome] if self.outcome else []))
 
     def course_parameters(self, settings: Settings) -> dict[str, Any]:
         """`$course`: every scale's course as FHIR Parameters (validated)."""
@@ -151,16 +157,20 @@ def evaluate_entries(
     recorded: datetime,
     *,
     fallback_at: datetime | None = None,
+    strict: bool | None = None,
 ) -> Evaluation:
     """Grade at `at`, else at the latest input time, else at `fallback_at` (then the Evaluation
-    is `untimed`); 422 (expression "at") when there is none of the three."""
-    parsed = parse_patient_entries(entries, codebook)
+    is `untimed`); 422 (expression "at") when there is none of the three. `strict` (default: the
+    setting `input_handling`): an input the rules cannot use is a 422 rather than left out, named."""
+    strict = settings.input_handling == "strict" if strict is None else strict
+    parsed = parse_patient_entries(entries, codebook, strict=strict, site_tz=settings.site_tz())
     data = parsed.data
     at = at or data.latest_time()
     untimed = at is None and fallback_at is not None
     at = at or fallback_at
     if at is None:
         raise FhirError.one(422, "required", "no timed input: give the evaluation time `at`", "at")
+    _check_birth_date(data, f"{parsed.patient.path}.birthDate", at, strict)
     grader = Grader(data, grading_config(settings))
     results = [grader.grade(method, at) for method, _ in SCALES]
     ccfg = course_config(settings)
@@ -176,15 +186,55 @@ def evaluate_entries(
     prov = provenance(assessments, inputs, base, recorded)
     validate_emitted([*assessments, prov])
     indications = sorted({value for value, _ in data.indications})
+    outcome = left_out_outcome(data.left_out, data.patient_ref, at) if data.left_out else None
+    if outcome is not None:
+        validate_emitted([outcome])
     return Evaluation(
-        data.patient_ref, at, results, [c for c, _ in course_results], scores, assessments, prov, indications, untimed
+        data.patient_ref,
+        at,
+        results,
+        [c for c, _ in course_results],
+        scores,
+        assessments,
+        prov,
+        indications,
+        untimed,
+        tuple(data.left_out),
+        outcome,
     )
 
 
+MAX_AGE_YEARS = 130  # plausibility: older than any documented human (docs/clinical-choices.md)
+
+
+def _check_birth_date(data: PatientData, path: str, at: datetime, strict: bool) -> None:
+    """A birth date after `at`, or more than MAX_AGE_YEARS before it, is impossible: the age is
+    unknown (left out, named), never a neonate or a centenarian by mistake."""
+    births = data.birth_dates()
+    if not births:
+        return
+    if births[0] > at.date():
+        why = f"birthDate (earliest {births[0].isoformat()}) is after the evaluation time {at.date().isoformat()}"
+    elif completed_years(births[-1], at.date()) > MAX_AGE_YEARS:
+        why = f"birthDate gives an age over {MAX_AGE_YEARS} years at the evaluation time"
+    else:
+        return
+    if strict:
+        raise FhirError.one(422, "value", why, path)
+    data.birth_date, data.birth_latest = None, None
+    data.left_out.append(LeftOut(data.patient_ref, path, why, BIRTH_DATE, None, ((path, why),)))
+
+
 def evaluate_body(
-    body: bytes, codebook: Codebook, settings: Settings, at: datetime | None, recorded: datetime
+    body: bytes,
+    codebook: Codebook,
+    settings: Settings,
+    at: datetime | None,
+    recorded: datetime,
+    *,
+    strict: bool | None = None,
 ) -> Evaluation:
     """The stateless `$evaluate`: a Bundle (or lone Patient) in, an Evaluation out."""
     doc = load_json(body)
     entries = split_entries(doc, max_entries=settings.max_bundle_entries, bundle_types=EVALUATE_BUNDLE_TYPES)
-    return evaluate_entries(entries, codebook, settings, at, recorded)
+    return evaluate_entries(entries, codebook, settings, at, recorded, strict=strict)

@@ -199,18 +199,24 @@ def evaluate_stored(
     *,
     store: bool = True,
     fallback_at: datetime | None = None,
+    unstored: Iterable[dict[str, Any]] = (),
 ) -> Evaluation:
     """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
     Without `at` and without timed input, grade at `fallback_at` (the Evaluation is `untimed`).
+    `unstored`: resources just read but rejected by storage (the EHR paths); they replace a stored
+    version of the same id and are graded leniently, so each is named as left out, never dropped.
 
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
     """
     resources = repository.patient_inputs(session, patient_id)
+    extra = {f"{r.get('resourceType')}/{r.get('id')}": r for r in unstored}
+    resources = [r for r in resources if f"{r['resourceType']}/{r['id']}" not in extra] + list(extra.values())
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
-    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at)
+    strict = False if extra else None  # what storage rejected is named as left out, never a 422
+    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict)
     if store:
         store_evaluation(session, patient_id, evaluation, settings, recorded)
     return evaluation

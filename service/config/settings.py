@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..core.config import HighDoseRule
@@ -61,6 +62,31 @@ class Settings(BaseSettings):
     # "before lymphodepletion" takes the latest value in this many hours before its start.
     score_tolerance_hours: float = Field(default=24.0, gt=0, le=24 * 7)
     pre_lymphodepletion_lookback_hours: float = Field(default=72.0, gt=0, le=24 * 30)
+
+    # Inputs the rules cannot use (bad date, unknown unit, implausible value): "lenient" (default)
+    # leaves each out, named with its FHIRPath in the rationale and in a warning OperationOutcome,
+    # and a grade it could change is indeterminate; "strict" answers 422. A request overrides it
+    # with `Prefer: handling=strict|lenient` (FHIR). Storing (POST /fhir, PUT) always validates.
+    input_handling: Literal["lenient", "strict"] = "lenient"
+    # IANA timezone (e.g. "Europe/Berlin") that places a dateTime sent with a time but without a
+    # timezone (the rationale says so). None (default): such a dateTime is left out, named.
+    site_timezone: str | None = None
+    # Many sites chart oxygen only when it is given. On: SpO2 charted in the window with no oxygen
+    # device, flow or FiO2 charted reads as room air ("room air assumed (site setting)"). Off by default.
+    room_air_when_spo2_only: bool = False
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown IANA timezone {value!r}") from None
+        return value
+
+    def site_tz(self) -> ZoneInfo | None:
+        return ZoneInfo(self.site_timezone) if self.site_timezone else None
 
     # Request limits (413 beyond them).
     max_body_bytes: int = 50 * 1024 * 1024

@@ -17,7 +17,15 @@ from datetime import datetime
 from .concepts import C
 from .config import VASOPRESSIN, GradingConfig
 from .config import HypotensionRule as HypotensionRule
-from .facts import CRS_CONCEPTS, OXYGEN_DEVICES, VASOPRESSIN_NOTE, VASOPRESSORS_COUNTED, Facts, facts_at
+from .facts import (
+    CRS_CONCEPTS,
+    OXYGEN_DEVICES,
+    VASOPRESSIN_NOTE,
+    VASOPRESSORS_COUNTED,
+    Facts,
+    facts_at,
+    room_air_note,
+)
 from .facts import FEVER_C as FEVER_C  # re-exported: the fever rule is a fact every CRS scale reads
 from .grading import MAX_GRADE, Domain, band, combine, crs_notes, fever_gate, ignored_note, no_crs
 from .model import GradeResult, PatientData, Sample, completed_years
@@ -131,6 +139,9 @@ def _hypoxia(f: Facts) -> Domain:
     flow rate recorded in the window, because oxygen given for comfort is not hypoxia
     (clinical-rules.md §1.1) and a device alone cannot tell the two apart."""
     devices, flows = f.oxygen.devices, f.oxygen.flows
+    if not devices and not flows and f.oxygen.room_air_assumed is not None:
+        s = f.oxygen.room_air_assumed
+        return Domain("hypoxia", 0, f"no oxygen support ({room_air_note(s)})", (s.ref,))
     if not devices and not flows:
         return Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
     flowing = [s for s in flows if (s.value or 0.0) > 0]
@@ -212,16 +223,19 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
     notes: list[str] = []
     ice = data.window(C.ICE_SCORE, lo, at)
     capd = data.window(C.CAPD_SCORE, lo, at)
-    if data.birth_date is None:
+    births = data.birth_dates()
+    ages = sorted({completed_years(b, at.date()) for b in births})
+    if len({a <= cfg.capd_max_age_years for a in ages}) != 1:
+        # No birth date, or a partial one ("2012") whose possible ages fall on both sides of the cut-off.
         use_capd = bool(capd) and not ice
-        notes.append(f"Age unknown (no Patient.birthDate): {'CAPD' if use_capd else 'ICE'} used as recorded.")
+        why = "no Patient.birthDate" if not births else f"partial birthDate: age {ages[0]}-{ages[-1]} y"
+        notes.append(f"Age unknown ({why}): {'CAPD' if use_capd else 'ICE'} used as recorded.")
     else:
-        years = completed_years(data.birth_date, at.date())
+        years = ages[0]
         use_capd = years <= cfg.capd_max_age_years
         rule = "<=" if use_capd else ">"
-        notes.append(
-            f"Age {years} y: {'CAPD' if use_capd else 'ICE'} (age {rule} {cfg.capd_max_age_years}, configurable)."
-        )
+        age = f"{ages[0]}-{ages[-1]} y (partial birthDate)" if len(ages) > 1 else f"{years} y"
+        notes.append(f"Age {age}: {'CAPD' if use_capd else 'ICE'} (age {rule} {cfg.capd_max_age_years}, configurable).")
     tool = (
         _score_domain("CAPD", C.CAPD_SCORE, capd, CAPD_BANDS, worst_is_low=False)
         if use_capd

@@ -147,3 +147,6 @@ class GradingConfig:
     capd_max_age_years: int = 12
     hypotension: HypotensionRule = HypotensionRule()
     older: OlderConfig = field(default_factory=OlderConfig)  # the older CRS scales (service/core/older.py)
+    # Site setting (off by default): SpO2 charted in the window with no oxygen device, flow or
+    # FiO2 charted reads as room air, and the rationale says "room air assumed (site setting)".
+    room_air_when_spo2_only: bool = False

@@ -196,6 +196,7 @@ class OxygenFacts:
     devices: tuple[Sample, ...] = ()  # graded oxygen devices charted in the window
     flows: tuple[Sample, ...] = ()  # oxygen flows (L/min) with a value
     fio2s: tuple[Sample, ...] = ()  # charted FiO2 (%) with a value
+    room_air_assumed: Sample | None = None  # the SpO2 read as room air (site setting), when used
 
 
 def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[Sample, Administration] | None:
@@ -220,8 +221,12 @@ def _fever_facts(data: PatientData, lo: datetime, at: datetime) -> FeverFacts:
 
 
 def _blood_pressure_facts(data: PatientData, lo: datetime, at: datetime, cfg: GradingConfig) -> BloodPressureFacts:
-    years = completed_years(data.birth_date, at.date()) if data.birth_date else None
-    sbp_lim, map_lim, rule = cfg.hypotension.limits(age_days(data.birth_date, at), years)
+    # A partial birth date ("2020") gives a range of ages: its limits must agree at both ends,
+    # else the age is unknown for this rule (the adult rule, which says so).
+    ends = {cfg.hypotension.limits(age_days(b, at), completed_years(b, at.date())) for b in data.birth_dates()} or {
+        cfg.hypotension.limits(None, None)
+    }
+    sbp_lim, map_lim, rule = ends.pop() if len(ends) == 1 else cfg.hypotension.limits(None, None)
     sbp = data.window(C.SYSTOLIC_BP, lo, at)
     maps = data.window(C.MEAN_ARTERIAL_PRESSURE, lo, at)
     low = [s for s in sbp if s.value is not None and s.value < sbp_lim]
@@ -363,13 +368,16 @@ def _fio2_estimate(flow_l_min: float, points: tuple[tuple[float, float], ...]) -
     return None
 
 
-def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> OxygenFacts:
+def _oxygen_facts(
+    data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig, room_air_on: bool = False
+) -> OxygenFacts:
     devices = [s for s in data.window(C.OXYGEN_DEVICE, lo, at) if s.code in OXYGEN_DEVICES]
     flows = [s for s in data.window(C.OXYGEN_FLOW, lo, at) if s.value is not None]
     fio2s = [s for s in data.window(C.FIO2, lo, at) if s.value is not None]
     vent = next((s for s in reversed(devices) if s.code == "mechanical-ventilation"), None)
     nippv = [s for s in devices if s.code in ("cpap", "bipap")]
     flowing = [s for s in flows if (s.value or 0.0) > 0]
+    room_air = spo2_room_air(data, lo, at, room_air_on) if not (devices or flows or fio2s) else None
     # FiO2: a charted FiO2 decides; else an estimate from flow on devices the table covers.
     fio2: tuple[float, float] | None = None
     fio2_refs: tuple[str, ...] = ()
@@ -406,6 +414,10 @@ def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfi
             s = devices[-1]
             why = f"oxygen device {s.code} at {_fmt_t(s.t)} without a flow or FiO2 (oxygen for comfort not excluded)"
             needs = "fio2 or oxygen-flow"
+        elif room_air is not None:
+            fio2 = (ROOM_AIR_FIO2_PCT, ROOM_AIR_FIO2_PCT)
+            why = room_air_note(room_air)
+            fio2_refs = (room_air.ref,)
         else:
             why = "no FiO2, oxygen device or flow recorded"
             needs = "fio2 or oxygen-flow"
@@ -423,7 +435,7 @@ def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfi
         any_o2, any_why, any_refs = False, "no supplemental oxygen", fio2_refs
     else:
         any_o2, any_why, any_refs = None, why, ()
-    charted = bool(devices or flows or fio2s)
+    charted = bool(devices or flows or fio2s or room_air)
     return OxygenFacts(
         vent,
         fio2,
@@ -437,6 +449,23 @@ def _oxygen_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfi
         tuple(devices),
         tuple(flows),
         tuple(fio2s),
+        room_air,
+    )
+
+
+def spo2_room_air(data: PatientData, lo: datetime, at: datetime, enabled: bool) -> Sample | None:
+    """With the site setting on, the latest SpO2 of the window when no oxygen is charted in it
+    (the caller checks that): many sites chart oxygen only when it is given."""
+    if not enabled:
+        return None
+    spo2 = [s for s in data.window(C.SPO2, lo, at) if s.value is not None]
+    return spo2[-1] if spo2 else None
+
+
+def room_air_note(s: Sample) -> str:
+    return (
+        f"room air assumed (site setting): SpO2 {s.shown} at {_fmt_t(s.t)} charted and no oxygen device, "
+        "flow or FiO2 in the window"
     )
 
 
@@ -462,7 +491,7 @@ class Facts:
 
     @cached_property
     def oxygen(self) -> OxygenFacts:
-        return _oxygen_facts(self.data, self.lo, self.at, self.cfg.older)
+        return _oxygen_facts(self.data, self.lo, self.at, self.cfg.older, self.cfg.room_air_when_spo2_only)
 
     @cached_property
     def organ(self) -> dict[str, OrganFacts]:  # "creatinine", "transaminase"

@@ -68,6 +68,24 @@ class Ignored:
     concept: str
 
 
+@dataclass(frozen=True, slots=True)
+class LeftOut:
+    """A resource (or its part) the rules cannot use: a bad or partial date, a dateTime without
+    timezone, an unknown unit, an implausible value, an unresolvable reference. It is left out of
+    grading and named with its FHIRPath and reason; a grade it could change is indeterminate.
+    `concept` None: not known what it would feed; `t` None: its time is unknown (any window)."""
+
+    ref: str
+    path: str
+    reason: str
+    concept: str | None = None
+    t: datetime | None = None
+    problems: tuple[tuple[str, str], ...] = ()  # every (FHIRPath, reason) found in the resource
+
+
+BIRTH_DATE = "birth-date"  # LeftOut.concept of an unusable Patient.birthDate (age unknown)
+
+
 @dataclass
 class PatientData:
     """Everything the core knows about one patient, normalised by the FHIR adapter."""
@@ -78,8 +96,18 @@ class PatientData:
     administrations: dict[str, list[Administration]] = field(default_factory=dict)
     ignored: list[Ignored] = field(default_factory=list)
     indications: list[tuple[str, str]] = field(default_factory=list)  # (codebook value, Condition ref)
+    left_out: list[LeftOut] = field(default_factory=list)  # unusable inputs, named (lenient handling)
+    # A partial birthDate ("1980", "1980-05"): birth_date is its earliest day, birth_latest its last.
+    birth_latest: date | None = None
+    assumed: list[Ignored] = field(default_factory=list)  # inputs read under a site setting (timezone)
 
     _times: dict[str, list[datetime]] = field(default_factory=dict, repr=False, compare=False)
+
+    def birth_dates(self) -> tuple[date, ...]:
+        """The possible birth dates: (), one date, or the first and last day of a partial date."""
+        if self.birth_date is None:
+            return ()
+        return (self.birth_date,) if self.birth_latest is None else (self.birth_date, self.birth_latest)
 
     def series(self, concept: str) -> list[Sample]:
         return self.samples.get(concept, [])

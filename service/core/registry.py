@@ -15,6 +15,7 @@ from functools import partial
 from .astct import CRS_METHOD, CRS_SCALE, ICANS_METHOD, ICANS_SCALE, crs_from_facts, grade_icans
 from .config import GradingConfig
 from .facts import Facts
+from .leftout import with_left_out
 from .model import GradeResult, PatientData
 from .older import CARTOX, CRES_METHOD, CRES_SCALE, CTCAE4, CTCAE5, LEE, MSKCC, PENN, Scale, grade_cres, grade_scale
 
@@ -30,11 +31,14 @@ class ScaleSpec:
     from_data: FromData | None = None
 
     def grade(self, facts: Facts) -> GradeResult:
-        """This scale's result at `facts.at`, from the facts or from their data."""
+        """This scale's result at `facts.at`, from the facts or from their data, with the inputs
+        left out of grading named (and the result indeterminate when one could change it)."""
         if self.from_facts is not None:
-            return self.from_facts(facts)
-        assert self.from_data is not None
-        return self.from_data(facts.data, facts.at, facts.cfg)
+            result = self.from_facts(facts)
+        else:
+            assert self.from_data is not None
+            result = self.from_data(facts.data, facts.at, facts.cfg)
+        return with_left_out(result, facts.data, facts.lo, facts.at)
 
 
 def _older(sc: Scale) -> ScaleSpec:

@@ -78,7 +78,12 @@ def _unchanged(session: Session, evaluation: Evaluation) -> bool:
 
 
 def evaluate_patient(
-    session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime
+    session: Session,
+    patient_id: str,
+    codebook: Codebook,
+    settings: Settings,
+    now: datetime,
+    unstored: Iterable[dict[str, Any]] = (),
 ) -> tuple[Evaluation, bool]:
     """Evaluate the stored data; store and enqueue only when something changed.
     Returns the evaluation and whether it was new.
@@ -86,8 +91,11 @@ def evaluate_patient(
     The evaluation reads the patient back from storage rather than grading what was just fetched:
     the stored record may hold more than this fetch (a CDS prefetch or a poll delta carries only
     part of it; inputs may have been posted to the API) and keeps the newer version of a resource.
+    `unstored`: what storage rejected in this read, graded leniently so each is named as left out.
     """
-    evaluation = evaluate_stored(session, patient_id, codebook, settings, None, now, store=False, fallback_at=now)
+    evaluation = evaluate_stored(
+        session, patient_id, codebook, settings, None, now, store=False, fallback_at=now, unstored=unstored
+    )
     if evaluation.untimed:
         # No timed input yet (a Patient and nothing else): every grade is indeterminate at `now`;
         # shown to the caller, never stored (its time, hence its ids, would change every call).
@@ -113,12 +121,23 @@ def store_and_evaluate(
     Only a patient the EHR returned is evaluated and watched (an unknown id would be re-read
     every pass). Returns the evaluation (None without the Patient) and whether it was new."""
     with Session(engine, expire_on_commit=False) as session:
-        stored = store_resources(session, _readable(resources), codebook)
+        readable = _readable(resources)
+        stored = store_resources(session, readable, codebook)
         if stored.rejected:  # a count only: no patient ids or clinical values in the log
             log.warning("sync: %d resources rejected (invalid for grading)", stored.rejected)
+        # Rejected resources of this patient are not stored, but the evaluation names them as left out.
+        rejected = [
+            r
+            for r, out in zip(readable, stored.results, strict=True)
+            if out.outcome == "rejected"
+            and (
+                (r.get("resourceType") == "Patient" and r.get("id") == patient_id)
+                or (r.get("subject") or {}).get("reference") == f"Patient/{patient_id}"
+            )
+        ]
         evaluation, changed = None, False
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
-            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now)
+            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, rejected)
             if target is not None:
                 watch(session, target, patient_id, high_water(resources), now)
         if audit is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from fhir.resources.R4B import FHIRAbstractModel
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.parameters import Parameters
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
@@ -22,7 +23,7 @@ from .. import __version__
 from ..codebook import ICD10CM
 from ..core.astct import CRS_METHOD, ICANS_METHOD
 from ..core.course import Course, CourseConfig
-from ..core.model import GradeResult
+from ..core.model import GradeResult, LeftOut
 from ..core.scores import ScoreResult
 from .ingest import UCUM
 
@@ -264,9 +265,27 @@ def validate_emitted(resources: list[dict[str, Any]]) -> None:
         "Provenance": Provenance,
         "Bundle": Bundle,
         "Parameters": Parameters,
+        "OperationOutcome": OperationOutcome,
     }
     for res in resources:
         models[res["resourceType"]].model_validate(res)
+
+
+def left_out_outcome(rows: list[LeftOut], patient_ref: str, at: datetime) -> dict[str, Any]:
+    """The inputs left out of grading (lenient handling), one warning issue per problem, each with
+    its FHIRPath; returned with the evaluation (never stored or written back)."""
+    issues = [
+        {
+            "severity": "warning",
+            "code": "value",
+            "diagnostics": f"{r.ref or r.path}: left out of grading ({r.concept or 'unknown input'}): {reason}",
+            "expression": [path],
+        }
+        for r in rows
+        for path, reason in (r.problems or ((r.path, r.reason),))
+    ]
+    oid = assessment_id(business_key(patient_ref, "left-out", "OperationOutcome", at))
+    return {"resourceType": "OperationOutcome", "id": oid, "issue": issues}
 
 
 def collection(resources: list[dict[str, Any]]) -> dict[str, Any]:

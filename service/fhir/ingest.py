@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from calendar import monthrange
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, tzinfo
 from functools import lru_cache
 from typing import Any
 
@@ -19,7 +20,7 @@ import orjson
 from ..codebook import Codebook, Coding
 from ..core.concepts import C, Kind
 from ..core.concepts import spec as concept_spec
-from ..core.model import Administration, Ignored, PatientData, Sample
+from ..core.model import BIRTH_DATE, Administration, Ignored, LeftOut, PatientData, Sample
 from ..core.units import UnitError, canonical_unit, converter
 from .errors import FhirError, Issue
 
@@ -151,9 +152,14 @@ class _Issues(Exception):
     pass
 
 
+PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
 @dataclass
 class _Reader:
     issues: list[Issue] = field(default_factory=list)
+    site_tz: tzinfo | None = None  # places a dateTime that has a time but no timezone (site setting)
+    placed: list[str] = field(default_factory=list)  # FHIRPaths placed by the site timezone
 
     def fail(self, code: str, msg: str, path: str) -> None:
         self.issues.append(Issue(code, msg, path))
@@ -164,14 +170,27 @@ class _Reader:
         if not isinstance(raw, str):
             self.fail("value", "expected a dateTime string", path)
             return None
+        if PARTIAL_DATE.fullmatch(raw):
+            self.fail("value", f"partial date {raw!r}: the rules need an instant (date, time and timezone)", path)
+            return None
         try:
             t = datetime.fromisoformat(raw)
         except ValueError:
             self.fail("value", f"invalid dateTime {raw!r}", path)
             return None
         if t.tzinfo is None:
-            self.fail("value", f"dateTime {raw!r} needs a time and a timezone to be placed on the timeline", path)
-            return None
+            if "T" not in raw:
+                self.fail("value", f"date-only {raw!r}: the rules need an instant (a time and a timezone)", path)
+                return None
+            if self.site_tz is None:
+                self.fail(
+                    "value",
+                    f"dateTime {raw!r} has no timezone and no site timezone is set (IECTOX_SITE_TIMEZONE)",
+                    path,
+                )
+                return None
+            self.placed.append(path)
+            return t.replace(tzinfo=self.site_tz)
         return t
 
     def when(self, res: dict[str, Any], path: str, prefix: str) -> tuple[datetime | None, datetime | None, bool]:
@@ -213,6 +232,20 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def implausible(concept: str, value: float) -> str:
+    """Why a value (canonical unit) is physiologically impossible for the concept, or ""."""
+    spec = concept_spec(concept)
+    bounds = spec.plausible_range if spec is not None else None
+    if bounds is None:
+        return ""
+    lo, hi = bounds
+    if (lo is None or value >= lo) and (hi is None or value <= hi):
+        return ""
+    unit = spec.unit if spec is not None and spec.unit else ""
+    shown = f"{'-' if lo is None else f'{lo:g}'} to {'-' if hi is None else f'{hi:g}'} {unit}".strip()
+    return f"value {_fmt(value)} {unit} is outside the plausible range {shown} (a charting or unit error)"
+
+
 @dataclass
 class _RawDose:
     concept: str
@@ -228,9 +261,9 @@ class _RawDose:
 class Normaliser:
     """Builds one patient's PatientData from checked entries; collects every issue."""
 
-    def __init__(self, codebook: Codebook) -> None:
+    def __init__(self, codebook: Codebook, site_tz: tzinfo | None = None) -> None:
         self.cb = codebook
-        self.r = _Reader()
+        self.r = _Reader(site_tz=site_tz)
         self.samples: dict[str, list[Sample]] = {}
         self.doses: list[_RawDose] = []
         self.ignored: list[Ignored] = []
@@ -313,7 +346,10 @@ class Normaliser:
             if kind in (Kind.CODED, Kind.DRUG, Kind.VASOPRESSOR, Kind.EVENT):
                 self.r.fail("value", f"{concept} expects a coded value", f"{path}.valueQuantity")
                 return
-            q = self._quantity(concept, holder["valueQuantity"], f"{path}.valueQuantity")
+            raw = holder["valueQuantity"]
+            if kind == Kind.SCORE and isinstance(raw, dict) and not (raw.get("code") or raw.get("unit")):
+                raw = {**raw, "code": "{score}"}  # a score sent as a bare number: a score has no unit
+            q = self._quantity(concept, raw, f"{path}.valueQuantity")
             if q is not None:
                 v, unit, shown = q
                 high = self._reference_high(concept, holder.get("referenceRange"), path)
@@ -338,8 +374,9 @@ class Normaliser:
             self.ignored.append(Ignored(ref, "no value", concept))
         else:
             self.r.fail("value", f"value type not usable for {concept} ({kind})", path)
-        if kind == Kind.SCORE:
-            self._check_score_range(concept, path)
+            return
+        if kind in (Kind.SCORE, Kind.QUANTITY):
+            self._check_plausible(concept, path)
 
     def _reference_high(self, concept: str, ranges: Any, path: str) -> float | None:
         """The upper limit of normal: the first referenceRange with a `high`, in the concept's unit."""
@@ -351,17 +388,24 @@ class Normaliser:
                 return q[0] if q is not None else None
         return None
 
-    def _check_score_range(self, concept: str, path: str) -> None:
-        # The valid range is the registry's (ICE 0-10, CAPD 0-32, CARTOX-10 0-10).
+    def _check_plausible(self, concept: str, path: str) -> None:
+        """The value just added against the registry: a score's valid range (ICE 0-10, CAPD 0-32,
+        CARTOX-10 0-10), a quantity's plausibility bounds (core/concepts.py); outside, it is removed."""
         spec = concept_spec(concept)
-        bounds = spec.score_range if spec is not None else None
         series = self.samples.get(concept)
-        if bounds is not None and series:
-            lo, hi = bounds
-            v = series[-1].value
-            if v is not None and not (lo <= v <= hi and v == int(v)):
+        if spec is None or not series or series[-1].value is None:
+            return
+        v = series[-1].value
+        if spec.score_range is not None:
+            lo, hi = spec.score_range
+            if not (lo <= v <= hi and v == int(v)):
                 series.pop()
                 self.r.fail("value", f"{concept} must be an integer {lo}-{hi}", path)
+            return
+        bad = implausible(concept, v)
+        if bad:
+            series.pop()
+            self.r.fail("value", f"{concept} {bad}", f"{path}.valueQuantity.value")
 
     # MedicationAdministration / Procedure ---------------------------------------------
     def _medication(self, res: dict[str, Any], path: str) -> tuple[str | None, str | None]:
@@ -499,8 +543,118 @@ def _subject_ok(res: dict[str, Any], patient_refs: set[str], path: str, r: _Read
     return True
 
 
-def parse_patient_entries(entries: list[Entry], codebook: Codebook) -> Parsed:
-    """Normalise one patient's entries; 422 with every problem (and its path) otherwise."""
+def parse_birth_date(raw: Any) -> tuple[date, date | None] | None:
+    """A birthDate as (first possible day, last possible day or None when exact): FHIR allows
+    "1980", "1980-05" and "1980-05-17"; None when it is none of these."""
+    if not isinstance(raw, str):
+        return None
+    m = PARTIAL_DATE.fullmatch(raw)
+    try:
+        if m is None:
+            return date.fromisoformat(raw), None
+        year = int(m.group(1))
+        if m.group(2) is None:
+            return date(year, 1, 1), date(year, 12, 31)
+        month = int(m.group(2))
+        return date(year, month, 1), date(year, month, monthrange(year, month)[1])
+    except ValueError:
+        return None
+
+
+def _entry_concept(norm: Normaliser, en: Entry) -> str | None:
+    """The concept a resource would feed, read without checks (to name a left-out resource)."""
+    res = en.resource
+    if en.type == "Observation":
+        comps = [c for c in res.get("component") or () if isinstance(c, dict)]
+        found = [norm.cb.concept_for(_codings(x.get("code")), None) for x in (res, *comps)]
+        return next((c for c in found if c), None)
+    if en.type == "MedicationAdministration":
+        cc = res.get("medicationCodeableConcept")
+        if cc is None:
+            ref = (res.get("medicationReference") or {}).get("reference")
+            med = norm.medications.get(ref) if isinstance(ref, str) else None
+            if med is None and isinstance(ref, str) and ref.startswith("#"):
+                med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
+            cc = med.get("code") if isinstance(med, dict) else None
+        return norm.cb.concept_for(_codings(cc), _text(cc))
+    if en.type in ("Procedure", "Condition"):
+        return norm.cb.concept_for(_codings(res.get("code")), _text(res.get("code")))
+    return None
+
+
+def _entry_time(res: dict[str, Any], site_tz: tzinfo | None) -> datetime | None:
+    """The time of a resource when it is readable as an instant, else None (any window)."""
+    for prefix in ("effective", "performed"):
+        period = res.get(f"{prefix}Period")
+        for raw in (res.get(f"{prefix}DateTime"), res.get(f"{prefix}Instant"), (period or {}).get("start")):
+            if isinstance(raw, str) and "T" in raw:
+                try:
+                    t = datetime.fromisoformat(raw)
+                except ValueError:
+                    continue
+                if t.tzinfo is None and site_tz is not None:
+                    t = t.replace(tzinfo=site_tz)
+                if t.tzinfo is not None:
+                    return t
+    return None
+
+
+@dataclass
+class _Mark:
+    """The Normaliser's output sizes before one resource, to take back what it added."""
+
+    issues: int
+    placed: int
+    doses: int
+    ignored: int
+    indications: int
+    samples: dict[str, int]
+
+    @classmethod
+    def of(cls, norm: Normaliser) -> _Mark:
+        sizes = {c: len(v) for c, v in norm.samples.items()}
+        return cls(
+            len(norm.r.issues), len(norm.r.placed), len(norm.doses), len(norm.ignored), len(norm.indications), sizes
+        )
+
+    def rollback(self, norm: Normaliser) -> None:
+        del norm.r.issues[self.issues :], norm.r.placed[self.placed :], norm.doses[self.doses :]
+        del norm.ignored[self.ignored :], norm.indications[self.indications :]
+        for c in list(norm.samples):
+            if c in self.samples:
+                del norm.samples[c][self.samples[c] :]
+            else:
+                del norm.samples[c]
+
+
+def _implausible_rates(data: PatientData, entries: list[Entry], r: _Reader) -> list[LeftOut]:
+    """Administrations whose normalised rate is outside the concept's plausibility bounds (core/concepts.py)."""
+    paths = {en.ref: en.path for en in entries}
+    out: list[LeftOut] = []
+    for concept, admins in data.administrations.items():
+        keep = []
+        for a in admins:
+            bad = implausible(concept, a.rate) if a.rate is not None else ""
+            if not bad:
+                keep.append(a)
+                continue
+            path = f"{paths.get(a.ref, a.ref)}.dosage.rateQuantity.value"
+            r.issues.append(Issue("value", f"{concept} rate {bad}", path))
+            out.append(LeftOut(a.ref, path, f"{concept} rate {bad}", concept, a.start, ((path, f"rate {bad}"),)))
+        admins[:] = keep
+    return out
+
+
+def parse_patient_entries(
+    entries: list[Entry], codebook: Codebook, *, strict: bool = True, site_tz: tzinfo | None = None
+) -> Parsed:
+    """Normalise one patient's entries.
+
+    Structural problems (no or several Patients, a resource whose subject is not the patient)
+    are a 422 in both modes. A resource the rules cannot use (bad date, unknown unit, implausible
+    value, ...) is a 422 with every problem and its FHIRPath when `strict`; otherwise it is left
+    out and named (PatientData.left_out), never silently dropped.
+    """
     patients = [e for e in entries if e.type == "Patient"]
     if len(patients) != 1:
         raise FhirError.one(
@@ -512,37 +666,67 @@ def parse_patient_entries(entries: list[Entry], codebook: Codebook) -> Parsed:
     patient = patients[0]
     pres = patient.resource
     refs = {patient.ref, f"Patient/{pres.get('id')}"} | ({patient.full_url} if patient.full_url else set())
-    norm = Normaliser(codebook)
+    norm = Normaliser(codebook, site_tz)
     r = norm.r
     birth: date | None = None
-    try:
-        if "birthDate" in pres:
-            try:
-                birth = date.fromisoformat(str(pres["birthDate"]))
-            except ValueError:
-                r.fail("value", "birthDate must be YYYY-MM-DD to compute age", f"{patient.path}.birthDate")
-        for en in entries:
-            if en.type == "Medication":
-                norm.medications[en.ref] = en.resource
-                if en.full_url:
-                    norm.medications[en.full_url] = en.resource
-        for en in entries:
-            t = en.type
-            if t == "Observation":
-                if _subject_ok(en.resource, refs, en.path, r):
-                    norm.observation(en)
-            elif t == "MedicationAdministration":
-                if _subject_ok(en.resource, refs, en.path, r):
-                    norm.administration(en)
-            elif t == "Procedure" and _subject_ok(en.resource, refs, en.path, r):
-                norm.procedure(en)
-            elif t == "Condition" and _subject_ok(en.resource, refs, en.path, r):
-                norm.condition(en)
-    except _Issues:
-        pass
-    if r.issues:
-        raise FhirError(422, r.issues)
-    return Parsed(patient, norm.finish(patient.ref, birth), entries)
+    birth_latest: date | None = None
+    left_out: list[LeftOut] = []
+    assumed: list[Ignored] = []
+    if "birthDate" in pres:
+        parsed_birth = parse_birth_date(pres["birthDate"])
+        if parsed_birth is not None:
+            birth, birth_latest = parsed_birth
+        else:
+            path, why = f"{patient.path}.birthDate", "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD to compute age"
+            r.issues.append(Issue("value", why, path))
+            left_out.append(LeftOut(patient.ref, path, why, BIRTH_DATE, None, ((path, why),)))
+    for en in entries:
+        if en.type == "Medication":
+            norm.medications[en.ref] = en.resource
+            if en.full_url:
+                norm.medications[en.full_url] = en.resource
+    structural: list[Issue] = []
+    handlers = {
+        "Observation": norm.observation,
+        "MedicationAdministration": norm.administration,
+        "Procedure": norm.procedure,
+        "Condition": norm.condition,
+    }
+    for en in entries:
+        handle = handlers.get(en.type)
+        if handle is None:
+            continue
+        check = r if strict else _Reader()  # strict: one list, in entry order
+        mark = _Mark.of(norm)
+        try:
+            if not _subject_ok(en.resource, refs, en.path, check):
+                structural += [] if strict else check.issues
+                continue
+            mark = _Mark.of(norm)
+            handle(en)
+        except _Issues:
+            if strict:
+                break
+        new, placed = r.issues[mark.issues :], r.placed[mark.placed :]
+        if new:
+            problems = tuple((i.expression or en.path, i.diagnostics) for i in new)
+            concept, t = _entry_concept(norm, en), _entry_time(en.resource, site_tz)
+            reason = "; ".join(d for _, d in problems)
+            left_out.append(LeftOut(en.ref, problems[0][0], reason, concept, t, problems))
+            if not strict:
+                mark.rollback(norm)
+                del r.issues[mark.issues :]
+        elif placed:
+            why = f"time without a timezone read in the site timezone {site_tz} (site setting)"
+            assumed.append(Ignored(en.ref, why, _entry_concept(norm, en) or en.type))
+    if structural:
+        raise FhirError(422, structural[:MAX_ISSUES])
+    data = norm.finish(patient.ref, birth)
+    left_out += _implausible_rates(data, entries, r)
+    if strict and r.issues:
+        raise FhirError(422, r.issues[:MAX_ISSUES])
+    data.birth_latest, data.left_out, data.assumed = birth_latest, left_out, assumed
+    return Parsed(patient, data, entries)
 
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -563,11 +747,8 @@ def check_for_storage(en: Entry, codebook: Codebook) -> tuple[str | None, list[I
             r.fail("not-supported", f"this server stores {', '.join(sorted(STORABLE_TYPES))}, not {rtype}", path)
         elif rtype == "Patient":
             patient_id = res.get("id")
-            if "birthDate" in res:
-                try:
-                    date.fromisoformat(str(res["birthDate"]))
-                except ValueError:
-                    r.fail("value", "birthDate must be YYYY-MM-DD", f"{path}.birthDate")
+            if "birthDate" in res and parse_birth_date(res["birthDate"]) is None:
+                r.fail("value", "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD", f"{path}.birthDate")
         elif rtype in CLINICAL_TYPES:
             ref = (res.get("subject") or {}).get("reference")
             if not (isinstance(ref, str) and ref.startswith("Patient/") and len(ref) > len("Patient/")):
