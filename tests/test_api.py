@@ -148,7 +148,8 @@ async def test_bad_input_gets_operation_outcome(
     for path in ("/fhir/$evaluate", "/fhir"):
         if path == "/fhir" and case not in ("malformed-json", "body-too-large"):
             continue
-        r = await client.post(path, content=body, headers=FHIR_JSON)
+        # Strict handling: a resource the rules cannot use is a 422 (lenient, the default, leaves it out).
+        r = await client.post(path, content=body, headers={**FHIR_JSON, "Prefer": "handling=strict"})
         assert r.status_code == status, r.text
         oo = r.json()
         assert oo["resourceType"] == "OperationOutcome"
@@ -301,3 +302,16 @@ async def test_logs_carry_no_patient_identifiers_or_values(
     text = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
     assert "MRN-SECRET-123" not in text
     assert "38.6" not in text and "38.5" not in text
+
+
+@pytest.mark.asyncio
+async def test_lenient_evaluate_names_left_out_input_in_a_warning_outcome(client: httpx.AsyncClient) -> None:
+    body = f.body(f.patient(), f.temperature(38.5, T0), f.temperature(38.5, "2026-01-06T10:00:00"))
+    r = await client.post("/fhir/$evaluate", content=body, headers=FHIR_JSON)
+    assert r.status_code == 200, r.text
+    oo = [e["resource"] for e in r.json()["entry"] if e["resource"]["resourceType"] == "OperationOutcome"]
+    assert oo[0]["issue"][0]["severity"] == "warning"
+    assert oo[0]["issue"][0]["expression"] == ["Bundle.entry[2].resource.effectiveDateTime"]
+    strict = await client.post("/fhir/$evaluate", content=body, headers={**FHIR_JSON, "Prefer": "handling=strict"})
+    assert strict.status_code == 422
+    assert strict.json()["issue"][0]["expression"] == ["Bundle.entry[2].resource.effectiveDateTime"]
