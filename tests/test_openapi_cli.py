@@ -80,7 +80,7 @@ async def test_cli_evaluate_prints_what_the_api_returns(tmp_path: Path, client: 
 def test_cli_evaluate_bad_input_prints_operation_outcome(tmp_path: Path) -> None:
     bundle = tmp_path / "bad.json"
     bundle.write_bytes(f.body(f.patient(), f.temperature(38.5, "2026-01-06T10:00:00+00:00", unit="K")))
-    out = _run(["evaluate", str(bundle)], tmp_path)
+    out = _run(["evaluate", "--strict", str(bundle)], tmp_path)
     assert out.returncode == 2
     oo = json.loads(out.stdout)
     assert oo["resourceType"] == "OperationOutcome"
