@@ -154,7 +154,7 @@ def evaluate_entries(
 ) -> Evaluation:
     """Grade at `at`, else at the latest input time, else at `fallback_at` (then the Evaluation
     is `untimed`); 422 (expression "at") when there is none of the three."""
-    parsed = parse_patient_entries(entries, codebook)
+    parsed = parse_patient_entries(entries, codebook, infusion_event_max_hours=settings.infusion_event_max_hours)
     data = parsed.data
     at = at or data.latest_time()
     untimed = at is None and fallback_at is not None
