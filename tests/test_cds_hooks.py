@@ -458,7 +458,8 @@ async def test_partial_prefetch_fetches_the_rest_with_fhir_authorization(
     log = fetch_log(ehr)
     assert log and all(e["auth"] and e["status"] == 200 for e in log)
     fetched = {e["path"] for e in log}
-    assert "/fhir/Observation" in fetched and "/fhir/MedicationAdministration" in fetched
+    # The Observation search is a POST _search once the codebook's code list is longer than a GET allows.
+    assert "/fhir/Observation/_search" in fetched and "/fhir/MedicationAdministration" in fetched
     assert "/fhir/Patient/pv1" not in fetched  # the Patient came with the prefetch
     # the patient is now watched by the reconciliation poll, with the server's high-water mark
     (w,) = rows(clean_engine, WatchedPatient)
@@ -478,7 +479,7 @@ async def test_prefetch_key_with_operation_outcome_is_fetched(
     }
     card = only_card(await call(svc, hook(pid="pv5", prefetch=prefetch, fhir_server=ehr.base_url)))
     assert "CRS grade 2" in card["summary"]
-    assert {e["path"] for e in fetch_log(ehr)} == {"/fhir/Observation"}
+    assert {e["path"] for e in fetch_log(ehr)} == {"/fhir/Observation/_search"}
 
 
 async def test_no_prefetch_uses_smart_backend_services(

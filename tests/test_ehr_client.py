@@ -186,6 +186,29 @@ async def test_patient_data_by_code_and_date(srv: FhirTestServer) -> None:
     assert nobody == []
 
 
+@pytest.mark.asyncio
+async def test_patient_data_reads_the_referenced_medications(srv: FhirTestServer) -> None:
+    """A MedicationAdministration by medicationReference: the Medication it names is fetched too
+    (relative or absolute on this server); a contained one or one on another server is not."""
+    by_ref = []
+    for ref in ("Medication/ne-prod", f"{srv.base_url}/Medication/epi-ing", "#c", "https://other.example/Medication/x"):
+        ma = med("p9", "7512", "2026-01-05T08:00:00Z")
+        del ma["medicationCodeableConcept"]
+        ma["medicationReference"] = {"reference": ref}
+        by_ref.append(ma)
+    srv.seed([
+        patient("p9"),
+        *by_ref,
+        {"resourceType": "Medication", "id": "ne-prod", "code": {"coding": [{"system": RXNORM, "code": "242969"}]}},
+        {"resourceType": "Medication", "id": "epi-ing",
+         "ingredient": [{"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "3992"}]}}]},
+        {"resourceType": "Medication", "id": "unrelated", "code": {"text": "not referenced"}},
+    ])
+    async with make_client(srv) as c:
+        data = await c.patient_data("p9", observation_codes=[TEMP])
+    assert sorted(r["id"] for r in data if r["resourceType"] == "Medication") == ["epi-ing", "ne-prod"]
+
+
 # ---- retries ----------------------------------------------------------------------------------
 
 

@@ -163,7 +163,13 @@ def evaluate_entries(
     is `untimed`); 422 (expression "at") when there is none of the three. `strict` (default: the
     setting `input_handling`): an input the rules cannot use is a 422 rather than left out, named."""
     strict = settings.input_handling == "strict" if strict is None else strict
-    parsed = parse_patient_entries(entries, codebook, strict=strict, site_tz=settings.site_tz())
+    parsed = parse_patient_entries(
+        entries,
+        codebook,
+        strict=strict,
+        site_tz=settings.site_tz(),
+        infusion_event_max_hours=settings.infusion_event_max_hours,
+    )
     data = parsed.data
     at = at or data.latest_time()
     untimed = at is None and fallback_at is not None

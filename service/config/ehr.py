@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 # SMART v2 scopes (<context>/<Type>.<subset of "cruds" in that order>). Servers that only know
 # SMART v1 need e.g. "system/Observation.read system/RiskAssessment.write".
 DEFAULT_SCOPE = (
-    "system/Patient.rs system/Observation.rs system/MedicationAdministration.rs system/Condition.rs "
-    "system/Procedure.rs system/RiskAssessment.cu system/Provenance.cu"
+    "system/Patient.rs system/Observation.rs system/MedicationAdministration.rs system/Medication.rs "
+    "system/Condition.rs system/Procedure.rs system/RiskAssessment.cu system/Provenance.cu"
 )
 
 

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # Age from which the adult rule applies; below it the PALS systolic limits apply.
     adult_from_age_years: int = 18
 
+    # A vasopressor drip charted as events (start, rate changes, stop) with no end: an event runs
+    # until the next event of the same drug, at most this many hours (docs/clinical-choices.md,
+    # "Infusions charted as events"). A choice, not a published rule.
+    infusion_event_max_hours: float = Field(default=4.0, gt=0, le=48)
+
     # Older CRS scales (docs/scale-sources.md). "High-dose vasopressors" (Lee 2014 Table 2) could
     # not be verified: no default; until a site sets it, a scale that needs it is indeterminate.
     # JSON, e.g. IECTOX_HIGH_DOSE_VASOPRESSORS='{"norepinephrine_ug_min": 20, ...}' (all fields).

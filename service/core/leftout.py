@@ -27,7 +27,7 @@ from .concepts import C, Kind
 from .concepts import spec as concept_spec
 from .facts import CRS_FACT_CONCEPTS, FEVER_MASKING_DRUGS
 from .grading import FEVER_GRADE, IGNORED_SHOWN, MAX_GRADE
-from .model import BIRTH_DATE, GradeResult, Ignored, LeftOut, PatientData
+from .model import BIRTH_DATE, UNKNOWN_DRUG, GradeResult, Ignored, LeftOut, PatientData
 from .older import CARTOX, CRES_METHOD, CTCAE4, CTCAE5, LEE, MSKCC, PENN, Scale
 
 OLDER: dict[str, Scale] = {sc.method: sc for sc in (LEE, PENN, MSKCC, CARTOX, CTCAE4, CTCAE5)}
@@ -38,9 +38,9 @@ FEVER_STARTERS = (C.BODY_TEMPERATURE, *FEVER_MASKING_DRUGS, C.CART_INFUSION)
 
 
 def inputs(method: str) -> frozenset[str]:
-    """The concepts a scale reads (and the birth date, for the age rules)."""
+    """The concepts a scale reads (and the birth date, for the age rules; an unknown drug for CRS)."""
     if method in CRS_METHODS:
-        return CRS_FACT_CONCEPTS | {BIRTH_DATE, C.SPO2}
+        return CRS_FACT_CONCEPTS | {BIRTH_DATE, C.SPO2, UNKNOWN_DRUG}
     if method == ICANS_METHOD:
         return ICANS_CONCEPTS | {BIRTH_DATE}
     if method == CRES_METHOD:
@@ -58,6 +58,8 @@ def ceiling(method: str, concept: str, result: GradeResult) -> int:
         return MAX_GRADE if concept in dict(CODED_ICANS_DOMAINS) else 0
     if method == CRES_METHOD:
         return 3 if concept == C.CARTOX_10 else (MAX_GRADE if concept in CRES_CODED else 0)
+    if method in CRS_METHODS and concept == UNKNOWN_DRUG:
+        return MAX_GRADE  # it could be a vasopressor, or a drug that masks an earlier fever
     if method not in CRS_METHODS or concept not in CRS_FACT_CONCEPTS:
         return 0
     crs = result.crs
@@ -81,7 +83,7 @@ def _in_time(row: LeftOut, data: PatientData, lo: datetime, at: datetime, fever_
     if row.t is None:
         return True
     spec = concept_spec(row.concept or "")
-    if spec is not None and spec.kind in (Kind.DRUG, Kind.VASOPRESSOR, Kind.EVENT):
+    if row.concept == UNKNOWN_DRUG or (spec is not None and spec.kind in (Kind.DRUG, Kind.VASOPRESSOR, Kind.EVENT)):
         return row.t <= at  # may still run in the window, or be day 0 / a masking drug
     if lo <= row.t <= at:
         return True

@@ -84,6 +84,7 @@ class LeftOut:
 
 
 BIRTH_DATE = "birth-date"  # LeftOut.concept of an unusable Patient.birthDate (age unknown)
+UNKNOWN_DRUG = "medication"  # LeftOut.concept of an administration whose Medication is not resolved
 
 
 @dataclass

@@ -73,6 +73,49 @@ _VASOPRESSIN = {
     "[USP'U]/h": Conversion("U/min", 1 / 60),
 }
 
+# Unit spellings real systems send that are not UCUM codes, read as the UCUM code they
+# unambiguously mean (docs/codebook.md, "Unit aliases"). Looked up only when the unit as sent is
+# not itself accepted. Spellings that could mean something else are deliberately absent: "C" is
+# the UCUM coulomb, "F" the farad, "U" (as sent) is already accepted where the codebook allows it.
+UNIT_ALIASES: dict[str, str] = {
+    # temperature
+    "degF": "[degF]",
+    "°F": "[degF]",
+    "deg F": "[degF]",
+    "degC": "Cel",
+    "°C": "Cel",
+    "deg C": "Cel",
+    # pressure
+    "mmHg": "mm[Hg]",
+    "mm Hg": "mm[Hg]",
+    # vasopressor rates ("mcg" is the clinical spelling of ug)
+    "mcg/min": "ug/min",
+    "mcg/kg/min": "ug/kg/min",
+    "mcg/h": "ug/h",
+    "mcg/hr": "ug/h",
+    "mg/hr": "mg/h",
+    "units/min": "U/min",
+    "units/h": "U/h",
+    "units/hr": "U/h",
+    "unit/min": "U/min",
+    "unit/h": "U/h",
+    # volume rates (infusion pumps), read with the bag's concentration
+    "mL/hr": "mL/h",
+    "ml/hr": "mL/h",
+    "ml/h": "mL/h",
+    # oxygen flow, weight
+    "lpm": "L/min",
+    "LPM": "L/min",
+    "lb": "[lb_av]",
+    "lbs": "[lb_av]",
+}
+
+
+def ucum_code(unit: str) -> str:
+    """The UCUM code of a unit as sent: itself, or its entry in UNIT_ALIASES."""
+    return UNIT_ALIASES.get(unit, unit)
+
+
 # Keyed by the registry (service/core/concepts.py); checked against it at import.
 CONVERSIONS: dict[str, dict[str, Conversion]] = {
     C.BODY_TEMPERATURE: _TEMPERATURE,
@@ -138,6 +181,8 @@ def converter(concept: str, unit: str) -> Callable[[float, float | None], float]
     if table is None:
         raise UnitError(f"concept {concept!r} carries no quantity")
     conv = table.get(unit)
+    if conv is None:
+        conv = table.get(ucum_code(unit))
     if conv is None:
         raise UnitError(f"unit {unit!r} is not accepted for {concept} (accepted: {', '.join(table)})")
     return conv.apply

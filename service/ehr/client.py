@@ -84,6 +84,9 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
+MEDICATION_IDS_PER_SEARCH = 50  # ids per `Medication?_id=a,b,...` search (keeps the URL short)
+
+
 def _check_type(rtype: str) -> None:
     if not _TYPE_RE.match(rtype):
         raise ValueError("invalid resource type")
@@ -292,6 +295,36 @@ class FhirClient:
         out: list[dict[str, Any]] = [patient] if patient is not None else []
         for resources in found:
             out.extend(resources)
+        out.extend(await self.referenced_medications(found[1]))
+        return out
+
+    async def referenced_medications(self, administrations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The Medications the administrations reference on this server (relative
+        ``Medication/<id>`` or absolute on this base) and do not contain, in one search by
+        ``_id``. A reference elsewhere is not followed: grading names it as not resolved."""
+        ids: set[str] = set()
+        base = self.server.base_url.rstrip("/")
+        for ma in administrations:
+            ref = (ma.get("medicationReference") or {}).get("reference") if isinstance(ma, dict) else None
+            if not isinstance(ref, str):
+                continue
+            if ref.startswith(base + "/"):
+                ref = ref[len(base) + 1 :]
+            rtype, _, rid = ref.partition("/")
+            if rtype == "Medication" and FHIR_ID.fullmatch(rid):
+                ids.add(rid)
+        ordered = sorted(ids)
+        out: list[dict[str, Any]] = []
+        try:
+            for i in range(0, len(ordered), MEDICATION_IDS_PER_SEARCH):
+                out += await self.search("Medication", {"_id": ",".join(ordered[i : i + MEDICATION_IDS_PER_SEARCH])})
+        except FhirHttpError as exc:
+            if exc.status not in (401, 403):
+                raise
+            # Not granted system/Medication.rs: the administrations stay unresolved and grading
+            # names each one as left out (never silent); the rest of the patient is still read.
+            log.warning("fhir search Medication: HTTP %d (scope system/Medication.rs not granted?)", exc.status)
+            return []
         return out
 
     async def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:

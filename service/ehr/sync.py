@@ -36,7 +36,7 @@ from .notifications import Notification, patient_of, split_reference
 log = logging.getLogger("iectox.sync")
 
 # The resource types the service reads for a patient (what FhirClient.patient_data returns).
-PATIENT_TYPES = ("Patient", "Observation", "MedicationAdministration", "Condition", "Procedure")
+PATIENT_TYPES = ("Patient", "Observation", "MedicationAdministration", "Condition", "Procedure", "Medication")
 
 
 # Blood pressure panels: systolic and mean pressure are often components of a panel, and a

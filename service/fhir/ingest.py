@@ -11,7 +11,7 @@ import re
 from bisect import bisect_right
 from calendar import monthrange
 from dataclasses import dataclass, field
-from datetime import date, datetime, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any
 
@@ -20,11 +20,13 @@ import orjson
 from ..codebook import Codebook, Coding
 from ..core.concepts import C, Kind
 from ..core.concepts import spec as concept_spec
-from ..core.model import BIRTH_DATE, Administration, Ignored, LeftOut, PatientData, Sample
-from ..core.units import UnitError, canonical_unit, converter
+from ..core.model import BIRTH_DATE, UNKNOWN_DRUG, Administration, Ignored, LeftOut, PatientData, Sample, fmt_time
+from ..core.units import UnitError, canonical_unit, converter, ucum_code
 from .errors import FhirError, Issue
 
 UCUM = "http://unitsofmeasure.org"
+# The default longest run of a drip event charted without an end (Settings.infusion_event_max_hours).
+INFUSION_EVENT_MAX_HOURS = 4.0
 MAX_ISSUES = 25
 
 OBS_USED = frozenset({"final", "amended", "corrected"})
@@ -228,6 +230,18 @@ def _text(cc: Any) -> str | None:
     return joined or None
 
 
+def _is_absolute(ref: str) -> bool:
+    return ref.startswith(("http://", "https://", "urn:"))
+
+
+def _base_of(full_url: str | None) -> str | None:
+    """The service base of an absolute RESTful fullUrl (https://x/fhir/Type/id -> https://x/fhir)."""
+    if not full_url or not full_url.startswith(("http://", "https://")):
+        return None
+    parts = full_url.rstrip("/").rsplit("/", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
@@ -256,13 +270,39 @@ class _RawDose:
     rate: float | None = None
     rate_unit: str | None = None
     product: str | None = None
+    status: str = ""
+    open_end: bool = False  # charted with a start and no end (effectivePeriod.start, effectiveDateTime)
+    shown: str | None = None  # the rate as sent, when it was converted at parse time (mL/h)
+
+
+# A Medication.ingredient.strength numerator: UCUM code -> (factor, base) of the amount it is
+# in; the base is the amount unit of the concept's canonical rate (ug for the catecholamines,
+# U for vasopressin). Only these are read; any other is "concentration unknown".
+_AMOUNT = {
+    "ug": (1.0, "ug"),
+    "mg": (1000.0, "ug"),
+    "g": (1_000_000.0, "ug"),
+    "U": (1.0, "U"),
+    "[iU]": (1.0, "U"),
+    "[IU]": (1.0, "U"),
+    "[USP'U]": (1.0, "U"),
+}
+_VOLUME_ML = {"mL": 1.0, "L": 1000.0, "dL": 100.0}
+VOLUME_RATE = "mL/h"
+UNRESOLVED_MEDICATION = UNKNOWN_DRUG  # a medicationReference not resolved (left out, named)
 
 
 class Normaliser:
     """Builds one patient's PatientData from checked entries; collects every issue."""
 
-    def __init__(self, codebook: Codebook, site_tz: tzinfo | None = None) -> None:
+    def __init__(
+        self,
+        codebook: Codebook,
+        site_tz: tzinfo | None = None,
+        infusion_event_max_hours: float = INFUSION_EVENT_MAX_HOURS,
+    ) -> None:
         self.cb = codebook
+        self.max_open = timedelta(hours=infusion_event_max_hours)
         self.r = _Reader(site_tz=site_tz)
         self.samples: dict[str, list[Sample]] = {}
         self.doses: list[_RawDose] = []
@@ -408,28 +448,142 @@ class Normaliser:
             self.r.fail("value", f"{concept} {bad}", f"{path}.valueQuantity.value")
 
     # MedicationAdministration / Procedure ---------------------------------------------
-    def _medication(self, res: dict[str, Any], path: str) -> tuple[str | None, str | None]:
-        """(concept, product) of a MedicationAdministration's medication[x]."""
-        if "medicationCodeableConcept" in res:
-            cc = res["medicationCodeableConcept"]
-        else:
-            ref = (res.get("medicationReference") or {}).get("reference")
-            if not isinstance(ref, str):
-                self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
-                return None, None
-            med = self.medications.get(ref)
-            if med is None and ref.startswith("#"):
-                med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
-            if med is None:
-                return None, None
-            cc = med.get("code")
-        return self._concept_and_product(cc)
+    def _resolve(self, en: Entry, ref: str) -> dict[str, Any] | None:
+        """The Medication a medicationReference names: contained (#id), a Bundle entry by its
+        reference or fullUrl (relative, absolute, urn:uuid), or an absolute reference on the base
+        of the administration's own fullUrl."""
+        res = en.resource
+        if ref.startswith("#"):
+            return next(
+                (c for c in res.get("contained") or () if isinstance(c, dict) and f"#{c.get('id')}" == ref),
+                None,
+            )
+        med = self.medications.get(ref)
+        if med is not None:
+            return med
+        base = _base_of(en.full_url)
+        if base is not None:
+            if ref.startswith(base + "/"):
+                return self.medications.get(ref[len(base) + 1 :])
+            if not _is_absolute(ref):
+                return self.medications.get(f"{base}/{ref}")
+        return None
 
-    def _concept_and_product(self, cc: Any) -> tuple[str | None, str | None]:
-        codings, text = _codings(cc), _text(cc)
-        concept = self.cb.concept_for(codings, text)
+    def _medication(self, en: Entry) -> tuple[str | None, str | None, dict[str, Any] | None]:
+        """(concept, product, Medication) of a MedicationAdministration's medication[x]."""
+        res, path = en.resource, en.path
+        if "medicationCodeableConcept" in res:
+            concept, product = self._concept_and_product(res["medicationCodeableConcept"])
+            return concept, product, None
+        ref = (res.get("medicationReference") or {}).get("reference")
+        if not isinstance(ref, str):
+            self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
+            return None, None, None
+        med = self._resolve(en, ref)
+        if med is None:
+            # Never silent: the drug is unknown, so the administration cannot be graded.
+            self.ignored.append(
+                Ignored(
+                    en.ref,
+                    f"medicationReference {ref!r} not resolved (not contained, not in the Bundle or the fetch): "
+                    "administration left out",
+                    UNRESOLVED_MEDICATION,
+                )
+            )
+            return None, None, None
+        concept, product = self._concept_and_product(med.get("code"), med.get("ingredient"))
+        return concept, product, med
+
+    def _concept_and_product(self, cc: Any, ingredients: Any = None) -> tuple[str | None, str | None]:
+        """Codings first (the product's or its ingredients'), then text, as a last resort."""
+        items = [i.get("itemCodeableConcept") for i in ingredients or () if isinstance(i, dict)]
+        ccs = [cc, *items]
+        codings = [c for x in ccs for c in _codings(x)]
+        concept = self.cb.concept_for(codings, None)
+        text = _text(cc)
+        if concept is None:
+            for x in ccs:
+                concept = self.cb.concept_for([], _text(x))
+                if concept is not None:
+                    text = _text(x)
+                    break
         product = self.cb.value_for(concept, codings, text) if concept == C.CART_INFUSION else None
         return concept, product
+
+    def _concentration(self, med: dict[str, Any] | None, concept: str) -> tuple[float, str, str] | None:
+        """(amount per mL in the base unit, base unit, as sent) from Medication.ingredient.strength:
+        the ingredient of `concept` (or the only ingredient with a strength); None when unknown."""
+        if med is None:
+            return None
+        found = []
+        for ing in med.get("ingredient") or ():
+            if not isinstance(ing, dict) or not isinstance(ing.get("strength"), dict):
+                continue
+            item = ing.get("itemCodeableConcept")
+            mine = item is not None and self.cb.concept_for(_codings(item), _text(item)) == concept
+            found.append((mine, ing["strength"]))
+        chosen = [st for mine, st in found if mine] or ([found[0][1]] if len(found) == 1 else [])
+        if not chosen:
+            return None
+        num, den = chosen[0].get("numerator") or {}, chosen[0].get("denominator") or {}
+        n_val, d_val = num.get("value"), den.get("value", 1)
+        n_unit = ucum_code(str(num.get("code") or num.get("unit") or ""))
+        d_unit = ucum_code(str(den.get("code") or den.get("unit") or ""))
+        if (
+            not isinstance(n_val, int | float)
+            or not isinstance(d_val, int | float)
+            or isinstance(n_val, bool)
+            or d_val <= 0
+            or n_unit not in _AMOUNT
+            or d_unit not in _VOLUME_ML
+        ):
+            return None
+        factor, base = _AMOUNT[n_unit]
+        per_ml = float(n_val) * factor / (float(d_val) * _VOLUME_ML[d_unit])
+        d_shown = "" if d_val == 1 else f"{_fmt(float(d_val))} "
+        return per_ml, base, f"{_fmt(float(n_val))} {n_unit}/{d_shown}{d_unit}"
+
+    def _rate(self, dosage: dict[str, Any], path: str) -> tuple[float, str, str] | bool | None:
+        """(value, unit, path) of dosage.rateQuantity or dosage.rateRatio; None if absent, False if bad."""
+        r = self.r
+        if "rateQuantity" in dosage:
+            p, q = f"{path}.dosage.rateQuantity", dosage["rateQuantity"]
+            value = q.get("value") if isinstance(q, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                r.fail("required", "rateQuantity.value must be a number", f"{p}.value")
+                return False
+            unit = q.get("code") or q.get("unit")
+            if not unit:
+                r.fail("required", "rateQuantity has no unit", f"{p}.code")
+                return False
+            return float(value), str(unit), p
+        if "rateRatio" in dosage:
+            # A rate as a Ratio (5 ug / 1 min): read like rateQuantity, numerator per denominator.
+            p, ratio = f"{path}.dosage.rateRatio", dosage["rateRatio"]
+            num = ratio.get("numerator") if isinstance(ratio, dict) else None
+            den = ratio.get("denominator") if isinstance(ratio, dict) else None
+            if not isinstance(num, dict) or not isinstance(den, dict):
+                r.fail("required", "rateRatio needs a numerator and a denominator", p)
+                return False
+            n_val, d_val = num.get("value"), den.get("value", 1)
+            n_unit = num.get("code") or num.get("unit")
+            d_unit = den.get("code") or den.get("unit")
+            if isinstance(n_val, bool) or not isinstance(n_val, int | float):
+                r.fail("required", "rateRatio.numerator.value must be a number", f"{p}.numerator.value")
+                return False
+            if isinstance(d_val, bool) or not isinstance(d_val, int | float) or d_val <= 0:
+                r.fail("value", "rateRatio.denominator.value must be a positive number", f"{p}.denominator.value")
+                return False
+            if not n_unit or not d_unit:
+                r.fail("required", "rateRatio needs units on numerator and denominator", f"{p}.numerator.code")
+                return False
+            n_unit, d_unit = ucum_code(str(n_unit)), ucum_code(str(d_unit))
+            # "1 min" and "1 h" as the denominator unit: the ratio is then numerator-unit/min or /h.
+            if d_unit in ("min", "h"):
+                return float(n_val) / float(d_val), f"{n_unit}/{d_unit}", p
+            r.fail("value", f"rateRatio denominator unit {d_unit!r} is not a time (min or h)", f"{p}.denominator.code")
+            return False
+        return None
 
     def administration(self, en: Entry) -> None:
         res, path, r = en.resource, en.path, self.r
@@ -437,7 +591,7 @@ class Normaliser:
         if status is None:
             r.fail("required", "MedicationAdministration.status is required", f"{path}.status")
             return
-        concept, product = self._medication(res, path)
+        concept, product, med = self._medication(en)
         if concept is None:
             return
         if not self._usable(en, status, MED_USED, MED_IGNORED, concept):
@@ -448,27 +602,48 @@ class Normaliser:
             return
         if start is None:
             return
-        if status in ("stopped", "completed") and end is None:
+        kind = self.cb.concepts[concept].kind
+        open_end = False
+        point = end is None or "effectiveDateTime" in res or "effectiveInstant" in res
+        if kind == Kind.VASOPRESSOR and status != "stopped" and point:
+            # A drip charted as events (start, rate changes; a stop is status stopped or rate 0):
+            # assembled into an episode in finish(). A point in time is an event too.
+            open_end, end = True, None
+        elif status in ("stopped", "completed") and end is None:
             # Finished, with no recorded end: counts at its start only, never as still running.
             end = start
             self.ignored.append(Ignored(en.ref, f"{status} without an end: counted at its start only", concept))
-        dose = _RawDose(concept, start, end, en.ref, path, product=product)
-        rate = (res.get("dosage") or {}).get("rateQuantity")
-        if rate is not None and self.cb.concepts[concept].kind == Kind.VASOPRESSOR:
-            p = f"{path}.dosage.rateQuantity"
-            if not isinstance(rate, dict) or not isinstance(rate.get("value"), int | float):
-                r.fail("required", "rateQuantity.value must be a number", f"{p}.value")
-                return
-            unit = rate.get("code") or rate.get("unit")
-            if not unit:
-                r.fail("required", "rateQuantity has no unit", f"{p}.code")
-                return
-            try:
-                converter(concept, unit)
-            except UnitError as exc:
-                r.fail("value", str(exc), f"{p}.code")
-                return
-            dose.rate, dose.rate_unit = float(rate["value"]), unit
+        dose = _RawDose(concept, start, end, en.ref, path, product=product, status=str(status), open_end=open_end)
+        dosage = res.get("dosage") or {}
+        rate = self._rate(dosage, path) if kind == Kind.VASOPRESSOR and isinstance(dosage, dict) else None
+        if rate is False:
+            return
+        if isinstance(rate, tuple):
+            value, unit, p = rate
+            if ucum_code(unit) == VOLUME_RATE:
+                conc = self._concentration(med, concept)
+                if conc is None:
+                    # The drug is running; how much of it is unknown without the bag's concentration.
+                    self.ignored.append(
+                        Ignored(en.ref, f"rate {_fmt(value)} {unit} without a concentration: rate unknown", concept)
+                    )
+                    self.doses.append(dose)
+                    return
+                per_ml, base, conc_shown = conc
+                dose.rate, dose.rate_unit = value * per_ml / 60, f"{base}/min"
+                dose.shown = f"{_fmt(value)} {unit} of {conc_shown}"
+                try:
+                    converter(concept, dose.rate_unit)
+                except UnitError as exc:
+                    r.fail("value", f"{exc} (from {dose.shown})", f"{p}.code")
+                    return
+            else:
+                try:
+                    converter(concept, unit)
+                except UnitError as exc:
+                    r.fail("value", str(exc), f"{p}.code")
+                    return
+                dose.rate, dose.rate_unit = value, unit
         self.doses.append(dose)
 
     def procedure(self, en: Entry) -> None:
@@ -498,9 +673,37 @@ class Normaliser:
         self.indications.append((value, en.ref))
 
     # Assembly -------------------------------------------------------------------------
+    def _episodes(self) -> None:
+        """Close the events of drips charted as events (docs/clinical-choices.md, "Infusions
+        charted as events"): an event without an end runs until the next event of the same drug
+        (a rate change, a stop or a new start), at most `max_open` after its start; the last
+        in-progress event is still running. Consecutive events form one episode."""
+        by_concept: dict[str, list[_RawDose]] = {}
+        for d in self.doses:
+            by_concept.setdefault(d.concept, []).append(d)
+        cap = self.max_open
+        for doses in by_concept.values():
+            doses.sort(key=lambda d: d.start)
+            for i, d in enumerate(doses):
+                if not d.open_end:
+                    continue
+                nxt = next((x.start for x in doses[i + 1 :] if x.start > d.start), None)
+                limit = d.start + cap
+                if nxt is not None and nxt <= limit:
+                    d.end = nxt
+                    why = f"until the next {d.concept} event at {fmt_time(nxt)}"
+                elif nxt is None and d.status == "in-progress":
+                    continue  # in progress, nothing charted since: still running (as an open period)
+                else:
+                    d.end = limit
+                    why = f"for at most {cap.total_seconds() / 3600:g} h (IECTOX_INFUSION_EVENT_MAX_HOURS)"
+                note = f"{d.status} event without an end: taken as running from {fmt_time(d.start)} {why}"
+                self.ignored.append(Ignored(d.ref, note, d.concept))
+
     def finish(self, patient_ref: str, birth: date | None) -> PatientData:
         for series in self.samples.values():
             series.sort(key=lambda s: s.t)
+        self._episodes()
         weights = self.samples.get(C.BODY_WEIGHT, [])
         weight_times = [w.t for w in weights]
         admins: dict[str, list[Administration]] = {}
@@ -508,7 +711,7 @@ class Normaliser:
             rate = None
             shown = ""
             if d.rate is not None and d.rate_unit is not None:
-                shown = f"{_fmt(d.rate)} {d.rate_unit}"
+                shown = d.shown or f"{_fmt(d.rate)} {d.rate_unit}"
                 weight = None
                 if weights:  # latest weight at or before the dose, else the first one
                     i = bisect_right(weight_times, d.start)
@@ -645,8 +848,33 @@ def _implausible_rates(data: PatientData, entries: list[Entry], r: _Reader) -> l
     return out
 
 
+def _unresolved_medications(
+    norm: Normaliser, entries: list[Entry], r: _Reader, site_tz: tzinfo | None
+) -> list[LeftOut]:
+    """Administrations whose medicationReference could not be resolved: the drug is unknown, so
+    they are left out (a 422 when strict) and could hide a vasopressor or a masking drug."""
+    unresolved = [i for i in norm.ignored if i.concept == UNRESOLVED_MEDICATION]
+    if not unresolved:
+        return []
+    norm.ignored = [i for i in norm.ignored if i.concept != UNRESOLVED_MEDICATION]
+    by_ref = {en.ref: en for en in entries}
+    out = []
+    for item in unresolved:
+        en = by_ref.get(item.ref)
+        path = f"{en.path if en else item.ref}.medicationReference.reference"
+        r.issues.append(Issue("not-found", item.reason, path))
+        t = _entry_time(en.resource, site_tz) if en else None
+        out.append(LeftOut(item.ref, path, item.reason, UNRESOLVED_MEDICATION, t, ((path, item.reason),)))
+    return out
+
+
 def parse_patient_entries(
-    entries: list[Entry], codebook: Codebook, *, strict: bool = True, site_tz: tzinfo | None = None
+    entries: list[Entry],
+    codebook: Codebook,
+    *,
+    strict: bool = True,
+    site_tz: tzinfo | None = None,
+    infusion_event_max_hours: float = INFUSION_EVENT_MAX_HOURS,
 ) -> Parsed:
     """Normalise one patient's entries.
 
@@ -666,7 +894,7 @@ def parse_patient_entries(
     patient = patients[0]
     pres = patient.resource
     refs = {patient.ref, f"Patient/{pres.get('id')}"} | ({patient.full_url} if patient.full_url else set())
-    norm = Normaliser(codebook, site_tz)
+    norm = Normaliser(codebook, site_tz, infusion_event_max_hours)
     r = norm.r
     birth: date | None = None
     birth_latest: date | None = None
@@ -721,6 +949,7 @@ def parse_patient_entries(
             assumed.append(Ignored(en.ref, why, _entry_concept(norm, en) or en.type))
     if structural:
         raise FhirError(422, structural[:MAX_ISSUES])
+    left_out += _unresolved_medications(norm, entries, r, site_tz)
     data = norm.finish(patient.ref, birth)
     left_out += _implausible_rates(data, entries, r)
     if strict and r.issues:
