@@ -308,6 +308,9 @@ def test_codebook_check_on_the_corpus() -> None:
     assert no_unit.count == 2 and no_unit.examples[0].endswith(".component[1].valueQuantity.code")
     assert reasons[("rejected", "dateTime '…' needs a time and a timezone to be placed on the timeline")].count == 9
     assert reasons[("ignored", "status entered-in-error (body-temperature)")].count == 1
+    # Synthea's subjects are urn:uuid fullUrls: fine for $evaluate of the Bundle, not for storage
+    urn = "subject must reference a Patient (Patient/<id>): a urn: subject is read by $evaluate within its Bundle"
+    assert reasons[("rejected", urn + ", not stored")].count == 12
 
 
 def test_codebook_check_prints_no_ids_or_values(tmp_path: Path) -> None:

@@ -265,11 +265,15 @@ class _Checker:
             with suppress(_Issues):  # the reader stops a resource after MAX_ISSUES problems
                 read.get(rtype, norm.procedure)(en)
         seen: set[tuple[str, str | None]] = set()
+        subject = (res.get("subject") or {}).get("reference")
         for issue in [*issues, *norm.r.issues]:
             key = (issue.diagnostics, issue.expression)
             if key not in seen:
                 seen.add(key)
-                self.left_out("rejected", _reason(issue), issue.expression or path)
+                reason = _reason(issue)
+                if issue.expression == f"{path}.subject.reference" and str(subject).startswith("urn:"):
+                    reason += ": a urn: subject is read by $evaluate within its Bundle, not stored"
+                self.left_out("rejected", reason, issue.expression or path)
         for ig in norm.ignored:
             self.left_out("ignored", f"{ig.reason} ({ig.concept})", path)
 
