@@ -1,4 +1,4 @@
-"""The `iectox` command line: evaluate, compare, codebook, serve, migrate, synth, demo, worker, poll."""
+"""The `iectox` command line: evaluate, compare, codebook [check], serve, migrate, synth, demo, worker, poll."""
 
 from __future__ import annotations
 
@@ -82,6 +82,23 @@ def cmd_codebook(args: argparse.Namespace) -> int:
     for name, c in book["concepts"].items():
         codes = ", ".join(f"{x['system'].rsplit('/', 1)[-1]}|{x['code']}" for x in c["codings"])
         print(f"{name:24} {codes}  [{' '.join(c['units'])}]")
+    return 0
+
+
+def cmd_codebook_check(args: argparse.Namespace) -> int:
+    """Mapping coverage of a Bundle / NDJSON file or a folder of them; a report, so exit 0."""
+    from .app.check import check_path
+
+    settings = _settings(args)
+    path = Path(args.path)
+    if not path.exists():
+        print(f"iectox codebook check: no such file or directory: {path}", file=sys.stderr)
+        return 2
+    report = check_path(path, load_codebook(settings.canonical_base, settings.codebook_path))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.write(report.text())
     return 0
 
 
@@ -209,9 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", help="evaluation time, ISO 8601 with timezone (default: latest input)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("codebook", help="print the codebook (codes -> grading concepts)")
+    p = sub.add_parser("codebook", help="print the codebook (codes -> grading concepts); `check PATH`: coverage")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_codebook)
+    actions = p.add_subparsers(dest="action", required=False)
+    c = actions.add_parser(
+        "check",
+        help="list the codes the codebook does not map and the rows that would be left out, and why",
+        description="Reads a Bundle, an NDJSON file (one resource a line) or a folder of them; prints codes, "
+        "reasons and counts only (no ids, no values). Exit 0: it is a report.",
+    )
+    c.add_argument("path", help="a Bundle (.json), an NDJSON file (.ndjson) or a folder of them")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_codebook_check)
 
     p = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     p.add_argument("--host")
