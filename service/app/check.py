@@ -32,7 +32,7 @@ from ..fhir.ingest import STORABLE_TYPES, Entry, Normaliser, _Issues, check_for_
 READ_TYPES = ("Observation", "MedicationAdministration", "Procedure")
 GROUPS = ("Observation", "Observation.component", "MedicationAdministration", "Procedure")
 EXAMPLES = 3
-_QUOTED_VALUE = re.compile(r"(dateTime|subject|reference|birthDate) '[^']*'")
+_QUOTED_VALUE = re.compile(r"'[^']*'")  # every value a diagnostic quotes (dates, references, units)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Code:
 
 @dataclass
 class LeftOut:
-    kind: str  # "rejected": $evaluate answers 422 / the row is not stored; "ignored": read, not used
+    kind: str  # "rejected": left out of grading, named (422 when strict), not stored; "ignored": read, not used
     reason: str
     count: int = 0
     examples: list[str] = field(default_factory=list)
@@ -98,7 +98,10 @@ class Report:
         if not self.left_out:
             out.append("  none")
         for kind, title in (
-            ("rejected", "rejected by the per-resource checks ($evaluate answers 422; storage refuses the row)"),
+            (
+                "rejected",
+                "left out by the per-resource checks ($evaluate names them, or 422 when strict; storage refuses them)",
+            ),
             ("ignored", "ignored (read, not used for grading)"),
         ):
             rows = [x for x in self.sorted_left_out() if x.kind == kind]
@@ -280,7 +283,7 @@ class _Checker:
 
 def _reason(issue: Issue) -> str:
     """The issue's diagnostics without the data it quotes (dates, references)."""
-    return _QUOTED_VALUE.sub(r"\1 '…'", issue.diagnostics)
+    return _QUOTED_VALUE.sub("'…'", issue.diagnostics)
 
 
 def check_resources(
