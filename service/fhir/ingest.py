@@ -305,6 +305,7 @@ class Normaliser:
         self.max_open = timedelta(hours=infusion_event_max_hours)
         self.r = _Reader(site_tz=site_tz)
         self.samples: dict[str, list[Sample]] = {}
+        self.added: list[str] = []  # concept of every sample added, in order (rollback journal)
         self.doses: list[_RawDose] = []
         self.ignored: list[Ignored] = []
         self.medications: dict[str, dict[str, Any]] = {}
@@ -341,6 +342,7 @@ class Normaliser:
 
     def _add(self, s: Sample) -> None:
         self.samples.setdefault(s.concept, []).append(s)
+        self.added.append(s.concept)  # the journal a left-out resource is rolled back by
 
     def _usable(self, en: Entry, status: Any, used: frozenset[str], ignored: frozenset[str], concept: str) -> bool:
         """Whether a status counts; an ignored status is noted, an unknown one is a 422."""
@@ -440,11 +442,13 @@ class Normaliser:
             lo, hi = spec.score_range
             if not (lo <= v <= hi and v == int(v)):
                 series.pop()
+                self.added.pop()
                 self.r.fail("value", f"{concept} must be an integer {lo}-{hi}", path)
             return
         bad = implausible(concept, v)
         if bad:
             series.pop()
+            self.added.pop()
             self.r.fail("value", f"{concept} {bad}", f"{path}.valueQuantity.value")
 
     # MedicationAdministration / Procedure ---------------------------------------------
@@ -811,23 +815,28 @@ class _Mark:
     doses: int
     ignored: int
     indications: int
-    samples: dict[str, int]
+    added: int  # samples are rolled back through the Normaliser's journal (O(1) to mark)
 
     @classmethod
     def of(cls, norm: Normaliser) -> _Mark:
-        sizes = {c: len(v) for c, v in norm.samples.items()}
         return cls(
-            len(norm.r.issues), len(norm.r.placed), len(norm.doses), len(norm.ignored), len(norm.indications), sizes
+            len(norm.r.issues),
+            len(norm.r.placed),
+            len(norm.doses),
+            len(norm.ignored),
+            len(norm.indications),
+            len(norm.added),
         )
 
     def rollback(self, norm: Normaliser) -> None:
         del norm.r.issues[self.issues :], norm.r.placed[self.placed :], norm.doses[self.doses :]
         del norm.ignored[self.ignored :], norm.indications[self.indications :]
-        for c in list(norm.samples):
-            if c in self.samples:
-                del norm.samples[c][self.samples[c] :]
-            else:
-                del norm.samples[c]
+        while len(norm.added) > self.added:
+            concept = norm.added.pop()
+            series = norm.samples[concept]
+            series.pop()
+            if not series:
+                del norm.samples[concept]
 
 
 def _implausible_rates(data: PatientData, entries: list[Entry], r: _Reader) -> list[LeftOut]:
