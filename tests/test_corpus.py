@@ -349,3 +349,44 @@ def test_cli_codebook_check(tmp_path: Path) -> None:
         [sys.executable, "-m", "service.cli", "codebook"], capture_output=True, text=True, env=env, check=True
     )
     assert printed.stdout.startswith("body-temperature")  # `iectox codebook` still prints the codebook
+
+
+def test_codebook_check_maps_drugs_as_grading_does() -> None:
+    """A Medication known only by its ingredient (norepinephrine, RxNorm 7512) is read by grading, so
+    the check does not list it as unmapped; an ingredient-only drug the codebook lacks is listed."""
+    contained = [
+        {
+            "resourceType": "Medication",
+            "id": "ne",
+            "ingredient": [
+                {"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "7512", "display": "norepinephrine"}]}}
+            ],
+        },
+        {
+            "resourceType": "Medication",
+            "id": "kcl",
+            "ingredient": [
+                {
+                    "itemCodeableConcept": {
+                        "coding": [{"system": RXNORM, "code": "8591", "display": "potassium chloride"}]
+                    }
+                }
+            ],
+        },
+    ]
+    admins = [
+        {
+            "resourceType": "MedicationAdministration",
+            "id": f"ma-{m['id']}",
+            "status": "in-progress",
+            "contained": contained,
+            "medicationReference": {"reference": f"#{m['id']}"},
+            "subject": {"reference": "Patient/p"},
+            "effectiveDateTime": "2026-01-05T10:00:00+00:00",
+        }
+        for m in contained
+    ]
+    report = check_resources([(a, None) for a in admins], CODEBOOK)
+    assert list(report.unmapped["MedicationAdministration"]) == [
+        Code(RXNORM, "8591", "potassium chloride (ingredient; Medication has no code)")
+    ]

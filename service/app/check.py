@@ -27,7 +27,7 @@ import orjson
 from ..codebook import Codebook
 from ..core.concepts import C
 from ..fhir.errors import Issue
-from ..fhir.ingest import STORABLE_TYPES, Entry, Normaliser, _Issues, check_for_storage
+from ..fhir.ingest import STORABLE_TYPES, Entry, Normaliser, TooManyIssues, check_for_storage, codeable_text
 
 READ_TYPES = ("Observation", "MedicationAdministration", "Procedure")
 GROUPS = ("Observation", "Observation.component", "MedicationAdministration", "Procedure")
@@ -180,16 +180,9 @@ def _codings(cc: Any) -> list[Code]:
     return out
 
 
-def _text(cc: Any) -> str | None:
-    if not isinstance(cc, dict):
-        return None
-    parts = [cc.get("text") or ""] + [c.get("display") or "" for c in cc.get("coding") or () if isinstance(c, dict)]
-    return " ".join(p for p in parts if isinstance(p, str) and p) or None
-
-
 def _maps(codebook: Codebook, cc: Any, *, text: bool) -> str | None:
     codings = [(c.system, c.code) for c in _codings(cc) if c.code]
-    return codebook.concept_for(codings, _text(cc) if text else None)
+    return codebook.concept_for(codings, codeable_text(cc) if text else None)
 
 
 class _Checker:
@@ -206,7 +199,8 @@ class _Checker:
         if len(x.examples) < EXAMPLES:
             x.examples.append(path)
 
-    def codes(self, rtype: str, res: dict[str, Any]) -> None:
+    def codes(self, rtype: str, en: Entry, norm: Normaliser) -> None:
+        res = en.resource
         if rtype == "Observation":
             comps = [c for c in res.get("component") or () if isinstance(c, dict)]
             comp_read = [_maps(self.cb, c.get("code"), text=False) is not None for c in comps]
@@ -219,34 +213,32 @@ class _Checker:
             if _maps(self.cb, res.get("code"), text=True) not in (C.CART_INFUSION, C.LYMPHODEPLETION):
                 self.unmapped("Procedure", _codings(res.get("code")))
         elif rtype == "MedicationAdministration":
-            self.medication(res)
+            self.medication(en, norm)
 
-    def medication(self, res: dict[str, Any]) -> None:
+    def medication(self, en: Entry, norm: Normaliser) -> None:
+        """Unmapped drug codes, resolved and mapped as grading does (contained, Bundle or absolute
+        references; the Medication's code, then its ingredients)."""
+        res = en.resource
         if "medicationCodeableConcept" in res:
-            cc = res["medicationCodeableConcept"]
+            cc, ingredients = res["medicationCodeableConcept"], None
         else:
             ref = (res.get("medicationReference") or {}).get("reference")
-            med = None
-            if isinstance(ref, str) and ref.startswith("#"):
-                med = next(
-                    (c for c in res.get("contained") or () if isinstance(c, dict) and f"#{c.get('id')}" == ref), None
-                )
-            elif isinstance(ref, str):
-                med = self.medications.get(ref)
+            med = norm.resolve(en, ref) if isinstance(ref, str) else None
             if med is None:
                 self.unmapped("MedicationAdministration", [Code("", "", "medicationReference not found in the input")])
                 return
-            cc = med.get("code")
-            if cc is None:  # a Medication described by its ingredients only
-                ingredients = [_codings(i.get("itemCodeableConcept")) for i in med.get("ingredient") or ()]
-                codes = [
-                    Code(c.system, c.code, f"{c.display} (ingredient; Medication has no code)".lstrip())
-                    for cs in ingredients
-                    for c in cs
-                ]
-                self.unmapped("MedicationAdministration", codes or [Code("", "", "Medication without code")])
-                return
-        if _maps(self.cb, cc, text=True) is None:
+            cc, ingredients = med.get("code"), med.get("ingredient")
+        if norm.concept_and_product(cc, ingredients)[0] is not None:
+            return
+        if cc is None:  # a Medication described by its ingredients only
+            codes = [
+                Code(c.system, c.code, f"{c.display} (ingredient; Medication has no code)".lstrip())
+                for i in ingredients or ()
+                if isinstance(i, dict)
+                for c in _codings(i.get("itemCodeableConcept"))
+            ]
+            self.unmapped("MedicationAdministration", codes or [Code("", "", "Medication without code")])
+        else:
             self.unmapped("MedicationAdministration", _codings(cc))
 
     def resource(self, res: dict[str, Any], full_url: str | None) -> None:
@@ -257,15 +249,15 @@ class _Checker:
         if rtype not in STORABLE_TYPES:
             self.report.not_read[rtype] += 1
             return
-        if rtype in READ_TYPES:
-            self.codes(rtype, res)
         en = Entry(res, path, full_url)
-        _, issues = check_for_storage(en, self.cb)
         norm = Normaliser(self.cb)
         norm.medications = self.medications
+        if rtype in READ_TYPES:
+            self.codes(rtype, en, norm)
+        _, issues = check_for_storage(en, self.cb)
         if rtype in READ_TYPES:  # also when the subject is not `Patient/<id>` (urn:uuid in a Bundle)
             read = {"Observation": norm.observation, "MedicationAdministration": norm.administration}
-            with suppress(_Issues):  # the reader stops a resource after MAX_ISSUES problems
+            with suppress(TooManyIssues):  # the reader stops a resource after MAX_ISSUES problems
                 read.get(rtype, norm.procedure)(en)
         seen: set[tuple[str, str | None]] = set()
         subject = (res.get("subject") or {}).get("reference")

@@ -150,7 +150,7 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
 # --- element readers (each raises into the issue list with its path) ----------------
 
 
-class _Issues(Exception):
+class TooManyIssues(Exception):
     pass
 
 
@@ -166,7 +166,7 @@ class _Reader:
     def fail(self, code: str, msg: str, path: str) -> None:
         self.issues.append(Issue(code, msg, path))
         if len(self.issues) >= MAX_ISSUES:
-            raise _Issues
+            raise TooManyIssues
 
     def instant(self, raw: Any, path: str) -> datetime | None:
         if not isinstance(raw, str):
@@ -222,7 +222,7 @@ def _codings(cc: Any) -> list[Coding]:
     return [(c.get("system", ""), c.get("code", "")) for c in cc.get("coding") or () if isinstance(c, dict)]
 
 
-def _text(cc: Any) -> str | None:
+def codeable_text(cc: Any) -> str | None:
     if not isinstance(cc, dict):
         return None
     parts = [cc.get("text") or ""] + [c.get("display") or "" for c in cc.get("coding") or () if isinstance(c, dict)]
@@ -452,7 +452,7 @@ class Normaliser:
             self.r.fail("value", f"{concept} {bad}", f"{path}.valueQuantity.value")
 
     # MedicationAdministration / Procedure ---------------------------------------------
-    def _resolve(self, en: Entry, ref: str) -> dict[str, Any] | None:
+    def resolve(self, en: Entry, ref: str) -> dict[str, Any] | None:
         """The Medication a medicationReference names: contained (#id), a Bundle entry by its
         reference or fullUrl (relative, absolute, urn:uuid), or an absolute reference on the base
         of the administration's own fullUrl."""
@@ -477,13 +477,13 @@ class Normaliser:
         """(concept, product, Medication) of a MedicationAdministration's medication[x]."""
         res, path = en.resource, en.path
         if "medicationCodeableConcept" in res:
-            concept, product = self._concept_and_product(res["medicationCodeableConcept"])
+            concept, product = self.concept_and_product(res["medicationCodeableConcept"])
             return concept, product, None
         ref = (res.get("medicationReference") or {}).get("reference")
         if not isinstance(ref, str):
             self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
             return None, None, None
-        med = self._resolve(en, ref)
+        med = self.resolve(en, ref)
         if med is None:
             # Never silent: the drug is unknown, so the administration cannot be graded.
             self.ignored.append(
@@ -495,21 +495,21 @@ class Normaliser:
                 )
             )
             return None, None, None
-        concept, product = self._concept_and_product(med.get("code"), med.get("ingredient"))
+        concept, product = self.concept_and_product(med.get("code"), med.get("ingredient"))
         return concept, product, med
 
-    def _concept_and_product(self, cc: Any, ingredients: Any = None) -> tuple[str | None, str | None]:
+    def concept_and_product(self, cc: Any, ingredients: Any = None) -> tuple[str | None, str | None]:
         """Codings first (the product's or its ingredients'), then text, as a last resort."""
         items = [i.get("itemCodeableConcept") for i in ingredients or () if isinstance(i, dict)]
         ccs = [cc, *items]
         codings = [c for x in ccs for c in _codings(x)]
         concept = self.cb.concept_for(codings, None)
-        text = _text(cc)
+        text = codeable_text(cc)
         if concept is None:
             for x in ccs:
-                concept = self.cb.concept_for([], _text(x))
+                concept = self.cb.concept_for([], codeable_text(x))
                 if concept is not None:
-                    text = _text(x)
+                    text = codeable_text(x)
                     break
         product = self.cb.value_for(concept, codings, text) if concept == C.CART_INFUSION else None
         return concept, product
@@ -524,7 +524,7 @@ class Normaliser:
             if not isinstance(ing, dict) or not isinstance(ing.get("strength"), dict):
                 continue
             item = ing.get("itemCodeableConcept")
-            mine = item is not None and self.cb.concept_for(_codings(item), _text(item)) == concept
+            mine = item is not None and self.cb.concept_for(_codings(item), codeable_text(item)) == concept
             found.append((mine, ing["strength"]))
         chosen = [st for mine, st in found if mine] or ([found[0][1]] if len(found) == 1 else [])
         if not chosen:
@@ -652,7 +652,7 @@ class Normaliser:
 
     def procedure(self, en: Entry) -> None:
         res, path, r = en.resource, en.path, self.r
-        concept, product = self._concept_and_product(res.get("code"))
+        concept, product = self.concept_and_product(res.get("code"))
         if concept not in (C.CART_INFUSION, C.LYMPHODEPLETION):
             return
         if not self._usable(en, res.get("status"), PROC_USED, PROC_IGNORED, concept):
@@ -667,7 +667,7 @@ class Normaliser:
     def condition(self, en: Entry) -> None:
         """A diagnosis the codebook maps to an indication (product baseline, disease burden)."""
         res = en.resource
-        value = self.cb.value_for(C.INDICATION, _codings(res.get("code")), _text(res.get("code")))
+        value = self.cb.value_for(C.INDICATION, _codings(res.get("code")), codeable_text(res.get("code")))
         if value is None:
             return
         verification = {c for _, c in _codings(res.get("verificationStatus"))}
@@ -783,9 +783,9 @@ def _entry_concept(norm: Normaliser, en: Entry) -> str | None:
             if med is None and isinstance(ref, str) and ref.startswith("#"):
                 med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
             cc = med.get("code") if isinstance(med, dict) else None
-        return norm.cb.concept_for(_codings(cc), _text(cc))
+        return norm.cb.concept_for(_codings(cc), codeable_text(cc))
     if en.type in ("Procedure", "Condition"):
-        return norm.cb.concept_for(_codings(res.get("code")), _text(res.get("code")))
+        return norm.cb.concept_for(_codings(res.get("code")), codeable_text(res.get("code")))
     return None
 
 
@@ -941,7 +941,7 @@ def parse_patient_entries(
                 continue
             mark = _Mark.of(norm)
             handle(en)
-        except _Issues:
+        except TooManyIssues:
             if strict:
                 break
         new, placed = r.issues[mark.issues :], r.placed[mark.placed :]
@@ -1001,6 +1001,6 @@ def check_for_storage(en: Entry, codebook: Codebook) -> tuple[str | None, list[I
                     norm.procedure(en)
                 elif rtype == "Condition":
                     norm.condition(en)
-    except _Issues:
+    except TooManyIssues:
         pass
     return patient_id, r.issues
