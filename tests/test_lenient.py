@@ -249,3 +249,43 @@ def test_room_air_setting() -> None:
     assert crs(evaluate(*resources)).grade is None  # off by default: oxygen unknown
     on = crs(evaluate(*resources, settings=Settings(room_air_when_spo2_only=True)))
     assert on.grade == 1 and "room air assumed (site setting)" in on.rationale
+
+
+# --- one bad component of a panel -------------------------------------------------------------------
+
+
+def test_bad_component_of_a_bp_panel_leaves_only_that_component_out() -> None:
+    panel = f.bp_panel(80, 60, NOW, id="bp")
+    panel["component"][2]["valueQuantity"] = f.quantity(60, "mm[Hg]x")  # the MAP in an unknown unit
+    ev = evaluate(f.temperature(39.0, NOW), f.oxygen_device("none", NOW), panel)
+    r = crs(ev)
+    # Systolic 80 still counts; the MAP could give no more than grade 2 (no vasopressor): it stands.
+    assert r.grade == 2 and "Left out (cannot change this grade)" in r.rationale
+    (row,) = ev.left_out
+    assert (row.ref, row.path) == ("Observation/bp", "Bundle.entry[3].resource.component[2]")
+    assert row.concept == C.MEAN_ARTERIAL_PRESSURE
+    assert outcome_issues(ev)[0]["expression"] == ["Bundle.entry[3].resource.component[2].valueQuantity.code"]
+
+
+def test_bad_systolic_component_keeps_the_map_of_the_panel() -> None:
+    panel = f.bp_panel(-50, 120, NOW, id="bp")  # systolic -50 is impossible; the MAP is normal
+    ev = evaluate(f.temperature(39.0, NOW), f.oxygen_device("none", NOW), panel)
+    r = crs(ev)
+    assert r.grade is None and r.floor == 1  # fever; the systolic left out could be hypotension
+    assert [row.concept for row in ev.left_out] == [C.SYSTOLIC_BP]
+    assert "Observation/bp" in r.considered or "Observation/bp" in r.basis
+
+
+def test_bad_effective_time_still_leaves_the_whole_panel_out() -> None:
+    panel = f.bp_panel(80, 60, "2026-01-06", id="bp")  # date only: no instant for any component
+    ev = evaluate(f.temperature(39.0, NOW), f.oxygen_device("none", NOW), panel)
+    (row,) = ev.left_out
+    assert row.path == "Bundle.entry[3].resource.effectiveDateTime" and crs(ev).grade is None
+
+
+def test_bad_component_is_a_422_when_strict() -> None:
+    panel = f.bp_panel(80, 60, NOW, id="bp")
+    panel["component"][2]["valueQuantity"] = f.quantity(60, "mm[Hg]x")
+    with pytest.raises(FhirError) as err:
+        evaluate_body(f.body(f.patient(), panel), CODEBOOK, SETTINGS, AT, AT, strict=True)
+    assert [i.expression for i in err.value.issues] == ["Bundle.entry[1].resource.component[2].valueQuantity.code"]

@@ -955,3 +955,69 @@ def test_local_product_code_alone_identifies_the_infusion() -> None:
     ev = evaluate(condition("C83.38"), lymphodepletion(), cart)
     crs, neuro = results(ev, "product-baseline")["infusion"].predictions
     assert (crs.probability, neuro.probability) == (0.93, 0.64)
+
+
+# --- inputs left out (lenient handling, issue 10): a score they could change is indeterminate ----
+
+
+def test_left_out_creatinine_that_would_be_picked_makes_easix_pre_indeterminate() -> None:
+    # The latest pre-LD creatinine is in an unknown unit: the pre-LD value would be that one.
+    bad = lab("creatinine", 0.1, hours(LD, -1), unit="mmol/L", id="crea-bad")
+    ev = evaluate(lymphodepletion(), *easix_labs(250, 1.2, 150, hours(LD, -2)), bad)
+    pre = results(ev, "easix")["pre-lymphodepletion"]
+    assert pre.value is None and pre.left_out == ("Observation/crea-bad",)
+    assert pre.missing == ("creatinine (Observation/crea-bad: left out)",)
+    ra = ra_for(ev, "easix", "pre-lymphodepletion")
+    assert score_value(ra) is None and qualitative(ra) is None
+
+
+def test_left_out_creatinine_older_than_the_one_picked_leaves_easix_pre_standing() -> None:
+    # "Before lymphodepletion" takes the latest value: an older unusable one could not be it.
+    bad = lab("creatinine", 0.1, hours(LD, -3), unit="mmol/L", id="crea-bad")
+    ev = evaluate(lymphodepletion(), *easix_labs(250, 1.2, 150, hours(LD, -2)), bad)
+    pre = results(ev, "easix")["pre-lymphodepletion"]
+    assert pre.value == pytest.approx(2.0) and not pre.left_out
+    assert [r.ref for r in ev.left_out] == ["Observation/crea-bad"]  # still named in the warnings
+
+
+@pytest.mark.parametrize(
+    ("offset_h", "indeterminate"),
+    [
+        pytest.param(-0.5, True, id="nearer-than-the-picked-value"),
+        pytest.param(-2.0, True, id="as-near-as-the-picked-value"),
+        pytest.param(-3.0, False, id="further-than-the-picked-value"),
+        pytest.param(-30.0, False, id="outside-the-24h-window"),
+    ],
+)
+def test_left_out_lab_at_a_pennisi_point_counts_when_it_could_be_the_nearest(
+    offset_h: float, indeterminate: bool
+) -> None:
+    day1 = hours(DAY0, 24)
+    labs = [*easix_labs(250, 1.2, 150, hours(day1, 2)), lab("crp", 5, hours(day1, 2), id="crp")]
+    bad = lab("crp", 5, hours(day1, offset_h), unit="g/L", id="crp-bad")
+    m = results(evaluate(lymphodepletion(), infusion(), *labs, bad), "m-easix")["day +1"]
+    assert (m.value is None) is indeterminate
+    assert ("crp (Observation/crp-bad: left out)" in m.missing) is indeterminate
+
+
+def test_left_out_ldh_is_an_indeterminate_easix_time_point_named() -> None:
+    when = hours(DAY0, 30)
+    bad = lab("ldh", 250, when, unit="ukat/L", id="ldh-bad")
+    ev = evaluate(lymphodepletion(), infusion(), lab("creatinine", 1.2, when), lab("platelets", 150, when), bad)
+    points = [s for s in ev.scores if s.method == "easix" and s.at == when]
+    assert len(points) == 1 and points[0].value is None and points[0].left_out == ("Observation/ldh-bad",)
+
+
+def test_left_out_lymphodepletion_before_the_recorded_one_moves_the_time_point() -> None:
+    early = f.administration(f.cc(f.RXNORM, "3002"), at="2025-12-31", status="completed", id="ld-early")
+    ev = evaluate(lymphodepletion(), early, *easix_labs(250, 1.2, 150, hours(LD, -2)))
+    pre = results(ev, "easix")["pre-lymphodepletion"]
+    assert pre.value is None and pre.left_out == ("MedicationAdministration/ld-early",)
+
+
+def test_left_out_marrow_result_makes_disease_burden_indeterminate() -> None:
+    bad = blasts(250, hours(LD, -24), id="bm-bad")  # 250 % is impossible
+    marrow = [blasts(2, hours(LD, -48), id="bm"), extramedullary("absent", hours(LD, -48), id="emd")]
+    ev = evaluate(lymphodepletion(), infusion(), condition("C91.00"), *marrow, bad)
+    burden = next(s for s in ev.scores if s.method == "disease-burden")
+    assert burden.left_out == ("Observation/bm-bad",) and burden.predictions[0].relative_risk is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .concepts import C
-from .model import Administration, PatientData, Sample
+from .model import UNKNOWN_DRUG, Administration, LeftOut, PatientData, Sample
 from .model import fmt_time as _t
 
 # --- results -------------------------------------------------------------------------
@@ -39,6 +39,7 @@ class ScoreResult:
     predictions: tuple[Prediction, ...]
     basis: tuple[str, ...]
     missing: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()  # references of left-out inputs that could have changed it
 
     @property
     def indeterminate(self) -> bool:
@@ -179,11 +180,74 @@ def _gather(data: PatientData, concepts: tuple[str, ...], window: Window) -> _In
     return got
 
 
+# --- inputs left out (lenient handling) ------------------------------------------------
+# A score is indeterminate, naming them, when a left-out input could have changed it: a value
+# of one of its inputs the time point could have picked (docs/clinical-choices.md, "Scores").
+
+
+def _could_pick(row: LeftOut, window: Window, picked: Sample | None) -> bool:
+    """Whether the left-out row could have been the value the window picks instead of `picked`."""
+    if row.t is None:
+        return True  # its time is unknown: it could be anywhere
+    if not window.lo <= row.t <= window.hi:
+        return False
+    if picked is None:
+        return True
+    if window.latest:
+        return row.t >= picked.t
+    return abs((row.t - window.target).total_seconds()) <= abs((picked.t - window.target).total_seconds())
+
+
+def _left_out_values(data: PatientData, window: Window, picked: dict[str, Sample | None]) -> list[LeftOut]:
+    return [r for r in data.left_out if r.concept in picked and _could_pick(r, window, picked[r.concept])]
+
+
+def _left_out_anchors(data: PatientData, anchors: dict[str, datetime]) -> list[LeftOut]:
+    """Left-out events earlier than the recorded lymphodepletion or day 0 (concept -> its start)
+    that place a time point: they would move it. An unresolved drug could be either."""
+    out = []
+    for r in data.left_out:
+        if r.concept in anchors:
+            start = anchors[r.concept]
+        elif r.concept == UNKNOWN_DRUG and anchors:
+            start = max(anchors.values())
+        else:
+            continue
+        if r.t is None or r.t < start:
+            out.append(r)
+    return out
+
+
+def left_out_missing(rows: list[LeftOut]) -> tuple[str, ...]:
+    """`missing` entries of the left-out rows, in the form the grades use."""
+    return tuple(f"{r.concept} ({r.ref}: left out)" for r in rows)
+
+
+def _left_out_text(rows: list[LeftOut]) -> str:
+    return "input left out that could change it: " + "; ".join(f"{r.ref} at {r.path} ({r.reason})" for r in rows)
+
+
 def _formula_result(
-    f: Formula, data: PatientData, window: Window, label: str, prediction: Callable[[float | None], Prediction]
+    f: Formula,
+    data: PatientData,
+    window: Window,
+    label: str,
+    prediction: Callable[[float | None], Prediction],
+    anchors: dict[str, datetime] | None = None,
 ) -> ScoreResult:
     got = _gather(data, f.inputs, window)
     span = f"values from {_t(window.lo)} to {_t(window.hi)}"
+    if data.left_out:
+        picked: dict[str, Sample | None] = dict.fromkeys(f.inputs)
+        picked.update({s.concept: s for s in got.samples})
+        rows = _left_out_values(data, window, picked) + _left_out_anchors(data, anchors or {})
+        if rows:
+            p = prediction(None)
+            text = f"Indeterminate at {label}: {_left_out_text(rows)} ({span}). {p.rationale}"
+            missing = (*got.missing, *left_out_missing(rows))
+            left_out = tuple(r.ref for r in rows)
+            preds = (_with(p, text),)
+            return ScoreResult(f.method, f.citation, window.target, label, None, preds, (), missing, left_out)
     if got.missing or got.values.get(C.PLATELETS) == 0:
         missing = tuple(got.missing) or ("platelets (non-zero)",)
         p = prediction(None)
@@ -249,7 +313,8 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
         out.append(ScoreResult("easix", EASIX_CITATION, at, "pre-lymphodepletion", None, (_with(p, why),), (), missing))
     elif ld.start <= at:
         window = before_lymphodepletion(ld.start, at, cfg)
-        out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction))
+        anchor: dict[str, datetime] = {C.LYMPHODEPLETION: ld.start}
+        out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction, anchor))
     seen: set[datetime] = set()
     for s in data.series(C.LDH):
         if s.t > at:
@@ -260,8 +325,19 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
             continue  # two LDH results at one instant are one time point (one RiskAssessment id)
         seen.add(s.t)
         result = _formula_result(EASIX, data, around(s.t, at, cfg), f"{_t(s.t)}", _easix_point_prediction)
-        if not result.indeterminate:  # "the value at each time point that has its inputs"
+        # "The value at each time point that has its inputs"; one a left-out input could change is named.
+        if not result.indeterminate or result.left_out:
             out.append(result)
+    for row in data.left_out:  # a time point whose LDH was left out: indeterminate, named
+        if row.concept == C.LDH and row.t is not None and row.t <= at and row.t not in seen:
+            if ld is not None and row.t < ld.start <= at:
+                continue
+            seen.add(row.t)
+            p = _easix_point_prediction(None)
+            text = f"Indeterminate at {_t(row.t)}: {_left_out_text([row])}. {p.rationale}"
+            preds = (_with(p, text),)
+            named = left_out_missing([row])
+            out.append(ScoreResult("easix", EASIX_CITATION, row.t, _t(row.t), None, preds, (), named, (row.ref,)))
     return out
 
 
@@ -269,23 +345,29 @@ def pennisi_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Sc
     """m-EASIX and s-EASIX at lymphodepletion, day -1, day +1 and day +3 (Pennisi 2021)."""
     ld = lymphodepletion(data)
     day0 = data.first_event(C.CART_INFUSION)
-    points: list[tuple[str, Window | None, str]] = [
-        ("lymphodepletion", before_lymphodepletion(ld.start, at, cfg) if ld else None, C.LYMPHODEPLETION),
+    points: list[tuple[str, Window | None, str, datetime | None]] = [
+        (
+            "lymphodepletion",
+            before_lymphodepletion(ld.start, at, cfg) if ld else None,
+            C.LYMPHODEPLETION,
+            ld.start if ld else None,
+        ),
     ]
     if day0 is None:  # one indeterminate result for the three infusion-relative points
-        points.append(("day -1, +1 and +3", None, C.CART_INFUSION))
+        points.append(("day -1, +1 and +3", None, C.CART_INFUSION, None))
     else:
         for label, days in (("day -1", -1), ("day +1", 1), ("day +3", 3)):
-            points.append((label, around(day0.start + timedelta(days=days), at, cfg), C.CART_INFUSION))
+            points.append((label, around(day0.start + timedelta(days=days), at, cfg), C.CART_INFUSION, day0.start))
     out: list[ScoreResult] = []
     for f in (M_EASIX, S_EASIX):
-        for label, window, anchor in points:
-            if window is None:
+        for label, window, anchor, start in points:
+            if window is None or start is None:
                 p = _pennisi_prediction(f.method, label)(None)
                 why = f"Indeterminate at {label}: no {anchor} recorded to place the time point."
                 out.append(ScoreResult(f.method, f.citation, at, label, None, (_with(p, why),), (), (anchor,)))
             elif window.target <= at:  # time points still in the future are not reported
-                out.append(_formula_result(f, data, window, label, _pennisi_prediction(f.method, label)))
+                prediction = _pennisi_prediction(f.method, label)
+                out.append(_formula_result(f, data, window, label, prediction, {anchor: start}))
     return out
 
 
@@ -433,6 +515,19 @@ def disease_burden(data: PatientData, at: datetime) -> list[ScoreResult]:
         text = f"Indeterminate: missing {', '.join(missing)}{' (' + why_not + ')' if why_not else ''}. {scope}"
         pred = Prediction("relapse-after-car-t", "Relapsed/refractory disease after CAR T", rationale=text)
         return [ScoreResult("disease-burden", BURDEN_CITATION, cut, label, None, (pred,), (), tuple(missing))]
+    if data.left_out and anchor is not None:
+        window = Window(cut, cut - BURDEN_LOOKBACK, cut - timedelta(microseconds=1), latest=True)
+        picked: dict[str, Sample | None] = {C.BM_BLASTS: blasts, C.EXTRAMEDULLARY_DISEASE: emd}
+        kind = C.LYMPHODEPLETION if ld else C.CART_INFUSION
+        rows = _left_out_values(data, window, picked) + _left_out_anchors(data, {kind: anchor.start})
+        if rows:
+            text = f"Indeterminate: {_left_out_text(rows)}. {scope}"
+            pred = Prediction("relapse-after-car-t", "Relapsed/refractory disease after CAR T", rationale=text)
+            rs = (pred,)
+            refs = tuple(r.ref for r in rows)
+            return [
+                ScoreResult("disease-burden", BURDEN_CITATION, cut, label, None, rs, (), left_out_missing(rows), refs)
+            ]
     used = [s for s in (blasts, emd) if s is not None]
     facts = "; ".join(f"{s.concept} {s.shown} at {_t(s.t)}" for s in used)
     if morphologic:

@@ -340,6 +340,15 @@ class Normaliser:
             shown += f" (= {_fmt(v)} {canonical})"
         return v, unit, shown
 
+    def drop_samples_since(self, added: int) -> None:
+        """Take back the samples added since the journal held `added` entries."""
+        while len(self.added) > added:
+            concept = self.added.pop()
+            series = self.samples[concept]
+            series.pop()
+            if not series:
+                del self.samples[concept]
+
     def _add(self, s: Sample) -> None:
         self.samples.setdefault(s.concept, []).append(s)
         self.added.append(s.concept)  # the journal a left-out resource is rolled back by
@@ -380,7 +389,10 @@ class Normaliser:
             self._value(concept, res, path, start, en.ref)
         for i, (comp, cconcept) in enumerate(zip(components, comp_concepts, strict=False)):
             if cconcept is not None:
+                issues, added = len(r.issues), len(self.added)
                 self._value(cconcept, comp, f"{path}.component[{i}]", start, en.ref)
+                if len(r.issues) > issues:  # a component left out takes nothing of it along
+                    self.drop_samples_since(added)
 
     def _value(self, concept: str, holder: dict[str, Any], path: str, t: datetime, ref: str) -> None:
         kind = self.cb.concepts[concept].kind
@@ -831,12 +843,29 @@ class _Mark:
     def rollback(self, norm: Normaliser) -> None:
         del norm.r.issues[self.issues :], norm.r.placed[self.placed :], norm.doses[self.doses :]
         del norm.ignored[self.ignored :], norm.indications[self.indications :]
-        while len(norm.added) > self.added:
-            concept = norm.added.pop()
-            series = norm.samples[concept]
-            series.pop()
-            if not series:
-                del norm.samples[concept]
+        norm.drop_samples_since(self.added)
+
+
+def _component_parts(norm: Normaliser, en: Entry, issues: list[Issue], site_tz: tzinfo | None) -> list[LeftOut]:
+    """One LeftOut per unusable component when every issue of the Observation is inside a
+    component (its other values are kept); [] when any issue concerns the resource itself."""
+    prefix = f"{en.path}.component["
+    by_index: dict[int, list[tuple[str, str]]] = {}
+    for issue in issues:
+        expr = issue.expression or ""
+        if not expr.startswith(prefix):
+            return []
+        index = int(expr[len(prefix) : expr.index("]", len(prefix))])
+        by_index.setdefault(index, []).append((expr, issue.diagnostics))
+    components = en.resource.get("component") or []
+    t = _entry_time(en.resource, site_tz)
+    out = []
+    for index, problems in sorted(by_index.items()):
+        comp = components[index]
+        concept = norm.cb.concept_for(_codings(comp.get("code")), None)
+        reason = "; ".join(d for _, d in problems)
+        out.append(LeftOut(en.ref, f"{prefix}{index}]", reason, concept, t, tuple(problems)))
+    return out
 
 
 def _implausible_rates(data: PatientData, entries: list[Entry], r: _Reader) -> list[LeftOut]:
@@ -945,7 +974,12 @@ def parse_patient_entries(
             if strict:
                 break
         new, placed = r.issues[mark.issues :], r.placed[mark.placed :]
-        if new:
+        parts = None if strict or not new else _component_parts(norm, en, new, site_tz)
+        if parts:
+            # Only components are unusable (one bad value of a panel): they alone are left out.
+            left_out += parts
+            del r.issues[mark.issues :]
+        elif new:
             problems = tuple((i.expression or en.path, i.diagnostics) for i in new)
             concept, t = _entry_concept(norm, en), _entry_time(en.resource, site_tz)
             reason = "; ".join(d for _, d in problems)
