@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -105,10 +106,14 @@ def _corpus(name: str, *ids: str) -> dict[str, Any]:
 
 
 def _with(doc: dict[str, Any], *resources: dict[str, Any]) -> dict[str, Any]:
-    """The Bundle with resources added; their subject is the Bundle's Patient (as the Bundle refers to it)."""
+    """The Bundle with resources added, each with a urn:uuid fullUrl as Synthea writes them; their
+    subject is the Bundle's Patient (as the Bundle refers to it)."""
     patient = next(e for e in doc["entry"] if e["resource"]["resourceType"] == "Patient")
     subject = patient.get("fullUrl") or f"Patient/{patient['resource']['id']}"
-    extra = [{"resource": {**r, "subject": {"reference": subject}}} for r in resources]
+    extra = [
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {**r, "subject": {"reference": subject}}}
+        for r in resources
+    ]
     return {**doc, "entry": [*doc["entry"], *extra]}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from service.app.evaluate import Evaluation, evaluate_body
@@ -289,3 +290,49 @@ def test_bad_component_is_a_422_when_strict() -> None:
     with pytest.raises(FhirError) as err:
         evaluate_body(f.body(f.patient(), panel), CODEBOOK, SETTINGS, AT, AT, strict=True)
     assert [i.expression for i in err.value.issues] == ["Bundle.entry[1].resource.component[2].valueQuantity.code"]
+
+
+def test_entry_without_id_or_full_url_is_left_out_not_a_500() -> None:
+    # A basis must reference its input: without id and fullUrl there is nothing to reference.
+    anonymous = f.temperature(39.0, NOW)
+    del anonymous["id"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": f.patient()}, {"resource": anonymous}],
+    }
+    ev = evaluate_body(orjson.dumps(bundle), CODEBOOK, SETTINGS, AT, AT)
+    assert [(r.path, r.concept) for r in ev.left_out] == [("Bundle.entry[1].resource.id", C.BODY_TEMPERATURE)]
+    assert crs(ev).grade is None
+    with pytest.raises(FhirError) as err:
+        evaluate_body(orjson.dumps(bundle), CODEBOOK, SETTINGS, AT, AT, strict=True)
+    assert err.value.issues[0].expression == "Bundle.entry[1].resource.id"
+
+
+# --- codes the codebook does not map: counted in every evaluation's warnings -------------------
+
+
+def test_unmapped_codes_are_counted_in_the_warnings() -> None:
+    glucose = [f.observation((f.LOINC, "2339-0"), NOW, valueQuantity=f.quantity(5.5, "mmol/L")) for _ in range(3)]
+    drug = f.administration(f.cc(f.RXNORM, "999999"), at=NOW, status="completed")
+    ev = evaluate(f.temperature(39.0, NOW), *NORMAL, *glucose, drug)
+    info = [i for i in outcome_issues(ev) if i["severity"] == "information"]
+    why = "codings not mapped by the codebook (not inputs to grading; map them with a site overlay)"
+    assert [(i["expression"], i["diagnostics"].split(":")[0]) for i in info] == [
+        (["MedicationAdministration"], f"1 MedicationAdministration {why}"),
+        (["Observation"], f"3 Observation {why}"),
+    ]
+    assert "http://loinc.org|2339-0 (3)" in info[1]["diagnostics"]
+    assert not ev.left_out and crs(ev).grade == 1  # not inputs: nothing is indeterminate for them
+
+
+def test_no_warnings_outcome_when_everything_is_mapped_and_used() -> None:
+    assert evaluate(f.temperature(39.0, NOW), *NORMAL).outcome is None
+
+
+def test_a_component_that_is_not_an_object_is_left_out_named() -> None:
+    panel = f.bp_panel(80, 60, NOW, id="bp")
+    panel["component"].append("junk")
+    ev = evaluate(f.temperature(39.0, NOW), f.oxygen_device("none", NOW), panel)
+    assert [(r.path, r.concept) for r in ev.left_out] == [("Bundle.entry[3].resource.component[3]", None)]
+    assert crs(ev).grade == 2

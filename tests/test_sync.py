@@ -140,3 +140,93 @@ def test_emitted_by_id(clean_engine: Engine, codebook: Codebook, settings: Setti
         assert repository.emitted_by_id(session, "Provenance", ids) == {}
     assert sorted(found) == sorted(ids)
     assert all(found[i]["meta"]["versionId"] == "1" for i in ids)
+
+
+# --- what storage rejects stays named; EHR-relative references; the site timezone (issue 10) ---
+
+T1 = "2026-11-21T09:00:00+00:00"
+
+
+def crs_of(evaluation: Any) -> Any:
+    return next(r for r in evaluation.results if r.method == "astct-crs")
+
+
+def stored_evaluation(engine: Engine, codebook: Codebook, settings: Settings) -> Any:
+    with Session(engine) as session:
+        return store_module.evaluate_stored(session, "p1", codebook, settings, None, FIXED_NOW, store=False)
+
+
+def test_a_rejected_resource_is_named_by_every_later_evaluation_until_replaced(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    normal = (f.systolic(120, T0, id="bp"), f.oxygen_device("none", T0, id="o2"))
+    bad = f.temperature(1000.0, T0, id="t1", meta={"versionId": "1"})  # impossible: left out
+    first, _ = store_and_evaluate(
+        clean_engine, "p1", [f.patient(), *normal, bad], codebook, settings, FIXED_NOW, target=None
+    )
+    assert first is not None and [r.ref for r in first.left_out] == ["Observation/t1"]
+    # A later read without that resource (a poll delta, a CDS prefetch) still names it.
+    later, _ = store_and_evaluate(clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None)
+    assert later is not None and [r.ref for r in later.left_out] == ["Observation/t1"]
+    assert crs_of(later).grade is None
+    assert [r.ref for r in stored_evaluation(clean_engine, codebook, settings).left_out] == ["Observation/t1"]
+    # An older rejected version does not replace a newer usable one; a newer usable one clears it.
+    fixed = {**bad, "meta": {"versionId": "2"}, "valueQuantity": f.quantity(39.0, "Cel")}
+    again, _ = store_and_evaluate(
+        clean_engine, "p1", [f.patient(), fixed, bad], codebook, settings, FIXED_NOW, target=None
+    )
+    assert again is not None and not again.left_out and crs_of(again).grade == 1
+    with Session(clean_engine) as session:
+        assert repository.rejected_inputs(session, "p1") == []
+
+
+def test_a_usable_version_posted_to_the_api_clears_a_kept_rejection(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    bad = f.temperature(1000.0, T0, id="t1")
+    store_and_evaluate(clean_engine, "p1", [f.patient(), bad], codebook, settings, FIXED_NOW, target=None)
+    with Session(clean_engine) as session:
+        store_module.store_one(session, f.temperature(39.0, T1, id="t1"), "Observation", "t1", codebook, None)
+        session.commit()
+    assert not stored_evaluation(clean_engine, codebook, settings).left_out
+
+
+def test_references_on_the_ehr_base_are_stored_relative(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    base = "https://ehr.example.org/fhir"
+    med = {"resourceType": "Medication", "id": "m1", "code": f.cc(f.RXNORM, "242969")}  # norepinephrine product
+    drip = f.administration("norepinephrine", start=T0, id="ne", subject=f"{base}/Patient/p1")
+    del drip["medicationCodeableConcept"]
+    drip["medicationReference"] = {"reference": f"{base}/Medication/m1"}
+    resources = [f.patient(), med, drip, f.temperature(39.0, T0), f.systolic(80, T0), f.oxygen_device("none", T0)]
+    ev, _ = store_and_evaluate(clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, base=base)
+    assert ev is not None and not ev.left_out
+    assert crs_of(ev).crs.vasopressor_agents == ("norepinephrine",) and crs_of(ev).grade == 3
+    with Session(clean_engine) as session:
+        stored = repository.read_resource(session, "MedicationAdministration", "ne") or {}
+    assert stored["medicationReference"] == {"reference": "Medication/m1"}
+    assert stored["subject"] == {"reference": "Patient/p1"}
+
+
+def test_storage_places_a_datetime_without_timezone_by_the_site_timezone(
+    clean_engine: Engine, codebook: Codebook
+) -> None:
+    local = f.temperature(39.0, "2026-11-21T08:00:00", id="t-local")
+    with Session(clean_engine) as session:
+        without = store_resources(session, [f.patient(), local], codebook)
+        with_tz = store_resources(session, [local], codebook, site_tz=Settings(site_timezone="Europe/Berlin").site_tz())
+    assert without.results[1].outcome == "rejected"
+    assert "no timezone" in without.results[1].issues[0].diagnostics
+    assert with_tz.results[0].outcome == "stored"
+
+
+def test_a_resource_read_without_an_id_is_named_in_the_evaluation(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    anonymous = f.temperature(39.0, T0)
+    del anonymous["id"]
+    ev, _ = store_and_evaluate(
+        clean_engine, "p1", [f.patient(), anonymous, f.systolic(120, T0)], codebook, settings, FIXED_NOW, target=None
+    )
+    assert ev is not None and [r.path for r in ev.left_out] == ["Observation/(read without an id).id"]

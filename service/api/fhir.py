@@ -92,7 +92,7 @@ async def transaction(
     if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
         raise FhirError.one(422, "structure", "expected a Bundle", "Bundle")
     principal.require(WRITE, *bundle_types(doc))
-    return FhirResponse(store_bundle(session, doc, codebook, settings.max_bundle_entries))
+    return FhirResponse(store_bundle(session, doc, codebook, settings))
 
 
 @router.post(
@@ -199,8 +199,11 @@ def _input_routes(rtype: str) -> None:
         operation_id=f"create_{rtype}",
         **requires(WRITE, rtype),
     )
-    async def create(request: Request, session: SessionDep, codebook: CodebookDep) -> FhirResponse:
-        return _written(session, store_one(session, load_json(await request.body()), rtype, None, codebook))
+    async def create(
+        request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
+    ) -> FhirResponse:
+        res = load_json(await request.body())
+        return _written(session, store_one(session, res, rtype, None, codebook, settings.site_tz()))
 
     @router.put(
         f"/{rtype}/{{rid}}",
@@ -210,8 +213,11 @@ def _input_routes(rtype: str) -> None:
         operation_id=f"update_{rtype}",
         **requires(WRITE, rtype),
     )
-    async def update(rid: str, request: Request, session: SessionDep, codebook: CodebookDep) -> FhirResponse:
-        return _written(session, store_one(session, load_json(await request.body()), rtype, rid, codebook))
+    async def update(
+        rid: str, request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
+    ) -> FhirResponse:
+        res = load_json(await request.body())
+        return _written(session, store_one(session, res, rtype, rid, codebook, settings.site_tz()))
 
     @router.get(
         f"/{rtype}/{{rid}}",

@@ -19,7 +19,7 @@ from ..fhir.emit import (
     collection,
     course_assessment,
     course_parameters,
-    left_out_outcome,
+    inputs_outcome,
     provenance,
     risk_assessment,
     score_assessment,
@@ -118,7 +118,8 @@ class Evaluation:
     indications: list[str]  # the codebook indication values of the patient's Conditions
     untimed: bool = False  # no timed input: `at` is the caller's `fallback_at`, not a time from the data
     left_out: tuple[LeftOut, ...] = ()  # inputs left out of grading (lenient handling), named
-    outcome: dict[str, Any] | None = None  # their warning OperationOutcome (None: nothing left out)
+    # The warnings OperationOutcome: inputs left out, codes not mapped (None: neither)
+    outcome: dict[str, Any] | None = None
 
     @property
     def resources(self) -> list[dict[str, Any]]:
@@ -126,7 +127,7 @@ class Evaluation:
         return [*self.assessments, self.provenance]
 
     def bundle(self) -> dict[str, Any]:
-        """The response: the resources, then the warning OperationOutcome when inputs were left out."""
+        """The response: the resources, then the warnings OperationOutcome (left out, not mapped)."""
         return collection(self.resources + ([self.outcome] if self.outcome else []))
 
     def course_parameters(self, settings: Settings) -> dict[str, Any]:
@@ -192,7 +193,8 @@ def evaluate_entries(
     prov = provenance(assessments, inputs, base, recorded)
     validate_emitted([*assessments, prov])
     indications = sorted({value for value, _ in data.indications})
-    outcome = left_out_outcome(data.left_out, data.patient_ref, at) if data.left_out else None
+    has_warnings = data.left_out or parsed.unmapped
+    outcome = inputs_outcome(data.left_out, parsed.unmapped, data.patient_ref, at) if has_warnings else None
     if outcome is not None:
         validate_emitted([outcome])
     return Evaluation(

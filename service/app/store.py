@@ -8,9 +8,9 @@ upserts each resource the same way (`_check`, `_write`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, tzinfo
 from typing import Any, Literal
 
 from sqlmodel import Session
@@ -19,7 +19,7 @@ from ..codebook import Codebook
 from ..config.settings import Settings
 from ..fhir.emit import index_fields
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..fhir.ingest import Entry, check_for_storage, is_resource_type, version_key, version_key_of
+from ..fhir.ingest import FHIR_ID, Entry, check_for_storage, is_resource_type, version_key, version_key_of
 from ..fhir.writeback import Mode, transaction_bundles
 from ..storage import outbox, repository
 from .evaluate import Evaluation, evaluate_entries
@@ -39,6 +39,9 @@ class ResourceResult:
     outcome: Outcome
     issues: tuple[Issue, ...] = ()
     write: repository.WriteOutcome | None = None  # None when rejected
+    # Rejected and accounted for (store_resources): kept to be named by every later evaluation,
+    # or older than the stored version, which stands. False: only this read can name it (no id).
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class _Checked:
     issues: list[Issue]
 
 
-def _check(entry: Entry, codebook: Codebook) -> _Checked:
-    patient_id, issues = check_for_storage(entry, codebook)
+def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None) -> _Checked:
+    patient_id, issues = check_for_storage(entry, codebook, site_tz)
     return _Checked(entry, patient_id, issues)
 
 
@@ -76,16 +79,27 @@ def _write(session: Session, checked: _Checked) -> ResourceResult:
     return ResourceResult(rtype, rid, "stored" if out.changed else "unchanged", write=out)
 
 
-def _rewrite(node: Any, refs: dict[str, str]) -> Any:
-    """Replace bundle-local references (urn:uuid fullUrls) with Type/id, recursively."""
+def _rewrite(node: Any, rewrite: Callable[[str], str]) -> Any:
+    """Every `reference` string of a resource passed through `rewrite`, recursively."""
     if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out[k] = refs.get(v, v) if k == "reference" and isinstance(v, str) else _rewrite(v, refs)
-        return out
+        return {
+            k: rewrite(v) if k == "reference" and isinstance(v, str) else _rewrite(v, rewrite) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_rewrite(v, refs) for v in node]
+        return [_rewrite(v, rewrite) for v in node]
     return node
+
+
+def local_references(res: dict[str, Any], base: str) -> dict[str, Any]:
+    """References on the server's own `base` (https://ehr/fhir/Medication/1) made relative
+    (Medication/1): FHIR deems them the same, and storage joins by Type/id."""
+    prefix = base.rstrip("/") + "/"
+
+    def relative(ref: str) -> str:
+        rest = ref[len(prefix) :] if ref.startswith(prefix) else None
+        return rest if rest is not None and rest.count("/") == 1 else ref
+
+    return _rewrite(res, relative)
 
 
 def _plan(doc: dict[str, Any], max_entries: int) -> list[Entry]:
@@ -133,21 +147,27 @@ def _plan(doc: dict[str, Any], max_entries: int) -> list[Entry]:
         raise FhirError(422, issues)
     if refs:
         for w in writes:
-            w.resource = _rewrite(w.resource, refs)
+            w.resource = _rewrite(w.resource, lambda ref: refs.get(ref, ref))
     return writes
 
 
-def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, max_entries: int) -> dict[str, Any]:
+def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, settings: Settings) -> dict[str, Any]:
     """The HTTP API's `POST /fhir`: a transaction or batch Bundle in, its FHIR response Bundle out."""
     btype = doc.get("type")
     if btype not in ("transaction", "batch"):
         raise FhirError.one(422, "value", "POST /fhir takes a transaction or batch Bundle", "Bundle.type")
-    checked = [_check(entry, codebook) for entry in _plan(doc, max_entries)]
+    site_tz = settings.site_tz()
+    checked = [_check(entry, codebook, site_tz) for entry in _plan(doc, settings.max_bundle_entries)]
     if btype == "transaction":
         problems = [i for c in checked for i in c.issues]
         if problems:
             raise FhirError(422, problems[:50])
-    entries = [_response_entry(_write(session, c)) for c in checked]
+    written = [_write(session, c) for c in checked]
+    if repository.any_rejected(session):
+        for c, w in zip(checked, written, strict=True):
+            if w.outcome != "rejected":
+                _clear_superseded(session, c.entry.resource)
+    entries = [_response_entry(w) for w in written]
     return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}
 
 
@@ -164,24 +184,69 @@ def _response_entry(result: ResourceResult) -> dict[str, Any]:
     }
 
 
-def store_resources(session: Session, resources: Iterable[dict[str, Any]], codebook: Codebook) -> StoreResult:
-    """Store resources as read from a FHIR server (ids kept, nothing rewritten), each on its own:
-    an invalid resource is rejected, never the others. No limit on their number."""
-    return StoreResult(
-        tuple(_write(session, _check(Entry(r, str(r.get("resourceType"))), codebook)) for r in resources)
-    )
+def store_resources(
+    session: Session,
+    resources: Iterable[dict[str, Any]],
+    codebook: Codebook,
+    *,
+    site_tz: tzinfo | None = None,
+    base: str | None = None,
+) -> StoreResult:
+    """Store resources as read from a FHIR server (ids kept; references on its own `base` made
+    relative), each on its own: an invalid resource is rejected, never the others. A rejected
+    resource of a patient is kept (RejectedInput) so that every later evaluation names it as
+    left out; a usable newer version replaces it. No limit on their number."""
+    results = []
+    any_kept = repository.any_rejected(session)  # one query: most databases never hold one
+    for res in resources:
+        if base:
+            res = local_references(res, base)
+        checked = _check(Entry(res, str(res.get("resourceType"))), codebook, site_tz)
+        result = _write(session, checked)
+        if result.outcome == "rejected":
+            result = _keep_rejected(session, checked, result)
+            any_kept = any_kept or result.kept
+        elif any_kept:
+            _clear_superseded(session, res)
+        results.append(result)
+    return StoreResult(tuple(results))
 
 
-def store_one(session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook) -> repository.WriteOutcome:
+def _keep_rejected(session: Session, checked: _Checked, result: ResourceResult) -> ResourceResult:
+    """Keep a rejected resource of a patient unless a newer usable version is stored (the EHR's
+    version order; arrival order among versions that do not say theirs)."""
+    res = checked.entry.resource
+    if checked.patient_id is None or not FHIR_ID.fullmatch(result.id):
+        return result  # nothing to keep it by: named in this evaluation only (store_and_evaluate)
+    stored = repository.stored_version(session, result.resource_type, result.id)
+    if stored is None or not version_key_of(*stored) > version_key(res):
+        repository.save_rejected(session, res, checked.patient_id)
+    return replace(result, kept=True)
+
+
+def _clear_superseded(session: Session, res: dict[str, Any]) -> None:
+    """A usable version just stored replaces a kept rejection that is not newer."""
+    rtype, rid = str(res["resourceType"]), str(res["id"])
+    kept = repository.rejected_version(session, rtype, rid)
+    if kept is not None and not version_key_of(*kept) > version_key(res):
+        repository.clear_rejected(session, rtype, rid)
+
+
+def store_one(
+    session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook, site_tz: tzinfo | None
+) -> repository.WriteOutcome:
     if not isinstance(res, dict) or res.get("resourceType") != rtype:
         raise FhirError.one(400, "value", f"body resourceType must be {rtype}", "resourceType")
     if rid is not None and res.get("id") not in (None, rid):
         raise FhirError.one(400, "value", "body id differs from the id in the URL", f"{rtype}.id")
     res = {**res, "id": rid or res.get("id") or repository.new_id()}
-    checked = _check(Entry(res, rtype), codebook)
+    checked = _check(Entry(res, rtype), codebook, site_tz)
     if checked.issues:
         raise FhirError(422, checked.issues)
-    return _upsert(session, res, checked.patient_id)
+    out = _upsert(session, res, checked.patient_id)
+    if repository.any_rejected(session):
+        _clear_superseded(session, res)
+    return out
 
 
 def _upsert(session: Session, res: dict[str, Any], patient_id: str | None) -> repository.WriteOutcome:
@@ -203,19 +268,24 @@ def evaluate_stored(
 ) -> Evaluation:
     """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
     Without `at` and without timed input, grade at `fallback_at` (the Evaluation is `untimed`).
-    `unstored`: resources just read but rejected by storage (the EHR paths); they replace a stored
-    version of the same id and are graded leniently, so each is named as left out, never dropped.
+    Rejected EHR resources kept for the patient (RejectedInput), and `unstored` (ones just read
+    that could not be kept: no id), replace a stored version of the same id and are graded
+    leniently, so each is named as left out, never dropped.
 
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
     """
     resources = repository.patient_inputs(session, patient_id)
-    extra = {f"{r.get('resourceType')}/{r.get('id')}": r for r in unstored}
-    resources = [r for r in resources if f"{r['resourceType']}/{r['id']}" not in extra] + list(extra.values())
+    rejected = repository.rejected_inputs(session, patient_id)
+    if rejected:
+        kept = {f"{r['resourceType']}/{r['id']}" for r in rejected}
+        resources = [r for r in resources if f"{r['resourceType']}/{r['id']}" not in kept] + rejected
+    extra = list(unstored)
+    resources += extra
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
-    entries = [Entry(r, f"{r['resourceType']}/{r['id']}") for r in resources]
-    strict = False if extra else None  # what storage rejected is named as left out, never a 422
+    entries = [Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}") for r in resources]
+    strict = False if rejected or extra else None  # what storage rejected is named as left out, never a 422
     evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict)
     if store:
         store_evaluation(session, patient_id, evaluation, settings, recorded)

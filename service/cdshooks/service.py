@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -247,7 +248,13 @@ async def call_hook(
         status=200,
     )
     evaluation, _ = await run_in_threadpool(
-        store_and_evaluate, engine, patient_id, resources, codebook, settings, now, target=target, audit=audit
+        partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit),
+        engine,
+        patient_id,
+        resources,
+        codebook,
+        settings,
+        now,
     )
     assert evaluation is not None  # the Patient is among the resources (checked above)
     ctx = CardContext(patient_id, f"{call.public_base.rstrip('/')}/fhir/Patient/{patient_id}/$course")

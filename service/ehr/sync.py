@@ -58,13 +58,9 @@ async def fetch_patient(client: FhirClient, patient_id: str, codebook: Codebook)
     return await client.patient_data(patient_id, observation_codes=observation_codes(codebook))
 
 
-def _readable(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The resources of the types the service reads, with an id (anything else is ignored)."""
-    return [
-        r
-        for r in resources
-        if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES and isinstance(r.get("id"), str)
-    ]
+def _readable(resources: Iterable[Any]) -> list[dict[str, Any]]:
+    """The resources of the types the service reads (any other is not an input to grading)."""
+    return [r for r in resources if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES]
 
 
 def _unchanged(session: Session, evaluation: Evaluation) -> bool:
@@ -91,7 +87,8 @@ def evaluate_patient(
     The evaluation reads the patient back from storage rather than grading what was just fetched:
     the stored record may hold more than this fetch (a CDS prefetch or a poll delta carries only
     part of it; inputs may have been posted to the API) and keeps the newer version of a resource.
-    `unstored`: what storage rejected in this read, graded leniently so each is named as left out.
+    `unstored`: what storage rejected in this read and could not keep (no id), graded leniently
+    so each is named as left out (kept rejections are read back by `evaluate_stored`).
     """
     evaluation = evaluate_stored(
         session, patient_id, codebook, settings, None, now, store=False, fallback_at=now, unstored=unstored
@@ -115,29 +112,31 @@ def store_and_evaluate(
     now: datetime,
     *,
     target: str | None,
+    base: str | None = None,
     audit: AuditEvent | None = None,
 ) -> tuple[Evaluation | None, bool]:
-    """Store what was read, evaluate, enqueue and move the poll checkpoint, in one transaction.
-    Only a patient the EHR returned is evaluated and watched (an unknown id would be re-read
-    every pass). Returns the evaluation (None without the Patient) and whether it was new."""
+    """Store what was read from the FHIR server at `base`, evaluate, enqueue and move the poll
+    checkpoint, in one transaction. Only a patient the EHR returned is evaluated and watched (an
+    unknown id would be re-read every pass). Returns the evaluation (None without the Patient)
+    and whether it was new."""
     with Session(engine, expire_on_commit=False) as session:
         readable = _readable(resources)
-        stored = store_resources(session, readable, codebook)
-        if stored.rejected:  # a count only: no patient ids or clinical values in the log
-            log.warning("sync: %d resources rejected (invalid for grading)", stored.rejected)
-        # Rejected resources of this patient are not stored, but the evaluation names them as left out.
-        rejected = [
-            r
-            for r, out in zip(readable, stored.results, strict=True)
+        if len(readable) < len(resources):  # counts only: no patient ids or clinical values in the log
+            log.info("sync: %d resources of types not read skipped", len(resources) - len(readable))
+        stored = store_resources(session, readable, codebook, site_tz=settings.site_tz(), base=base)
+        if stored.rejected:
+            log.warning("sync: %d resources rejected (invalid for grading; named in evaluations)", stored.rejected)
+        # A rejection storage could not keep (no id) is named in this evaluation only.
+        unkept = [
+            out_res
+            for out_res, out in zip(readable, stored.results, strict=True)
             if out.outcome == "rejected"
-            and (
-                (r.get("resourceType") == "Patient" and r.get("id") == patient_id)
-                or (r.get("subject") or {}).get("reference") == f"Patient/{patient_id}"
-            )
+            and not out.kept
+            and (out_res.get("subject") or {}).get("reference") == f"Patient/{patient_id}"
         ]
         evaluation, changed = None, False
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
-            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, rejected)
+            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, unkept)
             if target is not None:
                 watch(session, target, patient_id, high_water(resources), now)
         if audit is not None:
@@ -160,7 +159,13 @@ async def sync_patients(
     for pid in sorted(set(patient_ids)):
         resources = await fetch_patient(client, pid, codebook)
         _, changed = await run_in_threadpool(
-            partial(store_and_evaluate, target=target), engine, pid, resources, codebook, settings, clock()
+            partial(store_and_evaluate, target=target, base=client.server.base_url),
+            engine,
+            pid,
+            resources,
+            codebook,
+            settings,
+            clock(),
         )
         new += changed
     return new

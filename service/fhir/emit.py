@@ -8,7 +8,7 @@ codings for grade >= 1, qualitativeRisk from risk-probability, rationale and bas
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -271,9 +271,16 @@ def validate_emitted(resources: list[dict[str, Any]]) -> None:
         models[res["resourceType"]].model_validate(res)
 
 
-def left_out_outcome(rows: list[LeftOut], patient_ref: str, at: datetime) -> dict[str, Any]:
-    """The inputs left out of grading (lenient handling), one warning issue per problem, each with
-    its FHIRPath; returned with the evaluation (never stored or written back)."""
+UNMAPPED_SHOWN = 10  # codes named per group in the informational issue; the rest are counted
+
+
+def inputs_outcome(
+    rows: list[LeftOut], unmapped: Mapping[tuple[str, str], int], patient_ref: str, at: datetime
+) -> dict[str, Any]:
+    """The evaluation's warnings (returned with it, never stored or written back): one warning
+    issue per problem of each input left out of grading (lenient handling), with its FHIRPath;
+    then one informational issue per resource group whose codes the codebook does not map (not
+    inputs to grading), with counts, most frequent first (`iectox codebook check` lists them all)."""
     issues = [
         {
             "severity": "warning",
@@ -284,6 +291,23 @@ def left_out_outcome(rows: list[LeftOut], patient_ref: str, at: datetime) -> dic
         for r in rows
         for path, reason in (r.problems or ((r.path, r.reason),))
     ]
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for (group, code), n in unmapped.items():
+        groups.setdefault(group, []).append((code, n))
+    for group, codes in sorted(groups.items()):
+        codes.sort(key=lambda x: (-x[1], x[0]))
+        shown = ", ".join(f"{code} ({n})" for code, n in codes[:UNMAPPED_SHOWN])
+        more = f"; and {len(codes) - UNMAPPED_SHOWN} more codes" if len(codes) > UNMAPPED_SHOWN else ""
+        total = sum(n for _, n in codes)
+        issues.append(
+            {
+                "severity": "information",
+                "code": "informational",
+                "diagnostics": f"{total} {group} codings not mapped by the codebook (not inputs to grading; "
+                f"map them with a site overlay): {shown}{more}",
+                "expression": [group],
+            }
+        )
     oid = assessment_id(business_key(patient_ref, "left-out", "OperationOutcome", at))
     return {"resourceType": "OperationOutcome", "id": oid, "issue": issues}
 

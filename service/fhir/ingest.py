@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from calendar import monthrange
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from functools import lru_cache
@@ -310,6 +311,9 @@ class Normaliser:
         self.ignored: list[Ignored] = []
         self.medications: dict[str, dict[str, Any]] = {}
         self.indications: list[tuple[str, str]] = []
+        # (group, "system|code") of the codes the codebook does not map: not inputs, counted
+        # (iectox codebook check lists the same) so a site sees what its overlay should map.
+        self.unmapped: Counter[tuple[str, str]] = Counter()
 
     # Quantities -----------------------------------------------------------------
     def _quantity(self, concept: str, q: Any, path: str) -> tuple[float, str, str] | None:
@@ -339,6 +343,10 @@ class Normaliser:
         if unit != canonical:
             shown += f" (= {_fmt(v)} {canonical})"
         return v, unit, shown
+
+    def _not_mapped(self, group: str, *ccs: Any) -> None:
+        codes = [f"{system}|{code}" for cc in ccs for system, code in _codings(cc)]
+        self.unmapped.update((group, c) for c in codes or ["(no coding)"])
 
     def drop_samples_since(self, added: int) -> None:
         """Take back the samples added since the journal held `added` entries."""
@@ -372,11 +380,21 @@ class Normaliser:
             return
         concept = self.cb.concept_for(_codings(res.get("code")), None)
         components = res.get("component") or ()
-        comp_concepts = [self.cb.concept_for(_codings(c.get("code")), None) for c in components if isinstance(c, dict)]
+        if not isinstance(components, list):
+            components = ()
+        comp_concepts = [
+            self.cb.concept_for(_codings(c.get("code")), None) if isinstance(c, dict) else None for c in components
+        ]
         if concept is None and not any(comp_concepts):
             if not isinstance(res.get("code"), dict):
                 r.fail("required", "Observation.code is required", f"{path}.code")
-            return  # a code the codebook does not map: not an input to grading
+            else:  # a code the codebook does not map: not an input to grading
+                self._not_mapped("Observation", res["code"])
+            return
+        if concept is None:
+            for comp, cconcept in zip(components, comp_concepts, strict=False):
+                if cconcept is None and isinstance(comp, dict):
+                    self._not_mapped("Observation.component", comp.get("code"))
         if not self._usable(en, status, OBS_USED, OBS_IGNORED, concept or next(c for c in comp_concepts if c)):
             return
         start, _, found = r.when(res, path, "effective")
@@ -388,7 +406,9 @@ class Normaliser:
         if concept is not None:
             self._value(concept, res, path, start, en.ref)
         for i, (comp, cconcept) in enumerate(zip(components, comp_concepts, strict=False)):
-            if cconcept is not None:
+            if not isinstance(comp, dict):
+                r.fail("structure", "a component must be an object", f"{path}.component[{i}]")
+            elif cconcept is not None:
                 issues, added = len(r.issues), len(self.added)
                 self._value(cconcept, comp, f"{path}.component[{i}]", start, en.ref)
                 if len(r.issues) > issues:  # a component left out takes nothing of it along
@@ -609,6 +629,11 @@ class Normaliser:
             return
         concept, product, med = self._medication(en)
         if concept is None:
+            if med is not None:
+                items = [i.get("itemCodeableConcept") for i in med.get("ingredient") or () if isinstance(i, dict)]
+                self._not_mapped("MedicationAdministration", med.get("code"), *items)
+            elif "medicationCodeableConcept" in res:
+                self._not_mapped("MedicationAdministration", res["medicationCodeableConcept"])
             return
         if not self._usable(en, status, MED_USED, MED_IGNORED, concept):
             return
@@ -666,6 +691,7 @@ class Normaliser:
         res, path, r = en.resource, en.path, self.r
         concept, product = self.concept_and_product(res.get("code"))
         if concept not in (C.CART_INFUSION, C.LYMPHODEPLETION):
+            self._not_mapped("Procedure", res.get("code"))
             return
         if not self._usable(en, res.get("status"), PROC_USED, PROC_IGNORED, concept):
             return
@@ -749,6 +775,7 @@ class Parsed:
     patient: Entry
     data: PatientData
     entries: list[Entry]
+    unmapped: Counter[tuple[str, str]] = field(default_factory=Counter)  # (group, "system|code") -> count
 
 
 def _subject_ok(res: dict[str, Any], patient_refs: set[str], path: str, r: _Reader, elem: str = "subject") -> bool:
@@ -862,7 +889,7 @@ def _component_parts(norm: Normaliser, en: Entry, issues: list[Issue], site_tz: 
     out = []
     for index, problems in sorted(by_index.items()):
         comp = components[index]
-        concept = norm.cb.concept_for(_codings(comp.get("code")), None)
+        concept = norm.cb.concept_for(_codings(comp.get("code")), None) if isinstance(comp, dict) else None
         reason = "; ".join(d for _, d in problems)
         out.append(LeftOut(en.ref, f"{prefix}{index}]", reason, concept, t, tuple(problems)))
     return out
@@ -969,7 +996,12 @@ def parse_patient_entries(
                 structural += [] if strict else check.issues
                 continue
             mark = _Mark.of(norm)
-            handle(en)
+            if en.ref:
+                handle(en)
+            else:  # a basis must reference its input
+                r.fail(
+                    "required", "the resource has neither an id nor a fullUrl: it cannot be referenced", f"{en.path}.id"
+                )
         except TooManyIssues:
             if strict:
                 break
@@ -998,7 +1030,7 @@ def parse_patient_entries(
     if strict and r.issues:
         raise FhirError(422, r.issues[:MAX_ISSUES])
     data.birth_latest, data.left_out, data.assumed = birth_latest, left_out, assumed
-    return Parsed(patient, data, entries)
+    return Parsed(patient, data, entries, norm.unmapped)
 
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -1006,9 +1038,10 @@ CLINICAL_TYPES = ("Observation", "MedicationAdministration", "Procedure", "Condi
 STORABLE_TYPES = frozenset({"Patient", "Medication", *CLINICAL_TYPES})
 
 
-def check_for_storage(en: Entry, codebook: Codebook) -> tuple[str | None, list[Issue]]:
-    """(patient id, problems) for one resource about to be stored: the checks grading relies on."""
-    norm = Normaliser(codebook)
+def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = None) -> tuple[str | None, list[Issue]]:
+    """(patient id, problems) for one resource about to be stored: the checks grading relies on
+    (a dateTime without a timezone passes when the site timezone `site_tz` places it)."""
+    norm = Normaliser(codebook, site_tz)
     r = norm.r
     res, path, rtype = en.resource, en.path, en.type
     patient_id: str | None = None

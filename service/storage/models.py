@@ -22,6 +22,22 @@ class StoredResource(SQLModel, table=True):
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class RejectedInput(SQLModel, table=True):
+    """A resource read from an EHR that storage rejected (a bad date, an unknown unit, ...).
+
+    Not an input to grading, but kept so that every later evaluation of the patient still names
+    it as left out (never silently dropped); removed when a usable newer version is stored."""
+
+    __tablename__ = "rejected_input"
+
+    resource_type: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    patient_id: str = Field(index=True, max_length=64)
+    source_version: str = Field(default="", max_length=64)  # meta.versionId as sent
+    source_last_updated: str = Field(default="", max_length=40)  # meta.lastUpdated as sent
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
 class EmittedResource(SQLModel, table=True):
     """A RiskAssessment or Provenance produced by a stored evaluation."""
 

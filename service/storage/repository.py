@@ -17,7 +17,7 @@ from sqlalchemy import delete, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from .models import AuditEvent, EmittedResource, SeenToken, StoredResource
+from .models import AuditEvent, EmittedResource, RejectedInput, SeenToken, StoredResource
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,45 @@ def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
         ).all()
         resources += [orjson.loads(m.body) for m in meds]
     return resources
+
+
+def stored_version(session: Session, rtype: str, rid: str) -> tuple[str, str] | None:
+    """(meta.versionId, meta.lastUpdated) as sent, of the stored input resource; None when absent."""
+    row = session.get(StoredResource, (rtype, rid))
+    return None if row is None else (row.source_version, row.source_last_updated)
+
+
+def save_rejected(session: Session, res: dict[str, Any], patient_id: str) -> None:
+    """Keep a rejected EHR resource (replacing an earlier rejected version of it)."""
+    meta = res.get("meta") or {}
+    row = session.get(RejectedInput, (res["resourceType"], res["id"]))
+    if row is None:
+        row = RejectedInput(resource_type=res["resourceType"], id=res["id"], patient_id=patient_id, body=b"")
+    row.patient_id, row.body = patient_id, orjson.dumps(res)
+    row.source_version = str(meta.get("versionId") or "")
+    row.source_last_updated = str(meta.get("lastUpdated") or "")
+    session.add(row)
+
+
+def any_rejected(session: Session) -> bool:
+    return session.exec(select(RejectedInput.id).limit(1)).first() is not None
+
+
+def rejected_version(session: Session, rtype: str, rid: str) -> tuple[str, str] | None:
+    row = session.get(RejectedInput, (rtype, rid))
+    return None if row is None else (row.source_version, row.source_last_updated)
+
+
+def clear_rejected(session: Session, rtype: str, rid: str) -> None:
+    session.execute(
+        delete(RejectedInput).where((col(RejectedInput.resource_type) == rtype) & (col(RejectedInput.id) == rid))
+    )
+
+
+def rejected_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
+    """The rejected EHR resources of one patient, as read."""
+    rows = session.exec(select(RejectedInput).where(col(RejectedInput.patient_id) == patient_id)).all()
+    return [orjson.loads(r.body) for r in rows]
 
 
 @dataclass(frozen=True)
