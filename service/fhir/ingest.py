@@ -735,7 +735,9 @@ class Normaliser:
                     d.end = nxt
                     why = f"until the next {d.concept} event at {fmt_time(nxt)}"
                 elif nxt is None and d.status == "in-progress":
-                    continue  # in progress, nothing charted since: still running (as an open period)
+                    # In progress, nothing charted since: still running, like an open period. Not
+                    # capped: ending a running drip early could only lower the grade.
+                    continue
                 else:
                     d.end = limit
                     why = f"for at most {cap.total_seconds() / 3600:g} h (IECTOX_INFUSION_EVENT_MAX_HOURS)"
