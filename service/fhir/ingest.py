@@ -391,10 +391,6 @@ class Normaliser:
             else:  # a code the codebook does not map: not an input to grading
                 self._not_mapped("Observation", res["code"])
             return
-        if concept is None:
-            for comp, cconcept in zip(components, comp_concepts, strict=False):
-                if cconcept is None and isinstance(comp, dict):
-                    self._not_mapped("Observation.component", comp.get("code"))
         if not self._usable(en, status, OBS_USED, OBS_IGNORED, concept or next(c for c in comp_concepts if c)):
             return
         start, _, found = r.when(res, path, "effective")
