@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -113,12 +115,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update={"host": host, "port": port})  # the app checks the real bind
     try:
         check_bind(settings, host)  # dev mode (no authentication) only on loopback
-        app = create_app(settings)
+        app = create_app(settings)  # checks the settings and applies the migrations, once
     except SecurityConfigError as exc:
         print(f"iectox serve: refusing to start: {exc}", file=sys.stderr)
         return 2
     # uvicorn's access log prints concrete paths (patient ids); the app logs route templates instead.
-    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True, access_log=False)
+    run = functools.partial(uvicorn.run, host=host, port=port, log_level="info", proxy_headers=True, access_log=False)
+    if args.workers <= 1:
+        run(app)
+        return 0
+    # Several processes: each builds its app from the environment (settings are env-first), with
+    # this command's overrides; the schema is already migrated above, so no worker races to it.
+    os.environ.update({"IECTOX_HOST": host, "IECTOX_PORT": str(port), "IECTOX_AUTO_MIGRATE": "false"})
+    if getattr(args, "database_url", None):
+        os.environ["IECTOX_DATABASE_URL"] = args.database_url
+    run("service.api.app:create_app", factory=True, workers=args.workers)
     return 0
 
 
@@ -243,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving requests (PostgreSQL, or SQLite in WAL mode); default 1",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("openapi", help="print the OpenAPI document (openapi/openapi.json)")

@@ -24,6 +24,7 @@ from service.api.app import create_app
 from service.cdshooks.cards import ORDER_SELECT, PATIENT_VIEW, SUMMARY_MAX
 from service.config.settings import Settings
 from service.storage.models import AuditEvent, CdsFeedback, OutboxRow, WatchedPatient
+from service.storage.models import StoredResource as StoredResourceRow
 from tests import factories as f
 from tests.auth import bearer, jwks, sign
 from tests.conftest import FIXED_NOW
@@ -65,7 +66,7 @@ def cds_headers(service_id: str = PATIENT_VIEW, **kw: Any) -> dict[str, str]:
 
 def cds_settings(base: Settings, **overrides: Any) -> Settings:
     clients = {EHR_ISS: {"jwks": jwks((EHR_KEY, EHR_KID), (EHR_RSA, EHR_RSA_KID))}}
-    return base.model_copy(update={"auth_cds_clients": clients, **overrides})
+    return base.model_copy(update={"auth_cds_clients": clients, "auth_public_base_url": SERVICE_BASE, **overrides})
 
 
 @pytest_asyncio.fixture
@@ -421,11 +422,28 @@ async def test_invalid_prefetch_values_do_not_break_the_hook(svc: httpx.AsyncCli
     assert "CRS grade 2" in card["summary"]
 
 
-async def test_prefetch_for_another_patient_is_not_used(svc: httpx.AsyncClient) -> None:
-    # The prefetch holds another patient's Patient: this patient cannot be found -> 412.
+async def test_prefetch_for_another_patient_is_refused_and_nothing_stored(
+    svc: httpx.AsyncClient, clean_engine: Engine
+) -> None:
+    # A hook stores only its own patient's data: another patient's resource is a 400 naming it.
     prefetch = full_prefetch(case(2, pid="other"))
     r = await call(svc, hook(prefetch=prefetch))
-    assert_operation_outcome(r, 412)
+    assert_operation_outcome(r, 400)
+    assert r.json()["issue"][0]["expression"] == ["prefetch.patient"]
+    mixed = full_prefetch(case(2))
+    mixed["observations"]["entry"].append({"resource": f.temperature(39.0, T, id="stranger", subject="Patient/b")})
+    r = await call(svc, hook(prefetch=mixed))
+    assert_operation_outcome(r, 400)
+    where = r.json()["issue"][0]["expression"][0]
+    assert where.startswith("prefetch.observations.entry[") and where.endswith("].resource")
+    with Session(clean_engine) as s:
+        assert s.exec(select(StoredResourceRow)).all() == []
+
+
+async def test_prefetch_over_the_limit_is_a_413(make_service: Callable[..., httpx.AsyncClient]) -> None:
+    svc = make_service(cds_max_prefetch_resources=5)
+    r = await call(svc, hook(prefetch=full_prefetch(case(2))))
+    assert_operation_outcome(r, 413)
 
 
 # --- fetching what the prefetch lacks ------------------------------------------------------------

@@ -122,6 +122,7 @@ async def test_patient_view_to_writeback_end_to_end(
     s = settings.model_copy(
         update={
             "auth_cds_clients": {EHR_ISS: {"jwks": jwks((EHR_KEY, EHR_KID))}},
+            "auth_public_base_url": SERVICE_BASE,
             "ehr_servers": {"default": server.server_config(server.client_es384)},
             "writeback_target": "default",
             "max_bundle_entries": 5000,

@@ -386,6 +386,10 @@ def test_jwt_mode_without_issuer_refuses_to_start() -> None:
         ({"auth_jwks_url": "http://idp.example/jwks"}, "https"),
         ({"auth_cds_clients": {"https://ehr.example": {}}}, "give its keys"),
         ({"auth_cds_clients": {"https://ehr.example": {"jku_prefixes": ["http://ehr.example/"]}}}, "https"),
+        (
+            {"auth_cds_clients": {"https://ehr.example": {"jwks": auth.jwks()}}},
+            "IECTOX_AUTH_PUBLIC_BASE_URL is required",
+        ),
     ],
 )
 def test_bad_security_settings_refuse_to_start(extra: dict[str, Any], words: str) -> None:

@@ -437,6 +437,45 @@ async def test_two_workers_deliver_every_row_once(
     assert len(search(server, "Provenance")) == n_rows  # one per Bundle
 
 
+class WorkerDied(BaseException):
+    """The worker process dying: not an Exception, so nothing in the worker handles it."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wsettings", ["conditional", "id"], indirect=True)
+async def test_ehr_committed_but_worker_died_before_marking_is_delivered_once(
+    api: httpx.AsyncClient,
+    clean_engine: Engine,
+    server: FhirTestServer,
+    wsettings: Settings,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The hardest case: the EHR has committed the transaction, and the worker dies before it
+    # marks the row delivered. The row stays leased; after the lease another worker delivers it
+    # again, and the write-back ids (id mode) or identifiers (conditional mode) keep it once.
+    ids = await evaluate(api, "d1")
+    n_rows = len(rows(clean_engine))
+
+    def die(*_: Any) -> bool:
+        raise WorkerDied
+
+    with monkeypatch.context() as m:
+        m.setattr(outbox, "mark_delivered", die)
+        with pytest.raises(WorkerDied):
+            async with Worker(wsettings, clean_engine, clock=clock) as first:
+                await first.drain()
+    assert transaction_posts(server) == 1  # committed on the EHR ...
+    assert all(r.status == "pending" for r in rows(clean_engine))  # ... never marked
+    clock.advance(wsettings.outbox_lease_s + 1)
+    async with Worker(wsettings, clean_engine, clock=clock) as second:
+        t = await second.drain()
+    assert (t.delivered, t.dead) == (n_rows, 0)
+    assert transaction_posts(server) == n_rows + 1  # the first Bundle twice
+    found = assert_exactly_once(server, ids, "d1")
+    assert_provenances(server, found, n_rows, wsettings.writeback_mode)
+
+
 @pytest.mark.asyncio
 async def test_outage_nothing_lost_every_assessment_arrives_once(
     api: httpx.AsyncClient, clean_engine: Engine, server: FhirTestServer, wsettings: Settings, clock: Clock

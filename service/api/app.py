@@ -11,6 +11,7 @@ from datetime import datetime
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,6 +64,35 @@ class BodyLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         issue = Issue("too-long", f"request body over {self.max_bytes} bytes")
         await _outcome(413, [issue])(scope, receive, send)
+
+
+RETRY_AFTER_S = "5"
+
+
+class ContainErrors:
+    """Any exception the routes did not handle becomes a 500 OperationOutcome here, logged by its
+    type only: its message (and uvicorn's traceback, which prints it) could carry clinical values."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.error("unhandled %s", type(exc).__name__)
+            if not started:
+                await _outcome(500, [Issue("exception", "internal error", None, "fatal")])(scope, receive, send)
 
 
 def create_app(
@@ -130,10 +160,12 @@ def create_app(
     async def http_error(_: Request, exc: StarletteHTTPException) -> FhirResponse:
         return _outcome(exc.status_code, [Issue(HTTP_ISSUE_CODES.get(exc.status_code, "processing"), str(exc.detail))])
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> FhirResponse:
-        # No message text: it could carry clinical values. The type is enough to find it.
-        log.error("unhandled %s", type(exc).__name__)
-        return _outcome(500, [Issue("exception", "internal error", None, "fatal")])
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(_: Request, exc: SQLAlchemyError) -> FhirResponse:
+        # The database is gone, busy or refused a concurrent write: retryable, never a 500.
+        log.error("database error %s", type(exc).__name__)
+        issue = Issue("transient", "the database is unavailable or busy; retry later")
+        return FhirResponse(operation_outcome([issue]), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 
+    app.add_middleware(ContainErrors)  # outermost of ours: no exception reaches the server's log
     return app

@@ -1,4 +1,5 @@
-"""The audit trail: one `audit_event` row for every request that reaches a /fhir route.
+"""The audit trail: one `audit_event` row for every request that reaches a /fhir route, and for
+every CDS hook call that is rejected (an answered hook records its own row, with the patient).
 
 Written after the request has finished (its own session and transaction, so it survives a
 rolled-back request and never waits on the request's own database lock). The application log
@@ -26,6 +27,7 @@ log = logging.getLogger("iectox.audit")
 
 PREFIX = "/fhir"
 NOT_AUDITED = frozenset({"/fhir/metadata"})  # public, no patient data
+CDS_HOOK = "/cds-services/{service_id}"
 
 
 def _cut(value: object, n: int) -> str | None:
@@ -35,10 +37,17 @@ def _cut(value: object, n: int) -> str | None:
 def audit_event(scope: Scope, status: int, location: str | None, now: datetime) -> AuditEvent | None:
     """The row for a finished request, or None when it did not reach an audited route."""
     template = getattr(scope.get("route"), "path", None)
-    if not isinstance(template, str) or not template.startswith(PREFIX) or template in NOT_AUDITED:
-        return None
     method = scope.get("method", "")
     params = scope.get("path_params") or {}
+    principal = (scope.get("state") or {}).get("principal")
+    actor = str(getattr(principal, "actor", "") or ANONYMOUS)[:256]
+    if template == CDS_HOOK and method == "POST":
+        if status < 400:
+            return None  # recorded by the hook itself (service/cdshooks/service.py), with its patient
+        route = f"/cds-services/{params.get('service_id', '')}"[:128]
+        return AuditEvent(recorded=now, actor=actor, action="hook", route=route, status=status)
+    if not isinstance(template, str) or not template.startswith(PREFIX) or template in NOT_AUDITED:
+        return None
     parts = template.removeprefix(PREFIX).strip("/").split("/")
     rtype = parts[0] if parts[0][:1].isupper() else None
     rid = params.get(parts[1].strip("{}")) if len(parts) > 1 and parts[1].startswith("{") else None
@@ -57,10 +66,9 @@ def audit_event(scope: Scope, status: int, location: str | None, now: datetime) 
     if action == "search" and rtype == "RiskAssessment":
         subject = QueryParams(scope.get("query_string", b"")).get("subject")
         patient = subject.removeprefix("Patient/") if subject else None
-    principal = (scope.get("state") or {}).get("principal")
     return AuditEvent(
         recorded=now,
-        actor=str(getattr(principal, "actor", "") or ANONYMOUS)[:256],
+        actor=actor,
         action=action[:32],
         route=template[:128],
         resource_type=_cut(rtype, 64),
@@ -77,7 +85,7 @@ class AuditTrail:
         self.app, self.engine, self.clock = app, engine, clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith(PREFIX):
+        if scope["type"] != "http" or not scope.get("path", "").startswith((PREFIX, "/cds-services/")):
             await self.app(scope, receive, send)
             return
         status, location = 0, None

@@ -8,7 +8,6 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from ..cdshooks.schemas import CdsResponse, HookRequest
 from ..cdshooks.service import HookCall, call_hook, discovery, service_for
@@ -36,6 +35,7 @@ def services(codebook: CodebookDep) -> dict[str, Any]:
 )
 async def call_service(
     service_id: str,
+    req: HookRequest,
     request: Request,
     client: CdsClientDep,
     settings: SettingsDep,
@@ -49,10 +49,6 @@ async def call_service(
     # this one (SQLite allows one writer).
     await run_in_threadpool(session.commit)
     service = service_for(service_id)
-    try:
-        req = HookRequest.model_validate(orjson.loads(await request.body()))
-    except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise FhirError.one(400, "structure", f"not a CDS Hooks request: {type(exc).__name__}", "body") from None
     public_base = settings.auth_public_base_url or str(request.base_url)
     response = await call_hook(HookCall(service, req, client.actor, public_base), settings, codebook, engine, clock())
     return JSONResponse(response.model_dump())

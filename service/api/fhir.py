@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 
 from ..app.evaluate import evaluate_body, parse_at
 from ..app.store import evaluate_stored, store_bundle, store_one
@@ -72,7 +73,10 @@ async def evaluate(
     prefer: PreferHeader = None,
 ) -> FhirResponse:
     body = await request.body()
-    evaluation = evaluate_body(body, codebook, settings, parse_at(at), clock(), strict=handling_strict(prefer))
+    # Parsing and grading are CPU-bound: off the event loop, so /healthz and other requests answer.
+    evaluation = await run_in_threadpool(
+        evaluate_body, body, codebook, settings, parse_at(at), clock(), strict=handling_strict(prefer)
+    )
     return FhirResponse(evaluation.bundle())
 
 
@@ -88,11 +92,11 @@ async def evaluate(
 async def transaction(
     request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep, principal: PrincipalDep
 ) -> FhirResponse:
-    doc = load_json(await request.body())
+    doc = await run_in_threadpool(load_json, await request.body())
     if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
         raise FhirError.one(422, "structure", "expected a Bundle", "Bundle")
     principal.require(WRITE, *bundle_types(doc))
-    return FhirResponse(store_bundle(session, doc, codebook, settings))
+    return FhirResponse(await run_in_threadpool(store_bundle, session, doc, codebook, settings))
 
 
 @router.post(
@@ -160,7 +164,7 @@ def search_assessments(
     method: Annotated[str | None, Query(description="method code, or system|code")] = None,
     sort: Annotated[str, Query(alias="_sort", pattern="^-?date$")] = "-date",
     count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(alias="_offset", ge=0)] = 0,
+    offset: Annotated[int, Query(alias="_offset", ge=0, le=2**31 - 1)] = 0,
 ) -> FhirResponse:
     patient_id = subject.removeprefix("Patient/") if subject else None
     code = method.split("|")[-1] if method else None
@@ -203,7 +207,8 @@ def _input_routes(rtype: str) -> None:
         request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
     ) -> FhirResponse:
         res = load_json(await request.body())
-        return _written(session, store_one(session, res, rtype, None, codebook, settings.site_tz()))
+        out = await run_in_threadpool(store_one, session, res, rtype, None, codebook, settings.site_tz())
+        return _written(session, out)
 
     @router.put(
         f"/{rtype}/{{rid}}",
@@ -217,7 +222,8 @@ def _input_routes(rtype: str) -> None:
         rid: str, request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
     ) -> FhirResponse:
         res = load_json(await request.body())
-        return _written(session, store_one(session, res, rtype, rid, codebook, settings.site_tz()))
+        out = await run_in_threadpool(store_one, session, res, rtype, rid, codebook, settings.site_tz())
+        return _written(session, out)
 
     @router.get(
         f"/{rtype}/{{rid}}",

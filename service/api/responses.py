@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 
 
-class FhirResponse(Response):
+class FhirResponse(JSONResponse):
+    """A JSON response (so the OpenAPI document describes its body by the route's model)."""
+
     media_type = "application/fhir+json"
 
     def render(self, content: Any) -> bytes:

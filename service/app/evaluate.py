@@ -26,7 +26,7 @@ from ..fhir.emit import (
     validate_emitted,
 )
 from ..fhir.errors import FhirError
-from ..fhir.ingest import Entry, load_json, parse_patient_entries, split_entries
+from ..fhir.ingest import Entry, load_json, parse_patient_entries, split_entries, year_out_of_range
 
 EVALUATE_BUNDLE_TYPES = frozenset({"collection", "batch", "transaction", "searchset"})
 
@@ -79,6 +79,7 @@ def course_config(settings: Settings) -> CourseConfig:
     return CourseConfig(
         step=timedelta(minutes=settings.course_step_minutes),
         resolution_period=timedelta(hours=settings.resolution_hours),
+        max_span=timedelta(days=settings.course_max_days),
     )
 
 
@@ -147,6 +148,8 @@ def parse_at(raw: str | None) -> datetime | None:
         raise FhirError.one(400, "value", f"invalid dateTime {raw!r}", "at") from None
     if t.tzinfo is None:
         raise FhirError.one(400, "value", "at needs a timezone (e.g. 2026-01-06T10:00:00+00:00)", "at")
+    if bad := year_out_of_range(t):
+        raise FhirError.one(400, "value", f"at: {bad}", "at")
     return t
 
 

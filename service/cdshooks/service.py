@@ -58,9 +58,10 @@ def resources_of(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, dict):
         return []
     if value.get("resourceType") == "Bundle":
+        entries = value.get("entry")
         return [
             e["resource"]
-            for e in value.get("entry") or ()
+            for e in (entries if isinstance(entries, list) else ())
             if isinstance(e, dict) and isinstance(e.get("resource"), dict)
         ]
     return [value] if isinstance(value.get("resourceType"), str) else []
@@ -68,14 +69,17 @@ def resources_of(value: Any) -> list[dict[str, Any]]:
 
 def ordered_concepts(context: dict[str, Any], codebook: Codebook) -> list[Order]:
     """(concept, product, order reference) of the selected draft orders that matter here."""
-    selections = {s for s in context.get("selections") or () if isinstance(s, str)}
+    raw = context.get("selections")
+    if raw is not None and not (isinstance(raw, list) and all(isinstance(s, str) for s in raw)):
+        raise FhirError.one(400, "structure", "selections must be an array of strings", "context.selections")
+    selections = set(raw or ())
     found = []
     for res in resources_of(context.get("draftOrders")):
         ref = f"{res.get('resourceType')}/{res.get('id')}"
         if selections and ref not in selections:
             continue
         cc = res.get("medicationCodeableConcept") or res.get("code")
-        if not isinstance(cc, dict):
+        if not isinstance(cc, dict) or not isinstance(cc.get("coding", []), list):
             continue
         codings = [
             (c["system"], c["code"])
@@ -192,7 +196,10 @@ async def _fetch_missing(
                     out += [patient] if patient else []
                 else:
                     rtype, params = searches[key]
-                    out += await client.search(rtype, dict(params))
+                    found = await client.search(rtype, dict(params))
+                    out += found
+                    if key == "medications":  # the Medications they reference, as the sync path reads them
+                        out += await client.referenced_medications(found)
     except EhrError as exc:
         raise FhirError.one(
             412,
@@ -201,6 +208,49 @@ async def _fetch_missing(
             "fhirServer",
         ) from None
     return target, out
+
+
+# Where each resource type names its patient (a Medication has none: it is shared).
+PATIENT_ELEMENT = {
+    "Observation": "subject",
+    "MedicationAdministration": "subject",
+    "Condition": "subject",
+    "Procedure": "subject",
+}
+
+
+def _belongs(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
+    rtype = res.get("resourceType")
+    if rtype == "Patient":
+        return res.get("id") == patient_id
+    element = PATIENT_ELEMENT.get(str(rtype))
+    if element is None:
+        return True  # not a patient's data (Medication) or not read at all
+    ref = res.get(element, {}).get("reference") if isinstance(res.get(element), dict) else None
+    own = f"Patient/{patient_id}"
+    return ref == own or (base is not None and ref == f"{base.rstrip('/')}/{own}")
+
+
+def check_prefetch(
+    prefetch: dict[str, Any], patient_id: str, base: str | None, max_resources: int
+) -> list[dict[str, Any]]:
+    """The resources of the prefetch: 413 over `max_resources`; 400 naming the first one that is
+    not the hook's patient's (a hook stores only its own patient's data)."""
+    out: list[dict[str, Any]] = []
+    for key in PREFETCH_KEYS:
+        if key not in prefetch or _failed(prefetch[key]):
+            continue
+        found = resources_of(prefetch[key])
+        if len(out) + len(found) > max_resources:
+            raise FhirError.one(
+                413, "too-long", f"the prefetch holds more than {max_resources} resources", f"prefetch.{key}"
+            )
+        for i, res in enumerate(found):
+            if not _belongs(res, patient_id, base):
+                where = f"prefetch.{key}" if found == [prefetch[key]] else f"prefetch.{key}.entry[{i}].resource"
+                raise FhirError.one(400, "value", "a prefetch resource is not the hook patient's", where)
+        out += found
+    return out
 
 
 @dataclass(frozen=True)
@@ -229,10 +279,15 @@ async def call_hook(
     prefetch = req.prefetch or {}
     # A key the EHR did not fill is absent (or carries an OperationOutcome): fetch it. null = no data.
     missing = [key for key in PREFETCH_KEYS if key not in prefetch or _failed(prefetch[key])]
-    resources = [r for key in PREFETCH_KEYS if key not in missing for r in resources_of(prefetch[key])]
+    resources = check_prefetch(prefetch, patient_id, req.fhirServer, settings.cds_max_prefetch_resources)
     target: str | None = None
     if missing:
         target, fetched = await _fetch_missing(req, patient_id, missing, settings, codebook)
+        stranger = next((r for r in fetched if not _belongs(r, patient_id, req.fhirServer)), None)
+        if stranger is not None:
+            raise FhirError.one(
+                400, "value", f"fhirServer returned a {stranger.get('resourceType')} of another patient", "fhirServer"
+            )
         resources += fetched
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     # Request limits (413 beyond them).
     max_body_bytes: int = 50 * 1024 * 1024
     max_bundle_entries: int = 50_000
+    # The most resources a CDS hook's prefetch may hold (a hook answers within the EHR's budget).
+    cds_max_prefetch_resources: int = Field(default=20_000, ge=1)
+    # The course (hourly grades) covers at most this many days before `at`: 100 days is the
+    # registries' follow-up (CIBMTR day-100 form) and bounds the work of one evaluation.
+    course_max_days: int = Field(default=100, ge=1, le=3650)
 
     host: str = "127.0.0.1"
     port: int = 8000

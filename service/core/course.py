@@ -24,6 +24,9 @@ from .model import fmt_time
 class CourseConfig:
     step: timedelta = timedelta(hours=1)
     resolution_period: timedelta = timedelta(hours=24)
+    # Samples only the last `max_span` before `at` (Settings.course_max_days): bounds the work of
+    # an evaluation whose `at` lies far after its data; the course says where sampling began.
+    max_span: timedelta = timedelta(days=100)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Course:
     samples: int
     indeterminate_samples: int
     start_is_infusion: bool = True
+    sampled_from: datetime | None = None  # set when the span was cut to `max_span` before `at`
 
     @property
     def duration(self) -> timedelta | None:
@@ -54,6 +58,11 @@ class Course:
             f" {fmt_time(self.start)} to {fmt_time(self.at)}, current grade sampled every {hours:g} h "
             f"({self.samples} samples, {self.indeterminate_samples} indeterminate)."
         )
+        if self.sampled_from is not None:
+            head += (
+                f" Sampled only from {fmt_time(self.sampled_from)} (the last {cfg.max_span.days} days before "
+                "the evaluation time, IECTOX_COURSE_MAX_DAYS): onset and peak are the first within that span."
+            )
         if self.peak_grade is None:
             return f"{head} Indeterminate: no sample could be graded."
         if self.onset is None:
@@ -98,8 +107,13 @@ def course_of(
     *,
     start_is_infusion: bool = True,
 ) -> Course:
-    """Sample `grade_at` from `start` to `at` and summarise (see the module docstring)."""
-    times = grid(start, at, cfg.step) if start <= at else [at]
+    """Sample `grade_at` from `start` to `at` and summarise (see the module docstring); at most
+    `cfg.max_span` before `at`, on the same grid (day numbers stay relative to `start`)."""
+    first, sampled_from = start, None
+    if at - start > cfg.max_span:
+        steps = -(-(at - cfg.max_span - start) // cfg.step)  # ceiling: the first grid point in the span
+        first = sampled_from = start + steps * cfg.step
+    times = grid(first, at, cfg.step) if start <= at else [at]
     grades = [grade_at(t) for t in times]
     known = [(t, g) for t, g in zip(times, grades, strict=True) if g is not None]
     peak_grade = max((g for _, g in known), default=None)
@@ -136,4 +150,5 @@ def course_of(
         len(times),
         len(times) - len(known),
         start_is_infusion,
+        sampled_from,
     )

@@ -174,6 +174,8 @@ def course_parameters(
             {"name": "start", "valueDateTime": c.start.isoformat()},
             {"name": "end", "valueDateTime": c.at.isoformat()},
         ]
+        if c.sampled_from is not None:  # the span was cut to the last IECTOX_COURSE_MAX_DAYS days
+            parts.append({"name": "sampled-from", "valueDateTime": c.sampled_from.isoformat()})
         if c.method in current:
             parts.append({"name": "current-grade", "valueCoding": grade(current[c.method].grade)})
         parts.append({"name": "max-grade", "valueCoding": grade(c.peak_grade)})

@@ -75,21 +75,25 @@ class Entry:
 
 def version_key(res: dict[str, Any]) -> tuple[int, str, float]:
     """Orders versions of one resource: meta.versionId (numeric), then meta.lastUpdated as an instant."""
-    meta = res.get("meta") or {}
+    meta = _obj(res.get("meta"))
     return version_key_of(str(meta.get("versionId") or ""), meta.get("lastUpdated"))
 
 
+MAX_VERSION_DIGITS = 18  # a numeric versionId beyond this (int64) orders as text
+
+
 def version_key_of(version_id: str, last_updated: Any) -> tuple[int, str, float]:
-    return (int(version_id) if version_id.isdigit() else -1, version_id, _instant_key(last_updated))
+    numeric = version_id.isascii() and version_id.isdigit() and len(version_id) <= MAX_VERSION_DIGITS
+    return (int(version_id) if numeric else -1, version_id, _instant_key(last_updated))
 
 
 def _instant_key(raw: Any) -> float:
     """meta.lastUpdated as POSIX time, so offsets compare as instants; -inf when absent or unreadable."""
     try:
         t = datetime.fromisoformat(str(raw))
-    except ValueError:
+        return t.timestamp() if t.tzinfo is not None else float("-inf")
+    except (ValueError, OverflowError):
         return float("-inf")
-    return t.timestamp() if t.tzinfo is not None else float("-inf")
 
 
 def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
@@ -101,7 +105,7 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
         entries = [Entry(doc, str(rtype))]
     else:
         btype = doc.get("type")
-        if btype not in bundle_types:
+        if not isinstance(btype, str) or btype not in bundle_types:
             raise FhirError.one(422, "value", f"Bundle.type must be one of {sorted(bundle_types)}", "Bundle.type")
         raw = doc.get("entry") or []
         if not isinstance(raw, list):
@@ -117,7 +121,11 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
             if not isinstance(res, dict):
                 issues.append(Issue("required", "entry has no resource", f"Bundle.entry[{i}].resource"))
                 continue
-            entries.append(Entry(res, f"Bundle.entry[{i}].resource", e.get("fullUrl")))
+            full_url = e.get("fullUrl")
+            if full_url is not None and not isinstance(full_url, str):
+                issues.append(Issue("structure", "fullUrl must be a string", f"Bundle.entry[{i}].fullUrl"))
+                continue
+            entries.append(Entry(res, f"Bundle.entry[{i}].resource", full_url))
         if issues:
             raise FhirError(422, issues[:MAX_ISSUES])
     issues = []
@@ -156,6 +164,17 @@ class TooManyIssues(Exception):
 
 
 PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+# Clinical instants outside these years are charting errors (year 0001, 9999 placeholders); they
+# are left out, named, so that window arithmetic never leaves the calendar and no course spans
+# millennia. Documented in docs/clinical-choices.md ("Dates").
+FIRST_YEAR, LAST_YEAR = 1900, 2199
+
+
+def year_out_of_range(t: datetime | date) -> str:
+    """Why a time is outside the supported years, or ""."""
+    if FIRST_YEAR <= t.year <= LAST_YEAR:
+        return ""
+    return f"year {t.year} is outside the supported range {FIRST_YEAR}-{LAST_YEAR} (a charting error)"
 
 
 @dataclass
@@ -180,6 +199,9 @@ class _Reader:
             t = datetime.fromisoformat(raw)
         except ValueError:
             self.fail("value", f"invalid dateTime {raw!r}", path)
+            return None
+        if bad := year_out_of_range(t):
+            self.fail("value", f"dateTime {raw!r}: {bad}", path)
             return None
         if t.tzinfo is None:
             if "T" not in raw:
@@ -217,16 +239,28 @@ class _Reader:
         return None, None, False
 
 
+def _obj(x: Any) -> dict[str, Any]:
+    """A JSON object element, or {} when it is absent or of another JSON type."""
+    return x if isinstance(x, dict) else {}
+
+
+def _arr(x: Any) -> list[Any]:
+    """A JSON array element, or [] when it is absent or of another JSON type."""
+    return x if isinstance(x, list) else []
+
+
 def _codings(cc: Any) -> list[Coding]:
-    if not isinstance(cc, dict):
-        return []
-    return [(c.get("system", ""), c.get("code", "")) for c in cc.get("coding") or () if isinstance(c, dict)]
+    return [
+        (c.get("system", ""), c.get("code", ""))
+        for c in _arr(_obj(cc).get("coding"))
+        if isinstance(c, dict) and isinstance(c.get("system", ""), str) and isinstance(c.get("code", ""), str)
+    ]
 
 
 def codeable_text(cc: Any) -> str | None:
     if not isinstance(cc, dict):
         return None
-    parts = [cc.get("text") or ""] + [c.get("display") or "" for c in cc.get("coding") or () if isinstance(c, dict)]
+    parts = [cc.get("text") or ""] + [c.get("display") or "" for c in _arr(cc.get("coding")) if isinstance(c, dict)]
     joined = " ".join(p for p in parts if isinstance(p, str) and p)
     return joined or None
 
@@ -379,9 +413,7 @@ class Normaliser:
             r.fail("required", "Observation.status is required", f"{path}.status")
             return
         concept = self.cb.concept_for(_codings(res.get("code")), None)
-        components = res.get("component") or ()
-        if not isinstance(components, list):
-            components = ()
+        components = _arr(res.get("component"))
         comp_concepts = [
             self.cb.concept_for(_codings(c.get("code")), None) if isinstance(c, dict) else None for c in components
         ]
@@ -487,7 +519,7 @@ class Normaliser:
         res = en.resource
         if ref.startswith("#"):
             return next(
-                (c for c in res.get("contained") or () if isinstance(c, dict) and f"#{c.get('id')}" == ref),
+                (c for c in _arr(res.get("contained")) if isinstance(c, dict) and f"#{c.get('id')}" == ref),
                 None,
             )
         med = self.medications.get(ref)
@@ -507,7 +539,7 @@ class Normaliser:
         if "medicationCodeableConcept" in res:
             concept, product = self.concept_and_product(res["medicationCodeableConcept"])
             return concept, product, None
-        ref = (res.get("medicationReference") or {}).get("reference")
+        ref = _obj(res.get("medicationReference")).get("reference")
         if not isinstance(ref, str):
             self.r.fail("required", "medication[x] is required", f"{path}.medication[x]")
             return None, None, None
@@ -528,7 +560,7 @@ class Normaliser:
 
     def concept_and_product(self, cc: Any, ingredients: Any = None) -> tuple[str | None, str | None]:
         """Codings first (the product's or its ingredients'), then text, as a last resort."""
-        items = [i.get("itemCodeableConcept") for i in ingredients or () if isinstance(i, dict)]
+        items = [i.get("itemCodeableConcept") for i in _arr(ingredients) if isinstance(i, dict)]
         ccs = [cc, *items]
         codings = [c for x in ccs for c in _codings(x)]
         concept = self.cb.concept_for(codings, None)
@@ -548,7 +580,7 @@ class Normaliser:
         if med is None:
             return None
         found = []
-        for ing in med.get("ingredient") or ():
+        for ing in _arr(med.get("ingredient")):
             if not isinstance(ing, dict) or not isinstance(ing.get("strength"), dict):
                 continue
             item = ing.get("itemCodeableConcept")
@@ -626,7 +658,7 @@ class Normaliser:
         concept, product, med = self._medication(en)
         if concept is None:
             if med is not None:
-                items = [i.get("itemCodeableConcept") for i in med.get("ingredient") or () if isinstance(i, dict)]
+                items = [i.get("itemCodeableConcept") for i in _arr(med.get("ingredient")) if isinstance(i, dict)]
                 self._not_mapped("MedicationAdministration", med.get("code"), *items)
             elif "medicationCodeableConcept" in res:
                 self._not_mapped("MedicationAdministration", res["medicationCodeableConcept"])
@@ -777,7 +809,10 @@ class Parsed:
 
 
 def _subject_ok(res: dict[str, Any], patient_refs: set[str], path: str, r: _Reader, elem: str = "subject") -> bool:
-    ref = (res.get(elem) or {}).get("reference")
+    if elem in res and not isinstance(res[elem], dict):
+        r.fail("structure", f"{elem} must be a Reference (a JSON object)", f"{path}.{elem}")
+        return False
+    ref = _obj(res.get(elem)).get("reference")
     if ref is None:
         r.fail("required", f"{elem} must reference the patient", f"{path}.{elem}")
         return False
@@ -809,16 +844,16 @@ def _entry_concept(norm: Normaliser, en: Entry) -> str | None:
     """The concept a resource would feed, read without checks (to name a left-out resource)."""
     res = en.resource
     if en.type == "Observation":
-        comps = [c for c in res.get("component") or () if isinstance(c, dict)]
+        comps = [c for c in _arr(res.get("component")) if isinstance(c, dict)]
         found = [norm.cb.concept_for(_codings(x.get("code")), None) for x in (res, *comps)]
         return next((c for c in found if c), None)
     if en.type == "MedicationAdministration":
         cc = res.get("medicationCodeableConcept")
         if cc is None:
-            ref = (res.get("medicationReference") or {}).get("reference")
+            ref = _obj(res.get("medicationReference")).get("reference")
             med = norm.medications.get(ref) if isinstance(ref, str) else None
             if med is None and isinstance(ref, str) and ref.startswith("#"):
-                med = next((c for c in res.get("contained") or () if f"#{c.get('id')}" == ref), None)
+                med = next((c for c in _arr(res.get("contained")) if _obj(c).get("id") == ref[1:]), None)
             cc = med.get("code") if isinstance(med, dict) else None
         return norm.cb.concept_for(_codings(cc), codeable_text(cc))
     if en.type in ("Procedure", "Condition"):
@@ -829,8 +864,8 @@ def _entry_concept(norm: Normaliser, en: Entry) -> str | None:
 def _entry_time(res: dict[str, Any], site_tz: tzinfo | None) -> datetime | None:
     """The time of a resource when it is readable as an instant, else None (any window)."""
     for prefix in ("effective", "performed"):
-        period = res.get(f"{prefix}Period")
-        for raw in (res.get(f"{prefix}DateTime"), res.get(f"{prefix}Instant"), (period or {}).get("start")):
+        period = _obj(res.get(f"{prefix}Period"))
+        for raw in (res.get(f"{prefix}DateTime"), res.get(f"{prefix}Instant"), period.get("start")):
             if isinstance(raw, str) and "T" in raw:
                 try:
                     t = datetime.fromisoformat(raw)
@@ -882,7 +917,7 @@ def _component_parts(norm: Normaliser, en: Entry, issues: list[Issue], site_tz: 
             return []
         index = int(expr[len(prefix) : expr.index("]", len(prefix))])
         by_index.setdefault(index, []).append((expr, issue.diagnostics))
-    components = en.resource.get("component") or []
+    components = _arr(en.resource.get("component"))
     t = _entry_time(en.resource, site_tz)
     out = []
     for index, problems in sorted(by_index.items()):
@@ -1003,6 +1038,8 @@ def parse_patient_entries(
         except TooManyIssues:
             if strict:
                 break
+        except MALFORMED as exc:
+            r.issues.append(malformed(en, exc))
         new, placed = r.issues[mark.issues :], r.placed[mark.placed :]
         parts = None if strict or not new else _component_parts(norm, en, new, site_tz)
         if parts:
@@ -1031,6 +1068,15 @@ def parse_patient_entries(
     return Parsed(patient, data, entries, norm.unmapped)
 
 
+# An element of an unexpected JSON type that the readers did not foresee: the resource is left
+# out (or a 4xx when strict / when stored), named with its path, never a 500.
+MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError)
+
+
+def malformed(en: Entry, exc: Exception) -> Issue:
+    return Issue("structure", f"{en.type} has an element of an unexpected JSON type ({type(exc).__name__})", en.path)
+
+
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 CLINICAL_TYPES = ("Observation", "MedicationAdministration", "Procedure", "Condition")
 STORABLE_TYPES = frozenset({"Patient", "Medication", *CLINICAL_TYPES})
@@ -1053,7 +1099,7 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
             if "birthDate" in res and parse_birth_date(res["birthDate"]) is None:
                 r.fail("value", "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD", f"{path}.birthDate")
         elif rtype in CLINICAL_TYPES:
-            ref = (res.get("subject") or {}).get("reference")
+            ref = _obj(res.get("subject")).get("reference")
             if not (isinstance(ref, str) and ref.startswith("Patient/") and len(ref) > len("Patient/")):
                 r.fail("required", "subject must reference a Patient (Patient/<id>)", f"{path}.subject.reference")
             else:
@@ -1068,4 +1114,6 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
                     norm.condition(en)
     except TooManyIssues:
         pass
+    except MALFORMED as exc:
+        r.issues.append(malformed(en, exc))
     return patient_id, r.issues

@@ -95,4 +95,10 @@ def load_security(settings: Settings, fetch: Fetch = http_fetch) -> SecurityConf
             "never use this in production"
         )
         return SecurityConfig(DEV, None, cds)
+    if settings.auth_cds_clients and not settings.auth_public_base_url:
+        # A CDS client JWT's `aud` is this service's URL: never taken from the request's Host header.
+        raise SecurityConfigError(
+            "IECTOX_AUTH_PUBLIC_BASE_URL is required when CDS clients are configured (IECTOX_AUTH_CDS_CLIENTS): "
+            "it is the audience a CDS client JWT must carry"
+        )
     return SecurityConfig(JWT, _bearer_keys(settings, cache), cds)
