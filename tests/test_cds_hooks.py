@@ -583,6 +583,15 @@ def order_hook(*orders: dict[str, Any], selections: list[str] | None = None, **k
     )
 
 
+async def test_order_select_with_selections_not_an_array_is_a_400(svc: httpx.AsyncClient) -> None:
+    order = draft("mr-cart", {"coding": [{"system": f.LOCAL, "code": "cart-infusion"}], "text": "Yescarta"})
+    body = order_hook(order, prefetch=full_prefetch(case(1)))
+    body["context"]["selections"] = 5
+    r = await call(svc, body, ORDER_SELECT)
+    assert_operation_outcome(r, 400)
+    assert r.json()["issue"][0]["expression"] == ["context.selections"]
+
+
 def lbcl() -> dict[str, Any]:
     return {
         "resourceType": "Condition",
