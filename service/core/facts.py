@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from itertools import pairwise
+from typing import cast
 
 from .concepts import C
 from .config import (
@@ -199,13 +200,22 @@ class OxygenFacts:
     room_air_assumed: Sample | None = None  # the SpO2 read as room air (site setting), when used
 
 
+def _first_fever(data: PatientData, since: datetime | None) -> Sample | None:
+    """The first CRS fever at or after `since` (day 0), over the whole record: found once per
+    patient and day 0, not once per time point (the course asks at every sample)."""
+    key = ("first-fever", since)
+    if key not in data.memo:
+        temps = data.series(C.BODY_TEMPERATURE)
+        data.memo[key] = next(
+            (s for s in temps if s.value is not None and s.value >= FEVER_C and (since is None or s.t >= since)), None
+        )
+    return cast("Sample | None", data.memo[key])
+
+
 def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[Sample, Administration] | None:
     """The first CRS fever since day 0 followed, before `at`, by a masking drug."""
-    temps = data.series(C.BODY_TEMPERATURE)
-    if since is not None and temps:
-        temps = data.window(C.BODY_TEMPERATURE, since, at)
-    first = next((s for s in temps if s.value is not None and s.value >= FEVER_C and s.t <= at), None)
-    if first is None:
+    first = _first_fever(data, since)
+    if first is None or first.t > at:
         return None
     drugs = [a for c in FEVER_MASKING_DRUGS for a in data.given(c) if first.t < a.start <= at]
     return (first, min(drugs, key=lambda a: a.start)) if drugs else None

@@ -103,6 +103,8 @@ class PatientData:
     assumed: list[Ignored] = field(default_factory=list)  # inputs read under a site setting (timezone)
 
     _times: dict[str, list[datetime]] = field(default_factory=dict, repr=False, compare=False)
+    # Per-patient values the rules derive once and read at every time point (facts.py).
+    memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     def birth_dates(self) -> tuple[date, ...]:
         """The possible birth dates: (), one date, or the first and last day of a partial date."""
