@@ -12,7 +12,7 @@ from bisect import bisect_right
 from calendar import monthrange
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any
 
@@ -73,23 +73,35 @@ class Entry:
         return f"{self.type}/{rid}" if rid else (self.full_url or "")
 
 
-def version_key(res: dict[str, Any]) -> tuple[int, str, float]:
+# The version order (version_key) as storage keeps it: 64-bit integers, so the upsert compares
+# versions in SQL. A longer numeric versionId ties on the number and compares as a string.
+MAX_VERSION_NUMBER = 2**63 - 1
+NO_INSTANT = -(10**17)  # µs: before datetime.min, for an absent or unreadable meta.lastUpdated
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def version_key(res: dict[str, Any]) -> tuple[int, str, int]:
     """Orders versions of one resource: meta.versionId (numeric), then meta.lastUpdated as an instant."""
-    meta = res.get("meta") or {}
+    meta = res.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
     return version_key_of(str(meta.get("versionId") or ""), meta.get("lastUpdated"))
 
 
-def version_key_of(version_id: str, last_updated: Any) -> tuple[int, str, float]:
-    return (int(version_id) if version_id.isdigit() else -1, version_id, _instant_key(last_updated))
+def version_key_of(version_id: str, last_updated: Any) -> tuple[int, str, int]:
+    """(versionId as a number, -1 when not one; versionId; lastUpdated in µs since the epoch)."""
+    number = min(int(version_id), MAX_VERSION_NUMBER) if version_id.isascii() and version_id.isdigit() else -1
+    return (number, version_id, _instant_key(last_updated))
 
 
-def _instant_key(raw: Any) -> float:
-    """meta.lastUpdated as POSIX time, so offsets compare as instants; -inf when absent or unreadable."""
+def _instant_key(raw: Any) -> int:
+    """meta.lastUpdated in µs since the epoch, so offsets compare as instants; NO_INSTANT when
+    absent or unreadable."""
     try:
         t = datetime.fromisoformat(str(raw))
-    except ValueError:
-        return float("-inf")
-    return t.timestamp() if t.tzinfo is not None else float("-inf")
+        return (t - _EPOCH) // _MICROSECOND if t.tzinfo is not None else NO_INSTANT
+    except (ValueError, OverflowError):
+        return NO_INSTANT
 
 
 def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
@@ -1046,6 +1058,8 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
     try:
         if not FHIR_ID.fullmatch(str(res.get("id") or "")):
             r.fail("value", "id must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.id")
+        for issue in meta_issues(res.get("meta"), path):
+            r.fail(issue.code, issue.diagnostics, str(issue.expression))
         if rtype not in STORABLE_TYPES:
             r.fail("not-supported", f"this server stores {', '.join(sorted(STORABLE_TYPES))}, not {rtype}", path)
         elif rtype == "Patient":
@@ -1054,7 +1068,7 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
                 r.fail("value", "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD", f"{path}.birthDate")
         elif rtype in CLINICAL_TYPES:
             ref = (res.get("subject") or {}).get("reference")
-            if not (isinstance(ref, str) and ref.startswith("Patient/") and len(ref) > len("Patient/")):
+            if not (isinstance(ref, str) and ref.startswith("Patient/") and FHIR_ID.fullmatch(ref[len("Patient/") :])):
                 r.fail("required", "subject must reference a Patient (Patient/<id>)", f"{path}.subject.reference")
             else:
                 patient_id = ref.split("/", 1)[1]
@@ -1069,3 +1083,21 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
     except TooManyIssues:
         pass
     return patient_id, r.issues
+
+
+def meta_issues(meta: Any, path: str) -> list[Issue]:
+    """meta.versionId and meta.lastUpdated order stored versions: what storage cannot keep as sent
+    (a versionId that is no FHIR id, an instant over 40 characters) is rejected, never a 500."""
+    if not meta:
+        return []
+    if not isinstance(meta, dict):
+        return [Issue("structure", "meta must be an object", f"{path}.meta")]
+    issues = []
+    version, updated = meta.get("versionId"), meta.get("lastUpdated")
+    if version not in (None, "") and not FHIR_ID.fullmatch(str(version)):
+        issues.append(
+            Issue("value", "meta.versionId must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.meta.versionId")
+        )
+    if updated not in (None, "") and not (isinstance(updated, str) and len(updated) <= 40):
+        issues.append(Issue("value", "meta.lastUpdated must be a FHIR instant", f"{path}.meta.lastUpdated"))
+    return issues
