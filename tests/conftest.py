@@ -43,8 +43,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+def pg_url(schema: str) -> str:
+    """PG_URL with `schema` as the search path (for make_engine, settings and child processes)."""
+    return f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
+
+
 def _pg_engine(schema: str) -> Engine:
-    return create_engine(normalise_url(PG_URL), connect_args={"options": f"-csearch_path={schema}"})
+    return make_engine(pg_url(schema))  # as the service builds it (hidden parameters, lock_timeout)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

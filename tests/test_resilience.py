@@ -202,3 +202,23 @@ def test_serve_with_two_workers_stores_and_answers(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert "Started parent process" in err or "Uvicorn running" in err
+
+
+# --- concurrent writes to one process ------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_concurrent_writes_of_one_patient_to_one_process_never_fail(client: httpx.AsyncClient) -> None:
+    # Each request stores the same patient's resources in a newer version; the store runs off the
+    # event loop, so a request waiting for another's lock never keeps that one from committing.
+    def version(n: int) -> bytes:
+        resources = [
+            {**f.patient(), "meta": {"versionId": str(n)}},
+            *({**f.temperature(37.0 + n / 10, T0, id=f"t{i}"), "meta": {"versionId": str(n)}} for i in range(50)),
+        ]
+        return orjson.dumps(transaction(resources))
+
+    answers = await asyncio.gather(*(client.post("/fhir", content=version(n)) for n in range(1, 7)))
+    assert [r.status_code for r in answers] == [200] * 6, [r.text[:200] for r in answers if r.status_code != 200]
+    newest = (await client.get("/fhir/Observation/t0")).json()
+    assert newest["valueQuantity"]["value"] == pytest.approx(37.6)

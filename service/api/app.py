@@ -21,6 +21,7 @@ from ..config.clock import utc_now
 from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..storage.db import make_engine, migrate
+from ..storage.errors import StorageBusy
 from . import cds, fhir, health, metrics, subscriptions
 from .auth import install_security
 from .responses import FhirResponse
@@ -165,6 +166,13 @@ def create_app(
         # The database is gone, busy or refused a concurrent write: retryable, never a 500.
         log.error("database error %s", type(exc).__name__)
         issue = Issue("transient", "the database is unavailable or busy; retry later")
+        return FhirResponse(operation_outcome([issue]), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+
+    @app.exception_handler(StorageBusy)
+    async def storage_busy(_: Request, exc: StorageBusy) -> FhirResponse:
+        # Other writers held the rows too long: nothing of this request was stored; retry.
+        log.warning("storage busy: %s", exc.reason)
+        issue = Issue("transient", "the database is busy with other writes; retry later")
         return FhirResponse(operation_outcome([issue]), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 
     app.add_middleware(ContainErrors)  # outermost of ours: no exception reaches the server's log

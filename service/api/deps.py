@@ -12,7 +12,7 @@ from sqlmodel import Session
 
 from ..codebook import Codebook
 from ..config.settings import Settings
-from ..storage.db import sessions
+from ..storage.db import read_only, sessions
 
 
 def get_settings(request: Request) -> Settings:
@@ -34,6 +34,11 @@ def get_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Sess
     yield from sessions(engine)
 
 
+def get_read_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
+    """For routes that only read: on SQLite no write lock, so they never wait behind a writer."""
+    yield from sessions(read_only(engine))
+
+
 def get_clock(request: Request) -> Callable[[], datetime]:
     clock: Callable[[], datetime] = request.app.state.clock
     return clock
@@ -44,4 +49,5 @@ CodebookDep = Annotated[Codebook, Depends(get_codebook)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 # scope="function": commit before the response is sent, so a failed commit is never a 2xx.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]

@@ -15,7 +15,7 @@ from ..fhir.ingest import load_json
 from ..security.scopes import READ, WRITE
 from ..storage import repository
 from .auth import PrincipalDep, bundle_types, requires
-from .deps import ClockDep, CodebookDep, SessionDep, SettingsDep
+from .deps import ClockDep, CodebookDep, ReadSessionDep, SessionDep, SettingsDep
 from .responses import FhirResponse
 from .schemas import ERRORS, FhirBundle, FhirResource, fhir_body
 
@@ -129,7 +129,7 @@ def evaluate_patient(
 )
 def course(
     patient_id: str,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     codebook: CodebookDep,
     clock: ClockDep,
@@ -145,7 +145,7 @@ def course(
     response_model=FhirResource,
     **requires(READ, "RiskAssessment"),
 )
-def read_assessment(ra_id: str, session: SessionDep) -> FhirResponse:
+def read_assessment(ra_id: str, session: ReadSessionDep) -> FhirResponse:
     res = repository.get_emitted(session, "RiskAssessment", ra_id)
     if res is None:
         raise FhirError.one(404, "not-found", "no such RiskAssessment", "RiskAssessment.id")
@@ -159,7 +159,7 @@ def read_assessment(ra_id: str, session: SessionDep) -> FhirResponse:
     **requires(READ, "RiskAssessment"),
 )
 def search_assessments(
-    session: SessionDep,
+    session: ReadSessionDep,
     subject: Annotated[str | None, Query(description="Patient/<id> or <id>")] = None,
     method: Annotated[str | None, Query(description="method code, or system|code")] = None,
     sort: Annotated[str, Query(alias="_sort", pattern="^-?date$")] = "-date",
@@ -232,7 +232,7 @@ def _input_routes(rtype: str) -> None:
         operation_id=f"read_{rtype}",
         **requires(READ, rtype),
     )
-    def read(rid: str, session: SessionDep) -> FhirResponse:
+    def read(rid: str, session: ReadSessionDep) -> FhirResponse:
         res = repository.read_resource(session, rtype, rid)
         if res is None:
             raise FhirError.one(404, "not-found", f"no such {rtype}", f"{rtype}.id")

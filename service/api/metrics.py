@@ -7,6 +7,7 @@ from fastapi.responses import PlainTextResponse
 from sqlmodel import Session
 
 from ..storage import outbox
+from ..storage.db import read_only
 from .deps import ClockDep, EngineDep
 
 router = APIRouter(tags=["health"])
@@ -40,6 +41,6 @@ def render(stats: outbox.OutboxStats) -> str:
     responses={200: {"content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}},
 )
 def metrics(engine: EngineDep, clock: ClockDep) -> PlainTextResponse:
-    with Session(engine) as session:
+    with Session(read_only(engine)) as session:
         stats = outbox.stats(session, clock())
     return PlainTextResponse(render(stats), media_type=PROMETHEUS_TEXT)

@@ -2,24 +2,35 @@
 lists of resources read from an EHR.
 
 A transaction is all-or-nothing: every entry is checked before anything is written, and the
-request's database transaction commits only when the route returns. Every path checks and
-upserts each resource the same way (`_check`, `_write`).
+request's database transaction commits only when the route returns. Every path checks each
+resource the same way (`_check`) and stores the usable ones with set-based, versioned upserts
+(`_store`: storage compares versions in the statement, from the index fields computed here).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
 from typing import Any, Literal
 
+import orjson
 from sqlmodel import Session
 
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..fhir.emit import index_fields
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..fhir.ingest import FHIR_ID, Entry, check_for_storage, is_resource_type, version_key, version_key_of
+from ..fhir.ingest import (
+    FHIR_ID,
+    Entry,
+    check_for_storage,
+    is_resource_type,
+    meta_issues,
+    version_key,
+    version_key_of,
+)
 from ..fhir.writeback import Mode, transaction_bundles
 from ..storage import outbox, repository
 from .evaluate import Evaluation, evaluate_entries
@@ -68,15 +79,40 @@ def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None) -> _Checked
     return _Checked(entry, patient_id, issues)
 
 
-def _write(session: Session, checked: _Checked) -> ResourceResult:
-    """Upsert one checked resource in its own savepoint; a resource with issues is not written."""
-    res = checked.entry.resource
-    rtype, rid = str(res.get("resourceType") or ""), str(res.get("id") or "")
-    if checked.issues:
-        return ResourceResult(rtype, rid, "rejected", tuple(checked.issues))
-    with session.begin_nested():
-        out = _upsert(session, res, checked.patient_id)
-    return ResourceResult(rtype, rid, "stored" if out.changed else "unchanged", write=out)
+def new_version(res: dict[str, Any], patient_id: str | None) -> repository.NewVersion:
+    """A checked resource with the index fields storage needs (the version order as numbers)."""
+    meta = res.get("meta") or {}
+    source_version, updated = str(meta.get("versionId") or ""), meta.get("lastUpdated")
+    number, _, instant = version_key_of(source_version, updated)
+    return repository.NewVersion(
+        res["resourceType"],
+        res["id"],
+        patient_id,
+        source_version,
+        str(updated or ""),
+        number,
+        instant,
+        orjson.dumps(res),
+    )
+
+
+def _store(session: Session, checked: list[_Checked]) -> list[ResourceResult]:
+    """Upsert the checked resources without issues (set-based); one result per resource, in
+    order. A resource with issues is rejected, not written."""
+    usable = [c for c in checked if not c.issues]
+    writes = iter(repository.upsert_resources(session, [new_version(c.entry.resource, c.patient_id) for c in usable]))
+    results = []
+    for c in checked:
+        if c.issues:
+            res = c.entry.resource
+            rtype, rid = str(res.get("resourceType") or ""), str(res.get("id") or "")
+            results.append(ResourceResult(rtype, rid, "rejected", tuple(c.issues)))
+        else:
+            out = next(writes)
+            results.append(
+                ResourceResult(out.resource_type, out.id, "stored" if out.changed else "unchanged", write=out)
+            )
+    return results
 
 
 def _rewrite(node: Any, rewrite: Callable[[str], str]) -> Any:
@@ -146,9 +182,21 @@ def _plan(doc: dict[str, Any], max_entries: int) -> list[Entry]:
     if issues:
         raise FhirError(422, issues)
     if refs:
+        targets = {url.encode() for url in refs}
         for w in writes:
-            w.resource = _rewrite(w.resource, lambda ref: refs.get(ref, ref))
+            if _may_refer(w.resource, targets):
+                w.resource = _rewrite(w.resource, lambda ref: refs.get(ref, ref))
     return writes
+
+
+_REFERENCE = re.compile(rb'"reference":"([^"\\]*)"')
+
+
+def _may_refer(res: dict[str, Any], targets: set[bytes]) -> bool:
+    """Whether `res` may hold a reference in `targets`: a scan of its JSON (C speed), as most
+    entries of a Bundle refer to no other entry by its fullUrl. An escape in it: walk it anyway."""
+    body = orjson.dumps(res)
+    return b"\\" in body or any(ref in targets for ref in _REFERENCE.findall(body))
 
 
 def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, settings: Settings) -> dict[str, Any]:
@@ -162,11 +210,9 @@ def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, sett
         problems = [i for c in checked for i in c.issues]
         if problems:
             raise FhirError(422, problems[:50])
-    written = [_write(session, c) for c in checked]
+    written = _store(session, checked)
     if repository.any_rejected(session):
-        for c, w in zip(checked, written, strict=True):
-            if w.outcome != "rejected":
-                _clear_superseded(session, c.entry.resource)
+        _clear_superseded(session, [c.entry.resource for c, w in zip(checked, written, strict=True) if w.write])
     entries = [_response_entry(w) for w in written]
     return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}
 
@@ -196,40 +242,57 @@ def store_resources(
     relative), each on its own: an invalid resource is rejected, never the others. A rejected
     resource of a patient is kept (RejectedInput) so that every later evaluation names it as
     left out; a usable newer version replaces it. No limit on their number."""
-    results = []
-    any_kept = repository.any_rejected(session)  # one query: most databases never hold one
-    for res in resources:
-        if base:
-            res = local_references(res, base)
-        checked = _check(Entry(res, str(res.get("resourceType"))), codebook, site_tz)
-        result = _write(session, checked)
+    if base:
+        resources = (local_references(res, base) for res in resources)
+    checked = [_check(Entry(res, str(res.get("resourceType"))), codebook, site_tz) for res in resources]
+    results = _store(session, checked)
+    # Rejections are kept in arrival order; a usable version clears a kept rejection that is not
+    # newer, unless a rejected version of the same id came after it in this read.
+    last_rejected: dict[tuple[str, str], int] = {}
+    for i, (c, result) in enumerate(zip(checked, results, strict=True)):
         if result.outcome == "rejected":
-            result = _keep_rejected(session, checked, result)
-            any_kept = any_kept or result.kept
-        elif any_kept:
-            _clear_superseded(session, res)
-        results.append(result)
+            results[i], saved = _keep_rejected(session, c, result)
+            if saved:
+                last_rejected[(result.resource_type, result.id)] = i
+    if last_rejected or repository.any_rejected(session):  # one query: most databases never hold one
+        _clear_superseded(
+            session,
+            [
+                c.entry.resource
+                for i, (c, r) in enumerate(zip(checked, results, strict=True))
+                if r.write and i > last_rejected.get((r.resource_type, r.id), -1)
+            ],
+        )
     return StoreResult(tuple(results))
 
 
-def _keep_rejected(session: Session, checked: _Checked, result: ResourceResult) -> ResourceResult:
+def _keep_rejected(session: Session, checked: _Checked, result: ResourceResult) -> tuple[ResourceResult, bool]:
     """Keep a rejected resource of a patient unless a newer usable version is stored (the EHR's
-    version order; arrival order among versions that do not say theirs)."""
+    version order; arrival order among versions that do not say theirs). Also returns whether
+    it was saved in rejected_input."""
     res = checked.entry.resource
-    if checked.patient_id is None or not FHIR_ID.fullmatch(result.id):
-        return result  # nothing to keep it by: named in this evaluation only (store_and_evaluate)
+    if checked.patient_id is None or not FHIR_ID.fullmatch(result.id) or meta_issues(res.get("meta"), ""):
+        # nothing to keep it by (or its meta is the problem): named in this evaluation only
+        return result, False
     stored = repository.stored_version(session, result.resource_type, result.id)
-    if stored is None or not version_key_of(*stored) > version_key(res):
+    saved = stored is None or not version_key_of(*stored) > version_key(res)
+    if saved:
         repository.save_rejected(session, res, checked.patient_id)
-    return replace(result, kept=True)
+    return replace(result, kept=True), saved
 
 
-def _clear_superseded(session: Session, res: dict[str, Any]) -> None:
-    """A usable version just stored replaces a kept rejection that is not newer."""
-    rtype, rid = str(res["resourceType"]), str(res["id"])
-    kept = repository.rejected_version(session, rtype, rid)
-    if kept is not None and not version_key_of(*kept) > version_key(res):
-        repository.clear_rejected(session, rtype, rid)
+def _clear_superseded(session: Session, stored: list[dict[str, Any]]) -> None:
+    """Usable versions just stored replace kept rejections that are not newer."""
+    kept = repository.rejected_versions(session, [(str(r["resourceType"]), str(r["id"])) for r in stored])
+    if not kept:
+        return
+    cleared = {
+        key
+        for res in stored
+        if (key := (str(res["resourceType"]), str(res["id"]))) in kept
+        and not version_key_of(*kept[key]) > version_key(res)
+    }
+    repository.clear_rejected(session, cleared)
 
 
 def store_one(
@@ -243,15 +306,10 @@ def store_one(
     checked = _check(Entry(res, rtype), codebook, site_tz)
     if checked.issues:
         raise FhirError(422, checked.issues)
-    out = _upsert(session, res, checked.patient_id)
+    (out,) = repository.upsert_resources(session, [new_version(res, checked.patient_id)])
     if repository.any_rejected(session):
-        _clear_superseded(session, res)
+        _clear_superseded(session, [res])
     return out
-
-
-def _upsert(session: Session, res: dict[str, Any], patient_id: str | None) -> repository.WriteOutcome:
-    key = version_key(res)
-    return repository.upsert_resource(session, res, patient_id, lambda vid, updated: key > version_key_of(vid, updated))
 
 
 def evaluate_stored(

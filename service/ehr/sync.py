@@ -207,10 +207,12 @@ async def sync_notification(
 
 def watch(session: Session, target: str, patient_id: str, checkpoint: str | None, now: datetime) -> None:
     """Add the patient to the reconciliation poll; move its checkpoint forward, never back."""
+    if repository.add_watched(session, target, patient_id, checkpoint or "", now):
+        return
     row = session.get(WatchedPatient, (target, patient_id))
     if row is None:
-        session.add(WatchedPatient(target=target, patient_id=patient_id, checkpoint=checkpoint or "", updated=now))
-    elif checkpoint and (not row.checkpoint or instant_key(checkpoint) > instant_key(row.checkpoint)):
+        return
+    if checkpoint and (not row.checkpoint or instant_key(checkpoint) > instant_key(row.checkpoint)):
         row.checkpoint, row.updated = checkpoint, now
         session.add(row)
 

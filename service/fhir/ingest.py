@@ -12,7 +12,7 @@ from bisect import bisect_right
 from calendar import monthrange
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any
 
@@ -73,27 +73,38 @@ class Entry:
         return f"{self.type}/{rid}" if rid else (self.full_url or "")
 
 
-def version_key(res: dict[str, Any]) -> tuple[int, str, float]:
+# The version order (version_key) as storage keeps it: 64-bit integers, so the upsert compares
+# versions in SQL. A longer numeric versionId ties on the number and compares as a string.
+MAX_VERSION_NUMBER = 2**63 - 1
+NO_INSTANT = -(10**17)  # µs: before datetime.min, for an absent or unreadable meta.lastUpdated
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def version_key(res: dict[str, Any]) -> tuple[int, str, int]:
     """Orders versions of one resource: meta.versionId (numeric), then meta.lastUpdated as an instant."""
     meta = _obj(res.get("meta"))
     return version_key_of(str(meta.get("versionId") or ""), meta.get("lastUpdated"))
 
 
-MAX_VERSION_DIGITS = 18  # a numeric versionId beyond this (int64) orders as text
+def version_key_of(version_id: str, last_updated: Any) -> tuple[int, str, int]:
+    """(versionId as a number, -1 when not one; versionId; lastUpdated in µs since the epoch)."""
+    numeric = version_id.isascii() and version_id.isdigit()
+    # int() of a very long digit string is refused (and slow): past 19 digits it is past int64 anyway.
+    number = (
+        (min(int(version_id), MAX_VERSION_NUMBER) if len(version_id) <= 19 else MAX_VERSION_NUMBER) if numeric else -1
+    )
+    return (number, version_id, _instant_key(last_updated))
 
 
-def version_key_of(version_id: str, last_updated: Any) -> tuple[int, str, float]:
-    numeric = version_id.isascii() and version_id.isdigit() and len(version_id) <= MAX_VERSION_DIGITS
-    return (int(version_id) if numeric else -1, version_id, _instant_key(last_updated))
-
-
-def _instant_key(raw: Any) -> float:
-    """meta.lastUpdated as POSIX time, so offsets compare as instants; -inf when absent or unreadable."""
+def _instant_key(raw: Any) -> int:
+    """meta.lastUpdated in µs since the epoch, so offsets compare as instants; NO_INSTANT when
+    absent or unreadable."""
     try:
         t = datetime.fromisoformat(str(raw))
-        return t.timestamp() if t.tzinfo is not None else float("-inf")
+        return (t - _EPOCH) // _MICROSECOND if t.tzinfo is not None else NO_INSTANT
     except (ValueError, OverflowError):
-        return float("-inf")
+        return NO_INSTANT
 
 
 def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
@@ -1092,6 +1103,8 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
     try:
         if not FHIR_ID.fullmatch(str(res.get("id") or "")):
             r.fail("value", "id must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.id")
+        for issue in meta_issues(res.get("meta"), path):
+            r.fail(issue.code, issue.diagnostics, str(issue.expression))
         if rtype not in STORABLE_TYPES:
             r.fail("not-supported", f"this server stores {', '.join(sorted(STORABLE_TYPES))}, not {rtype}", path)
         elif rtype == "Patient":
@@ -1100,7 +1113,7 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
                 r.fail("value", "birthDate must be YYYY, YYYY-MM or YYYY-MM-DD", f"{path}.birthDate")
         elif rtype in CLINICAL_TYPES:
             ref = _obj(res.get("subject")).get("reference")
-            if not (isinstance(ref, str) and ref.startswith("Patient/") and len(ref) > len("Patient/")):
+            if not (isinstance(ref, str) and ref.startswith("Patient/") and FHIR_ID.fullmatch(ref[len("Patient/") :])):
                 r.fail("required", "subject must reference a Patient (Patient/<id>)", f"{path}.subject.reference")
             else:
                 patient_id = ref.split("/", 1)[1]
@@ -1117,3 +1130,21 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
     except MALFORMED as exc:
         r.issues.append(malformed(en, exc))
     return patient_id, r.issues
+
+
+def meta_issues(meta: Any, path: str) -> list[Issue]:
+    """meta.versionId and meta.lastUpdated order stored versions: what storage cannot keep as sent
+    (a versionId that is no FHIR id, an instant over 40 characters) is rejected, never a 500."""
+    if not meta:
+        return []
+    if not isinstance(meta, dict):
+        return [Issue("structure", "meta must be an object", f"{path}.meta")]
+    issues = []
+    version, updated = meta.get("versionId"), meta.get("lastUpdated")
+    if version not in (None, "") and not FHIR_ID.fullmatch(str(version)):
+        issues.append(
+            Issue("value", "meta.versionId must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.meta.versionId")
+        )
+    if updated not in (None, "") and not (isinstance(updated, str) and len(updated) <= 40):
+        issues.append(Issue("value", "meta.lastUpdated must be a FHIR instant", f"{path}.meta.lastUpdated"))
+    return issues

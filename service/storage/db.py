@@ -1,16 +1,39 @@
-"""Engine construction and Alembic migrations."""
+"""Engine construction, transactions and Alembic migrations.
+
+Every transaction is all-or-nothing, on both databases:
+- SQLite: pysqlite's own transaction handling is off (with it, the first SAVEPOINT opened the
+  real transaction and its RELEASE committed it); every transaction starts `BEGIN IMMEDIATE`, so
+  a writer takes the write lock up front and waits (busy_timeout) for another writer instead of
+  failing when it upgrades a read. Savepoints nest inside it. WAL: readers on `read_only(engine)`
+  (plain `BEGIN`) see the last commit while a writer works.
+- PostgreSQL: READ COMMITTED; a lock wait is bounded by lock_timeout.
+A wait that runs out, a deadlock or a serialisation failure is raised as StorageBusy. Engines
+hide statement parameters (and PostgreSQL's DETAIL lines, which quote key values) from
+exception messages: they reach the logs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlmodel import Session
 
+from .errors import StorageBusy
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+LOCK_WAIT_S = 30  # how long a writer waits for another before StorageBusy
+READ_ONLY = "iectox_read_only"  # execution option: SQLite starts a deferred transaction
+
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+# PostgreSQL SQLSTATEs worth a retry: serialization_failure, deadlock_detected, lock_not_available.
+RETRY_SQLSTATES = {"40001": "serialisation conflict", "40P01": "deadlock", "55P03": "lock timeout"}
 
 
 def normalise_url(url: str) -> str:
@@ -20,33 +43,74 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, lock_wait_s: float = LOCK_WAIT_S) -> Engine:
+    """`lock_wait_s`: how long a statement waits for another writer's lock before StorageBusy."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": lock_wait_s}
+        )
+        event.listen(engine, "connect", partial(_sqlite_connect, lock_wait_s))
+        event.listen(engine, "begin", _sqlite_begin)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        event.listen(engine, "connect", partial(_postgres_connect, lock_wait_s))
+    event.listen(engine, "handle_error", _translate_error)
+    return engine
 
-        @event.listens_for(engine, "connect")
-        def _pragmas(conn, _record):  # type: ignore[no-untyped-def]
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
 
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+def read_only(engine: Engine) -> Engine:
+    """The same engine for sessions that only read: on SQLite they start a deferred transaction
+    (no write lock), so they run beside a writer (WAL). A write in one may raise StorageBusy."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the latest Alembic revision (idempotent)."""
+def _sqlite_connect(lock_wait_s: float, dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # pysqlite emits no BEGIN/COMMIT of its own (_sqlite_begin does)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={int(lock_wait_s * 1000)}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+def _postgres_connect(lock_wait_s: float, dbapi_conn: Any, _record: Any) -> None:
+    with dbapi_conn.cursor() as cur:
+        cur.execute(f"SET lock_timeout = {int(lock_wait_s * 1000)}")  # ms
+    dbapi_conn.commit()  # else the pool's reset-on-return rolls the SET back
+
+
+def _translate_error(ctx: ExceptionContext) -> StorageBusy | None:
+    orig = ctx.original_exception
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED):
+        return StorageBusy("database locked")
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in RETRY_SQLSTATES:
+        return StorageBusy(RETRY_SQLSTATES[sqlstate])
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if primary and ctx.sqlalchemy_exception is not None:
+        # PostgreSQL's DETAIL names key values (patient ids): keep the primary message only.
+        orig.args = (primary,)
+        ctx.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {primary}",)
+    return None
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the latest (or the given) Alembic revision (idempotent)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 def ping(engine: Engine) -> None:
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         conn.execute(text("SELECT 1"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, LargeBinary
+from sqlalchemy import BigInteger, Column, DateTime, LargeBinary, text
 from sqlmodel import Field, SQLModel
 
 
@@ -19,6 +19,14 @@ class StoredResource(SQLModel, table=True):
     version_id: int = 1
     source_version: str = Field(default="", max_length=64)  # meta.versionId as sent
     source_last_updated: str = Field(default="", max_length=40)  # meta.lastUpdated as sent
+    # The version order as numbers (the app layer computes them), so that the upsert compares
+    # versions in SQL: (version_number, source_version, updated_us).
+    version_number: int = Field(  # meta.versionId as a number; -1 when not one
+        default=-1, sa_column=Column(BigInteger, nullable=False, server_default=text("-1"))
+    )
+    updated_us: int = Field(  # meta.lastUpdated in µs since the epoch; the app's NO_INSTANT when absent
+        default=-(10**17), sa_column=Column(BigInteger, nullable=False, server_default=text(str(-(10**17))))
+    )
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 

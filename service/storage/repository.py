@@ -7,17 +7,23 @@ method, code, occurrence) next to the resource it stores verbatim.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
-from sqlalchemy import delete, func
+from sqlalchemy import ARRAY, bindparam, delete, func, literal, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
+from sqlmodel import select as sm_select
 
-from .models import AuditEvent, EmittedResource, RejectedInput, SeenToken, StoredResource
+from .models import AuditEvent, EmittedResource, RejectedInput, SeenToken, StoredResource, WatchedPatient
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,155 @@ class WriteOutcome:
     changed: bool = True  # False when the stored version was kept (same or newer)
 
 
+class NewVersion(NamedTuple):
+    """A version of an input resource to store, with the index fields the app layer read from it."""
+
+    resource_type: str
+    id: str
+    patient_id: str | None
+    source_version: str  # meta.versionId as sent ("" when absent)
+    source_last_updated: str  # meta.lastUpdated as sent ("" when absent)
+    version_number: int  # the version order as numbers: see StoredResource
+    updated_us: int
+    body: bytes  # the resource's JSON, stored verbatim
+
+
+# Rows a statement. SQLite: at most 9 parameters a row, under its 32,766 variables. PostgreSQL
+# gets each column as one array (unnest): psycopg converts a long parameter list slowly.
+CHUNK = 1000
+
+_STORED = StoredResource.metadata.tables[StoredResource.__tablename__]
+_REJECTED = RejectedInput.metadata.tables[RejectedInput.__tablename__]
+_EMITTED = EmittedResource.metadata.tables[EmittedResource.__tablename__]
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (both dialects spell it the same)."""
+    return (pg_insert if _postgres(session) else sqlite_insert)(table)
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]
+
+
+def _arrays(table: Any, names: Sequence[str]) -> Any:
+    """PostgreSQL: rows from one array parameter per column, `unnest(:a, :b) AS anon(a, b)`."""
+    params = [bindparam(name, type_=ARRAY(table.c[name].type)) for name in names]
+    return func.unnest(*params).table_valued(*names).render_derived()
+
+
+def _in_keys(session: Session, table: Any, keys: Sequence[tuple[str, str]]) -> tuple[Any, dict[str, Any]]:
+    """A WHERE clause for (resource_type, id) in `keys`, and its parameters."""
+    c = table.c
+    if not _postgres(session):
+        return tuple_(c.resource_type, c.id).in_(keys), {}
+    arrays = _arrays(table, ("resource_type", "id"))
+    types, ids = (list(column) for column in zip(*keys, strict=True))
+    return tuple_(c.resource_type, c.id).in_(select(arrays.c.resource_type, arrays.c.id)), {
+        "resource_type": types,
+        "id": ids,
+    }
+
+
+def _upsert_stored(session: Session) -> Any:
+    ins: Any
+    if _postgres(session):
+        rows = _arrays(_STORED, NewVersion._fields)
+        ins = pg_insert(_STORED).from_select([*NewVersion._fields, "version_id"], select(*rows.c, literal(1)))
+    else:
+        ins = sqlite_insert(_STORED)
+    new, old = ins.excluded, _STORED.c
+    # PostgreSQL compares text by the database's collation; versionIds compare as bytes (as Python does).
+    new_version = new.source_version.collate("C") if _postgres(session) else new.source_version
+    newer = tuple_(new.version_number, new_version, new.updated_us) > tuple_(
+        old.version_number, old.source_version, old.updated_us
+    )
+    unversioned = (new.source_version == "") & (new.source_last_updated == "")
+    return ins.on_conflict_do_update(
+        index_elements=[old.resource_type, old.id],
+        set_={
+            "patient_id": new.patient_id,
+            "source_version": new.source_version,
+            "source_last_updated": new.source_last_updated,
+            "version_number": new.version_number,
+            "updated_us": new.updated_us,
+            "body": new.body,
+            "version_id": old.version_id + 1,
+        },
+        where=(old.body != new.body) & (unversioned | newer),
+    ).returning(old.resource_type, old.id, old.version_id)
+
+
+def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[WriteOutcome]:
+    """Store input resources with set-based statements; one outcome per item, in order.
+
+    A stored row changes only when the item is newer by (version_number, source_version,
+    updated_us), or says no version (neither meta.versionId nor meta.lastUpdated) and its body
+    differs. That condition is part of the statement, so whichever process writes last, an older
+    version never replaces a newer one. The same body again, or an older version: unchanged.
+    Rows go in key order (one lock order for every writer, so PostgreSQL writers queue rather
+    than deadlock); an id repeated in `items` goes into a later statement, as a statement may
+    change a row only once.
+    """
+    if not items:
+        return []
+    rounds: list[list[int]] = []  # round n: the n-th occurrence of each id
+    seen: dict[tuple[str, str], int] = {}
+    for i, item in enumerate(items):
+        key = (item.resource_type, item.id)
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(i)
+    conn, stmt, postgres = session.connection(), _upsert_stored(session), _postgres(session)
+    outcomes: list[WriteOutcome] = [None] * len(items)  # type: ignore[list-item]  # every slot is set below
+    for indices in rounds:
+        indices.sort(key=lambda i: (items[i].resource_type, items[i].id))
+        written: dict[tuple[str, str], int] = {}
+        for part in _chunks(indices):
+            rows = [items[i] for i in part]
+            if postgres:
+                params: Any = {
+                    name: list(column) for name, column in zip(NewVersion._fields, zip(*rows, strict=True), strict=True)
+                }
+            else:
+                params = [{**row._asdict(), "version_id": 1} for row in rows]
+            written.update(((t, rid), v) for t, rid, v in conn.execute(stmt, params))
+        kept = _stored_versions(
+            session, [key for i in indices if (key := (items[i].resource_type, items[i].id)) not in written]
+        )
+        for i in indices:
+            rtype, rid = items[i].resource_type, items[i].id
+            version = written.get((rtype, rid))
+            if version is None:
+                outcomes[i] = WriteOutcome(rtype, rid, kept[(rtype, rid)], "200 OK", changed=False)
+            else:  # a new row is version 1; an updated one at least 2
+                outcomes[i] = WriteOutcome(rtype, rid, version, "201 Created" if version == 1 else "200 OK")
+    return outcomes
+
+
+def _stored_versions(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    found: dict[tuple[str, str], int] = {}
+    c, conn = _STORED.c, session.connection()
+    for part in _chunks(keys):
+        where, params = _in_keys(session, _STORED, part)
+        rows = conn.execute(select(c.resource_type, c.id, c.version_id).where(where), params)
+        found.update(((t, rid), v) for t, rid, v in rows)
+    return found
+
+
 def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
     """A stored input resource as stored, with the server's version in meta.versionId."""
-    row = session.get(StoredResource, (rtype, rid))
+    c = _STORED.c
+    row = (
+        session.connection().execute(select(c.body, c.version_id).where(c.resource_type == rtype, c.id == rid)).first()
+    )
     if row is None:
         return None
     res: dict[str, Any] = orjson.loads(row.body)
@@ -39,53 +191,14 @@ def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | No
     return res
 
 
-def upsert_resource(
-    session: Session, res: dict[str, Any], patient_id: str | None, supersedes: Callable[[str, str], bool]
-) -> WriteOutcome:
-    """Idempotent on id + version: the same version twice, or an older one, changes nothing.
-
-    `supersedes(stored versionId, stored lastUpdated)` tells whether `res` is newer than the
-    stored version (the caller orders FHIR versions); a resource without either replaces the
-    stored one when its content differs.
-    """
-    rtype, rid = res["resourceType"], res["id"]
-    meta = res.get("meta") or {}
-    source_version = str(meta.get("versionId") or "")
-    source_updated = str(meta.get("lastUpdated") or "")
-    body = orjson.dumps(res)
-    row = session.get(StoredResource, (rtype, rid))
-    if row is None:
-        session.add(
-            StoredResource(
-                resource_type=rtype,
-                id=rid,
-                patient_id=patient_id,
-                version_id=1,
-                source_version=source_version,
-                source_last_updated=source_updated,
-                body=body,
-            )
-        )
-        return WriteOutcome(rtype, rid, 1, "201 Created")
-    versioned = bool(source_version or source_updated)
-    if row.body == body or (versioned and not supersedes(row.source_version, row.source_last_updated)):
-        return WriteOutcome(rtype, rid, row.version_id, "200 OK", changed=False)
-    row.body, row.patient_id = body, patient_id
-    row.source_version, row.source_last_updated = source_version, source_updated
-    row.version_id += 1
-    session.add(row)
-    return WriteOutcome(rtype, rid, row.version_id, "200 OK")
-
-
 def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
     """The stored Patient and everything that references it (plus referenced Medications)."""
-    rows = session.exec(
-        select(StoredResource).where(
-            (col(StoredResource.patient_id) == patient_id)
-            | ((col(StoredResource.resource_type) == "Patient") & (col(StoredResource.id) == patient_id))
-        )
-    ).all()
-    resources = [orjson.loads(r.body) for r in rows]
+    c = _STORED.c
+    conn = session.connection()
+    rows = conn.execute(
+        select(c.body).where((c.patient_id == patient_id) | ((c.resource_type == "Patient") & (c.id == patient_id)))
+    ).scalars()
+    resources = [orjson.loads(body) for body in rows]
     med_ids = {
         ref.split("/", 1)[1]
         for r in resources
@@ -94,52 +207,69 @@ def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
         and ref.startswith("Medication/")
     }
     if med_ids:
-        meds = session.exec(
-            select(StoredResource).where(
-                (col(StoredResource.resource_type) == "Medication") & col(StoredResource.id).in_(med_ids)
-            )
-        ).all()
-        resources += [orjson.loads(m.body) for m in meds]
+        meds = conn.execute(select(c.body).where((c.resource_type == "Medication") & c.id.in_(med_ids))).scalars()
+        resources += [orjson.loads(body) for body in meds]
     return resources
 
 
 def stored_version(session: Session, rtype: str, rid: str) -> tuple[str, str] | None:
     """(meta.versionId, meta.lastUpdated) as sent, of the stored input resource; None when absent."""
-    row = session.get(StoredResource, (rtype, rid))
+    c = _STORED.c
+    row = (
+        session.connection()
+        .execute(select(c.source_version, c.source_last_updated).where(c.resource_type == rtype, c.id == rid))
+        .first()
+    )
     return None if row is None else (row.source_version, row.source_last_updated)
 
 
 def save_rejected(session: Session, res: dict[str, Any], patient_id: str) -> None:
     """Keep a rejected EHR resource (replacing an earlier rejected version of it)."""
     meta = res.get("meta") or {}
-    row = session.get(RejectedInput, (res["resourceType"], res["id"]))
-    if row is None:
-        row = RejectedInput(resource_type=res["resourceType"], id=res["id"], patient_id=patient_id, body=b"")
-    row.patient_id, row.body = patient_id, orjson.dumps(res)
-    row.source_version = str(meta.get("versionId") or "")
-    row.source_last_updated = str(meta.get("lastUpdated") or "")
-    session.add(row)
+    ins = _insert(session, _REJECTED)
+    values = {
+        "resource_type": res["resourceType"],
+        "id": res["id"],
+        "patient_id": patient_id,
+        "source_version": str(meta.get("versionId") or ""),
+        "source_last_updated": str(meta.get("lastUpdated") or ""),
+        "body": orjson.dumps(res),
+    }
+    new = ins.excluded
+    session.connection().execute(
+        ins.values(values).on_conflict_do_update(
+            index_elements=[_REJECTED.c.resource_type, _REJECTED.c.id],
+            set_={k: new[k] for k in ("patient_id", "source_version", "source_last_updated", "body")},
+        )
+    )
 
 
 def any_rejected(session: Session) -> bool:
-    return session.exec(select(RejectedInput.id).limit(1)).first() is not None
+    return session.connection().execute(select(_REJECTED.c.id).limit(1)).first() is not None
 
 
-def rejected_version(session: Session, rtype: str, rid: str) -> tuple[str, str] | None:
-    row = session.get(RejectedInput, (rtype, rid))
-    return None if row is None else (row.source_version, row.source_last_updated)
+def rejected_versions(session: Session, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(meta.versionId, meta.lastUpdated) of the kept rejections among (type, id) `keys`."""
+    c, conn = _REJECTED.c, session.connection()
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    for part in _chunks(sorted(set(keys))):
+        where, params = _in_keys(session, _REJECTED, part)
+        rows = conn.execute(select(c.resource_type, c.id, c.source_version, c.source_last_updated).where(where), params)
+        found.update(((t, rid), (v, u)) for t, rid, v, u in rows)
+    return found
 
 
-def clear_rejected(session: Session, rtype: str, rid: str) -> None:
-    session.execute(
-        delete(RejectedInput).where((col(RejectedInput.resource_type) == rtype) & (col(RejectedInput.id) == rid))
-    )
+def clear_rejected(session: Session, keys: Collection[tuple[str, str]]) -> None:
+    conn = session.connection()
+    for part in _chunks(sorted(set(keys))):
+        where, params = _in_keys(session, _REJECTED, part)
+        conn.execute(delete(_REJECTED).where(where), params)
 
 
 def rejected_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
     """The rejected EHR resources of one patient, as read."""
-    rows = session.exec(select(RejectedInput).where(col(RejectedInput.patient_id) == patient_id)).all()
-    return [orjson.loads(r.body) for r in rows]
+    rows = session.connection().execute(select(_REJECTED.c.body).where(_REJECTED.c.patient_id == patient_id))
+    return [orjson.loads(body) for body in rows.scalars()]
 
 
 @dataclass(frozen=True)
@@ -153,58 +283,84 @@ class Emitted:
 
 
 def save_emitted(session: Session, patient_id: str, emitted: list[Emitted]) -> None:
-    """Upsert RiskAssessments and their Provenance by their deterministic ids (never duplicates)."""
+    """Upsert RiskAssessments and their Provenance by their deterministic ids (never duplicates),
+    in one statement: concurrent evaluations of a patient queue on the rows, never collide. Each
+    resource gets its stored version in meta.versionId (the body is stored without it)."""
+    if not emitted:
+        return
+    rows = {
+        (item.resource["resourceType"], item.resource["id"]): {
+            "resource_type": item.resource["resourceType"],
+            "id": item.resource["id"],
+            "patient_id": patient_id,
+            "method": item.method,
+            "code": item.code,
+            "occurrence": item.occurrence,
+            "version_id": 1,
+            "body": orjson.dumps(_unversioned(item.resource)),
+        }
+        for item in emitted
+    }
+    ins = _insert(session, _EMITTED)
+    stmt = ins.on_conflict_do_update(
+        index_elements=[_EMITTED.c.resource_type, _EMITTED.c.id],
+        set_={"body": ins.excluded.body, "version_id": _EMITTED.c.version_id + 1},
+    ).returning(_EMITTED.c.resource_type, _EMITTED.c.id, _EMITTED.c.version_id)
+    conn = session.connection()
+    versions: dict[tuple[str, str], int] = {}
+    for part in _chunks([rows[key] for key in sorted(rows)]):  # key order: one lock order
+        versions.update(((t, rid), v) for t, rid, v in conn.execute(stmt, part))
     for item in emitted:
         res = item.resource
-        rtype, rid = res["resourceType"], res["id"]
-        row = session.get(EmittedResource, (rtype, rid))
-        if row is None:
-            row = EmittedResource(
-                resource_type=rtype,
-                id=rid,
-                patient_id=patient_id,
-                method=item.method,
-                code=item.code,
-                occurrence=item.occurrence,
-                version_id=1,
-                body=b"",
-            )
-        else:
-            row.version_id += 1
-        res.setdefault("meta", {})["versionId"] = str(row.version_id)
-        row.body = orjson.dumps(res)
-        session.add(row)
+        res.setdefault("meta", {})["versionId"] = str(versions[(res["resourceType"], res["id"])])
+
+
+def _unversioned(res: dict[str, Any]) -> dict[str, Any]:
+    meta = res.get("meta")
+    if not isinstance(meta, dict) or "versionId" not in meta:
+        return res
+    return {**res, "meta": {k: v for k, v in meta.items() if k != "versionId"}}
+
+
+def _versioned(body: bytes, version_id: int) -> dict[str, Any]:
+    res: dict[str, Any] = orjson.loads(body)
+    res["meta"] = {**(res.get("meta") or {}), "versionId": str(version_id)}
+    return res
 
 
 def get_emitted(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
-    row = session.get(EmittedResource, (rtype, rid))
-    return None if row is None else orjson.loads(row.body)
+    c = _EMITTED.c
+    row = (
+        session.connection().execute(select(c.body, c.version_id).where(c.resource_type == rtype, c.id == rid)).first()
+    )
+    return None if row is None else _versioned(row.body, row.version_id)
 
 
 def emitted_by_id(session: Session, rtype: str, ids: Collection[str]) -> dict[str, dict[str, Any]]:
     """The stored emitted resources of type `rtype` among `ids` (one query), by id."""
     if not ids:
         return {}
-    rows = session.exec(
-        select(EmittedResource).where(
-            (col(EmittedResource.resource_type) == rtype) & col(EmittedResource.id).in_(list(ids))
-        )
-    ).all()
-    return {row.id: orjson.loads(row.body) for row in rows}
+    c = _EMITTED.c
+    rows = session.connection().execute(
+        select(c.id, c.body, c.version_id).where((c.resource_type == rtype) & c.id.in_(list(ids)))
+    )
+    return {row.id: _versioned(row.body, row.version_id) for row in rows}
 
 
 def search_assessments(
     session: Session, patient_id: str | None, method: str | None, newest_first: bool, limit: int, offset: int
 ) -> tuple[int, list[dict[str, Any]]]:
-    query = select(EmittedResource).where(col(EmittedResource.resource_type) == "RiskAssessment")
+    c = _EMITTED.c
+    where = [c.resource_type == "RiskAssessment"]
     if patient_id is not None:
-        query = query.where(col(EmittedResource.patient_id) == patient_id)
+        where.append(c.patient_id == patient_id)
     if method is not None:
-        query = query.where(col(EmittedResource.method) == method)
-    total = session.exec(select(func.count()).select_from(query.subquery())).one()
-    order = col(EmittedResource.occurrence).desc() if newest_first else col(EmittedResource.occurrence).asc()
-    rows = session.exec(query.order_by(order, col(EmittedResource.id)).offset(offset).limit(limit)).all()
-    return int(total), [orjson.loads(r.body) for r in rows]
+        where.append(c.method == method)
+    conn = session.connection()
+    total = conn.execute(select(func.count()).select_from(_EMITTED).where(*where)).scalar_one()
+    order = c.occurrence.desc() if newest_first else c.occurrence.asc()
+    rows = conn.execute(select(c.body, c.version_id).where(*where).order_by(order, c.id).offset(offset).limit(limit))
+    return int(total), [_versioned(row.body, row.version_id) for row in rows]
 
 
 def new_id() -> str:
@@ -220,16 +376,20 @@ def add_audit_event(session: Session, event: AuditEvent) -> None:
         if event.resource_type == "Patient":
             event.patient_id = event.resource_id
         else:
-            row: StoredResource | EmittedResource | None = session.get(
-                StoredResource, (event.resource_type, event.resource_id)
-            ) or session.get(EmittedResource, (event.resource_type, event.resource_id))
-            event.patient_id = row.patient_id if row is not None else None
+            conn = session.connection()
+            for table in (_STORED, _EMITTED):
+                c = table.c
+                event.patient_id = conn.execute(
+                    select(c.patient_id).where(c.resource_type == event.resource_type, c.id == event.resource_id)
+                ).scalar()
+                if event.patient_id is not None:
+                    break
     session.add(event)
 
 
 def audit_events(session: Session, patient_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
     """The newest audit rows first, optionally those of one patient."""
-    query = select(AuditEvent)
+    query = sm_select(AuditEvent)
     if patient_id is not None:
         query = query.where(col(AuditEvent.patient_id) == patient_id)
     return list(session.exec(query.order_by(col(AuditEvent.id).desc()).limit(limit)).all())
@@ -250,3 +410,12 @@ def remember_token(session: Session, key: str, expires: datetime, now: datetime)
     except IntegrityError:
         return False
     return True
+
+
+def add_watched(session: Session, target: str, patient_id: str, checkpoint: str, now: datetime) -> bool:
+    """Add a patient to the poll (ON CONFLICT DO NOTHING: two first syncs never collide).
+    True when added, False when it was already watched."""
+    table = WatchedPatient.__table__  # type: ignore[attr-defined]
+    stmt = _insert(session, table).values(target=target, patient_id=patient_id, checkpoint=checkpoint, updated=now)
+    result = session.execute(stmt.on_conflict_do_nothing(index_elements=["target", "patient_id"]))
+    return bool(cast(CursorResult[Any], result).rowcount)
