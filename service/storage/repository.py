@@ -10,13 +10,12 @@ import uuid
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from sqlalchemy import ARRAY, bindparam, delete, func, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as sm_select
@@ -417,5 +416,5 @@ def add_watched(session: Session, target: str, patient_id: str, checkpoint: str,
     True when added, False when it was already watched."""
     table = WatchedPatient.__table__  # type: ignore[attr-defined]
     stmt = _insert(session, table).values(target=target, patient_id=patient_id, checkpoint=checkpoint, updated=now)
-    result = session.execute(stmt.on_conflict_do_nothing(index_elements=["target", "patient_id"]))
-    return bool(cast(CursorResult[Any], result).rowcount)
+    stmt = stmt.on_conflict_do_nothing(index_elements=["target", "patient_id"]).returning(table.c.patient_id)
+    return session.execute(stmt).first() is not None  # RETURNING: rowcount is not reliable here
