@@ -28,10 +28,12 @@ TARGET_MIB = 250
 def child(path: str) -> None:
     from service.app.evaluate import evaluate_body
     from service.codebook import load_codebook
+    from service.config.runtime import tune_gc
     from service.config.settings import Settings
 
     settings = Settings()
     codebook = load_codebook(settings.canonical_base)
+    tune_gc()  # as every iectox process once started
     body = Path(path).read_bytes()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = orjson.dumps(evaluate_body(body, codebook, settings, None, datetime.now(UTC)).bundle())

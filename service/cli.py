@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from .codebook import CodebookError, load_codebook
+from .config.runtime import tune_gc
 from .config.settings import Settings
 from .fhir.errors import FhirError, operation_outcome
 
@@ -30,6 +31,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     codebook = load_codebook(settings.canonical_base, settings.codebook_path)
+    tune_gc()
     try:
         body = Path(args.bundle).read_bytes()
         strict = True if args.strict else None
@@ -184,6 +186,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.requeue_dead:
             print(f"{outbox.requeue_dead(engine, utc_now())} dead row(s) back to pending")
             return 0
+        tune_gc()
         return asyncio.run(worker_main(settings, engine, once=args.once))
     finally:
         engine.dispose()
@@ -203,6 +206,7 @@ def cmd_poll(args: argparse.Namespace) -> int:
         if settings.auto_migrate:
             migrate(engine)
         codebook = load_codebook(settings.canonical_base, settings.codebook_path)
+        tune_gc()
         return asyncio.run(run_poll(settings, engine, codebook, utc_now, once=args.once))
     finally:
         engine.dispose()

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..codebook import load_codebook
 from ..config.clock import utc_now
+from ..config.runtime import tune_gc
 from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..storage.db import make_engine, migrate
@@ -109,6 +110,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tune_gc()  # the server process has started: its start-up heap is final
         yield
         engine.dispose()
 
