@@ -230,3 +230,40 @@ def test_a_resource_read_without_an_id_is_named_in_the_evaluation(
         clean_engine, "p1", [f.patient(), anonymous, f.systolic(120, T0)], codebook, settings, FIXED_NOW, target=None
     )
     assert ev is not None and [r.path for r in ev.left_out] == ["Observation/(read without an id).id"]
+
+
+# --- a known patient whose inputs did not change is not graded again (issue 12) ----------------
+
+
+def test_unchanged_inputs_are_not_graded_again_and_any_change_is(
+    clean_engine: Engine, codebook: Codebook, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.app.cache import EvaluationCache
+
+    cache = EvaluationCache()
+    med = {"resourceType": "Medication", "id": "m1", "code": f.cc(f.RXNORM, "7512")}
+    drip = f.administration("norepinephrine", start=T0, id="ne")
+    del drip["medicationCodeableConcept"]
+    drip["medicationReference"] = {"reference": "Medication/m1"}
+    vitals = [f.temperature(39.0, T0, id="t"), f.systolic(80, T0), f.oxygen_device("none", T0)]
+    resources = [f.patient(), med, drip, *vitals]
+
+    def sync(rs: list[dict[str, Any]]) -> Any:
+        ev, _ = store_and_evaluate(clean_engine, "p1", rs, codebook, settings, FIXED_NOW, target=None, cache=cache)
+        return ev
+
+    with counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses:
+        first = sync(resources)
+        again = sync(resources)
+        assert len(parses) == 1 and again is first  # the same stored inputs: served, not graded
+        assert crs_of(first).grade == 3
+        # a new version of an input, a changed Medication, a kept rejected input: graded again
+        sync([f.patient(), {**f.temperature(39.5, T0, id="t"), "meta": {"versionId": "2"}}])
+        assert len(parses) == 2
+        changed_med = {**med, "code": f.cc(f.RXNORM, "3992")}  # now epinephrine
+        assert crs_of(sync([f.patient(), changed_med])).crs.vasopressor_agents == ("epinephrine",)
+        assert len(parses) == 3
+        sync([f.patient(), f.temperature(1000.0, T1, id="bad")])
+        assert len(parses) == 4
+        sync([f.patient()])
+        assert len(parses) == 4

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..app.cache import EvaluationCache
 from ..codebook import load_codebook
 from ..config.clock import utc_now
 from ..config.runtime import tune_gc
@@ -126,6 +127,7 @@ def create_app(
     app.state.engine = engine
     app.state.codebook = load_codebook(settings.canonical_base, settings.codebook_path)
     app.state.clock = clock
+    app.state.evaluations = EvaluationCache()  # known patients' unchanged inputs are not graded again
     install_security(app, settings, engine)  # refuses to start on unsafe settings (docs/security.md)
     app.include_router(health.router)
     app.include_router(fhir.router)

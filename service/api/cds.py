@@ -15,7 +15,7 @@ from ..ehr.sync import observation_codes
 from ..fhir.errors import FhirError, Issue
 from ..storage.models import CdsFeedback
 from .auth import CdsClientDep
-from .deps import ClockDep, CodebookDep, EngineDep, SessionDep, SettingsDep
+from .deps import ClockDep, CodebookDep, EngineDep, EvaluationCacheDep, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/cds-services", tags=["CDS Hooks"])
 
@@ -43,6 +43,7 @@ async def call_service(
     engine: EngineDep,
     session: SessionDep,
     clock: ClockDep,
+    evaluations: EvaluationCacheDep,
 ) -> JSONResponse:
     # The client JWT's jti is recorded in the request session: commit it now, so the token is
     # spent whatever happens next, and so the evaluation's own transaction does not wait on
@@ -50,7 +51,8 @@ async def call_service(
     await run_in_threadpool(session.commit)
     service = service_for(service_id)
     public_base = settings.auth_public_base_url or str(request.base_url)
-    response = await call_hook(HookCall(service, req, client.actor, public_base), settings, codebook, engine, clock())
+    call = HookCall(service, req, client.actor, public_base)
+    response = await call_hook(call, settings, codebook, engine, clock(), evaluations)
     return JSONResponse(response.model_dump())
 
 

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from ..app.cache import EvaluationCache
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..storage.db import read_only, sessions
@@ -23,6 +24,11 @@ def get_settings(request: Request) -> Settings:
 def get_codebook(request: Request) -> Codebook:
     codebook: Codebook = request.app.state.codebook
     return codebook
+
+
+def get_evaluation_cache(request: Request) -> EvaluationCache:
+    cache: EvaluationCache = request.app.state.evaluations
+    return cache
 
 
 def get_engine(request: Request) -> Engine:
@@ -47,6 +53,7 @@ def get_clock(request: Request) -> Callable[[], datetime]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CodebookDep = Annotated[Codebook, Depends(get_codebook)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+EvaluationCacheDep = Annotated[EvaluationCache, Depends(get_evaluation_cache)]
 # scope="function": commit before the response is sent, so a failed commit is never a 2xx.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 
+from ..app.cache import EvaluationCache
 from ..app.evaluate import Evaluation
 from ..codebook import Codebook
 from ..config.ehr import FhirServerConfig
@@ -264,7 +265,12 @@ class HookCall:
 
 
 async def call_hook(
-    call: HookCall, settings: Settings, codebook: Codebook, engine: Engine, now: datetime
+    call: HookCall,
+    settings: Settings,
+    codebook: Codebook,
+    engine: Engine,
+    now: datetime,
+    cache: EvaluationCache | None = None,
 ) -> CdsResponse:
     """Prefetch or fetch -> store -> evaluate -> enqueue -> cards, for one hook call."""
     service, req = call.service, call.request
@@ -303,7 +309,7 @@ async def call_hook(
         status=200,
     )
     evaluation, _ = await run_in_threadpool(
-        partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit),
+        partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit, cache=cache),
         engine,
         patient_id,
         resources,

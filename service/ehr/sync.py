@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from ..app.cache import EvaluationCache
 from ..app.evaluate import Evaluation
 from ..app.store import evaluate_stored, store_evaluation, store_resources
 from ..codebook import Codebook
@@ -80,6 +81,7 @@ def evaluate_patient(
     settings: Settings,
     now: datetime,
     unstored: Iterable[dict[str, Any]] = (),
+    cached: Evaluation | None = None,
 ) -> tuple[Evaluation, bool]:
     """Evaluate the stored data; store and enqueue only when something changed.
     Returns the evaluation and whether it was new.
@@ -89,8 +91,9 @@ def evaluate_patient(
     part of it; inputs may have been posted to the API) and keeps the newer version of a resource.
     `unstored`: what storage rejected in this read and could not keep (no id), graded leniently
     so each is named as left out (kept rejections are read back by `evaluate_stored`).
+    `cached`: the evaluation of these very stored inputs, when known (EvaluationCache).
     """
-    evaluation = evaluate_stored(
+    evaluation = cached or evaluate_stored(
         session, patient_id, codebook, settings, None, now, store=False, fallback_at=now, unstored=unstored
     )
     if evaluation.untimed:
@@ -114,11 +117,13 @@ def store_and_evaluate(
     target: str | None,
     base: str | None = None,
     audit: AuditEvent | None = None,
+    cache: EvaluationCache | None = None,
 ) -> tuple[Evaluation | None, bool]:
     """Store what was read from the FHIR server at `base`, evaluate, enqueue and move the poll
     checkpoint, in one transaction. Only a patient the EHR returned is evaluated and watched (an
     unknown id would be re-read every pass). Returns the evaluation (None without the Patient)
-    and whether it was new."""
+    and whether it was new. With a `cache`, a patient whose stored inputs did not change since its
+    last evaluation is not graded again."""
     with Session(engine, expire_on_commit=False) as session:
         readable = _readable(resources)
         if len(readable) < len(resources):  # counts only: no patient ids or clinical values in the log
@@ -135,13 +140,19 @@ def store_and_evaluate(
             and (out_res.get("subject") or {}).get("reference") == f"Patient/{patient_id}"
         ]
         evaluation, changed = None, False
+        fingerprint = None
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
-            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, unkept)
+            if cache is not None and not unkept:
+                fingerprint = repository.input_fingerprint(session, patient_id)
+            cached = cache.get(patient_id, fingerprint) if cache is not None and fingerprint else None
+            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, unkept, cached)
             if target is not None:
                 watch(session, target, patient_id, high_water(resources), now)
         if audit is not None:
             repository.add_audit_event(session, audit)
         session.commit()
+    if cache is not None and fingerprint and evaluation is not None and not evaluation.untimed:
+        cache.put(patient_id, fingerprint, evaluation)  # after the commit: it is what is stored
     return evaluation, changed
 
 

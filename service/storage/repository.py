@@ -6,6 +6,7 @@ method, code, occurrence) next to the resource it stores verbatim.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -209,6 +210,37 @@ def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
         meds = conn.execute(select(c.body).where((c.resource_type == "Medication") & c.id.in_(med_ids))).scalars()
         resources += [orjson.loads(body) for body in meds]
     return resources
+
+
+def stored_bodies(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[bytes, int]]:
+    """(body as stored, server version) of the stored input resources among `keys`."""
+    c = _STORED.c
+    out: dict[tuple[str, str], tuple[bytes, int]] = {}
+    conn = session.connection()
+    for part in _chunks(sorted(set(keys))):
+        where, params = _in_keys(session, _STORED, part)
+        for row in conn.execute(select(c.resource_type, c.id, c.body, c.version_id).where(where), params):
+            out[(row.resource_type, row.id)] = (bytes(row.body), row.version_id)
+    return out
+
+
+def input_fingerprint(session: Session, patient_id: str) -> str:
+    """A digest of what an evaluation of the patient reads: every stored input's server version,
+    the Medications' versions (any of them: a change to one changes this) and the kept rejected
+    inputs. Equal fingerprints, equal inputs."""
+    c, r = _STORED.c, RejectedInput.__table__.c  # type: ignore[attr-defined]
+    conn = session.connection()
+    mine = (c.patient_id == patient_id) | ((c.resource_type == "Patient") & (c.id == patient_id))
+    digest = hashlib.blake2b(digest_size=16)
+    for row in conn.execute(select(c.resource_type, c.id, c.version_id).where(mine).order_by(c.resource_type, c.id)):
+        digest.update(f"{row.resource_type}/{row.id}/{row.version_id};".encode())
+    meds = conn.execute(
+        select(func.count(), func.coalesce(func.sum(c.version_id), 0)).where(c.resource_type == "Medication")
+    ).one()
+    digest.update(f"Medication:{meds[0]}:{meds[1]};".encode())
+    for row in conn.execute(select(r.resource_type, r.id, r.body).where(r.patient_id == patient_id).order_by(r.id)):
+        digest.update(f"rejected {row.resource_type}/{row.id}:".encode() + bytes(row.body))
+    return digest.hexdigest()
 
 
 def stored_version(session: Session, rtype: str, rid: str) -> tuple[str, str] | None:
