@@ -222,3 +222,23 @@ async def test_concurrent_writes_of_one_patient_to_one_process_never_fail(client
     assert [r.status_code for r in answers] == [200] * 6, [r.text[:200] for r in answers if r.status_code != 200]
     newest = (await client.get("/fhir/Observation/t0")).json()
     assert newest["valueQuantity"]["value"] == pytest.approx(37.6)
+
+
+def test_a_cut_course_never_claims_a_maximum_since_day_0() -> None:
+    from service.app.evaluate import evaluate_body
+    from service.codebook import load_codebook
+
+    settings = Settings()
+    day0 = "2026-01-03T10:00:00+00:00"
+    late = "2026-06-01T10:00:00+00:00"  # about 150 days later
+    resources = (
+        f.administration(f.local("cart-infusion"), at=day0, status="completed", id="cart"),
+        f.temperature(40.0, "2026-01-04T10:00:00+00:00", id="fever"),
+        f.temperature(37.0, late, id="late"),
+    )
+    ev = evaluate_body(
+        f.body(f.patient(), *resources), load_codebook(settings.canonical_base), settings, None, FIXED_NOW
+    )
+    course = next(ra for ra in ev.assessments if ra["code"]["coding"][0]["code"] == "max-grade")
+    assert course["code"]["text"] == "Maximum grade over the sampled span only (not since day 0)"
+    assert course["occurrencePeriod"]["start"] > day0

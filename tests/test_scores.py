@@ -1021,3 +1021,11 @@ def test_left_out_marrow_result_makes_disease_burden_indeterminate() -> None:
     ev = evaluate(lymphodepletion(), infusion(), condition("C91.00"), *marrow, bad)
     burden = next(s for s in ev.scores if s.method == "disease-burden")
     assert burden.left_out == ("Observation/bm-bad",) and burden.predictions[0].relative_risk is None
+
+
+def test_left_out_infusion_before_the_recorded_one_makes_product_baseline_indeterminate() -> None:
+    early = f.administration(f.cc(f.LOCAL, "cart-infusion", "Kymriah"), at="2026-01-05", status="completed", id="c0")
+    ev = evaluate(infusion("axicabtagene ciloleucel"), condition("C83.38"), early)
+    (base,) = [s for s in ev.scores if s.method == "product-baseline"]
+    assert base.left_out == ("MedicationAdministration/c0",)
+    assert all(p.probability is None for p in base.predictions)

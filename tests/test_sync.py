@@ -254,8 +254,11 @@ def test_unchanged_inputs_are_not_graded_again_and_any_change_is(
 
     with counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses:
         first = sync(resources)
-        again = sync(resources)
+        again, changed = store_and_evaluate(
+            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, cache=cache
+        )
         assert len(parses) == 1 and again is first  # the same stored inputs: served, not graded
+        assert not changed  # nor stored or written back again
         assert crs_of(first).grade == 3
         # a new version of an input, a changed Medication, a kept rejected input: graded again
         sync([f.patient(), {**f.temperature(39.5, T0, id="t"), "meta": {"versionId": "2"}}])
@@ -267,3 +270,35 @@ def test_unchanged_inputs_are_not_graded_again_and_any_change_is(
         assert len(parses) == 4
         sync([f.patient()])
         assert len(parses) == 4
+
+
+def test_an_unversioned_rejected_copy_after_a_versioned_stored_one_is_named(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    # A poll stored version 5; a prefetch then sends the same id without meta, impossible: it
+    # replaces what is stored (as an unversioned usable copy would) and is named, never dropped.
+    store_and_evaluate(
+        clean_engine,
+        "p1",
+        [f.patient(), {**f.temperature(38.5, T0, id="t"), "meta": {"versionId": "5"}}],
+        codebook,
+        settings,
+        FIXED_NOW,
+        target=None,
+    )
+    ev, _ = store_and_evaluate(
+        clean_engine, "p1", [f.patient(), f.temperature(1000.0, T0, id="t")], codebook, settings, FIXED_NOW, target=None
+    )
+    assert ev is not None and [r.ref for r in ev.left_out] == ["Observation/t"]
+
+
+def test_a_non_string_id_or_a_number_beyond_64_bits_is_rejected_not_a_500(
+    clean_engine: Engine, codebook: Codebook
+) -> None:
+    with Session(clean_engine) as session:
+        out = store_resources(
+            session,
+            [f.patient(), {**f.temperature(39.0, T0), "id": 5}, {**f.temperature(39.0, T0, id="big"), "x": 2**70}],
+            codebook,
+        )
+    assert [r.outcome for r in out.results] == ["stored", "rejected", "rejected"]

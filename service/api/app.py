@@ -11,7 +11,8 @@ from datetime import datetime
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -165,7 +166,10 @@ def create_app(
     async def http_error(_: Request, exc: StarletteHTTPException) -> FhirResponse:
         return _outcome(exc.status_code, [Issue(HTTP_ISSUE_CODES.get(exc.status_code, "processing"), str(exc.detail))])
 
-    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(OperationalError)  # the database is gone, or a connection broke
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(DisconnectionError)
+    @app.exception_handler(PoolTimeout)  # every pooled connection busy
     async def database_error(_: Request, exc: SQLAlchemyError) -> FhirResponse:
         # The database is gone, busy or refused a concurrent write: retryable, never a 500.
         log.error("database error %s", type(exc).__name__)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session
 
 from ..app.evaluate import evaluate_body, parse_at
 from ..app.store import evaluate_stored, store_bundle, store_one
+from ..codebook import Codebook
+from ..config.settings import Settings
 from ..fhir.capability import capability_statement
 from ..fhir.errors import FhirError
 from ..fhir.ingest import load_json
@@ -181,7 +184,15 @@ def search_assessments(
     )
 
 
-def _written(session: SessionDep, out: repository.WriteOutcome) -> FhirResponse:
+def _store_one(
+    session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook, settings: Settings
+) -> FhirResponse:
+    """Store one resource and read it back as stored (in one worker thread: database work never
+    runs on the event loop)."""
+    return _written(session, store_one(session, res, rtype, rid, codebook, settings.site_tz()))
+
+
+def _written(session: Session, out: repository.WriteOutcome) -> FhirResponse:
     res = repository.read_resource(session, out.resource_type, out.id) or {}
     location = f"{out.resource_type}/{out.id}/_history/{out.version_id}"
     return FhirResponse(
@@ -207,8 +218,7 @@ def _input_routes(rtype: str) -> None:
         request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
     ) -> FhirResponse:
         res = load_json(await request.body())
-        out = await run_in_threadpool(store_one, session, res, rtype, None, codebook, settings.site_tz())
-        return _written(session, out)
+        return await run_in_threadpool(_store_one, session, res, rtype, None, codebook, settings)
 
     @router.put(
         f"/{rtype}/{{rid}}",
@@ -222,8 +232,7 @@ def _input_routes(rtype: str) -> None:
         rid: str, request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
     ) -> FhirResponse:
         res = load_json(await request.body())
-        out = await run_in_threadpool(store_one, session, res, rtype, rid, codebook, settings.site_tz())
-        return _written(session, out)
+        return await run_in_threadpool(_store_one, session, res, rtype, rid, codebook, settings)
 
     @router.get(
         f"/{rtype}/{{rid}}",

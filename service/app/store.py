@@ -272,6 +272,18 @@ def store_resources(
     return StoreResult(tuple(ordered))
 
 
+def _body(res: dict[str, Any]) -> bytes | None:
+    """The resource as storage keeps it; None when JSON cannot hold it (an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(res)
+    except TypeError:
+        return None
+
+
+def _storable(res: dict[str, Any]) -> bool:
+    return _body(res) is not None
+
+
 def _identical(session: Session, resources: list[dict[str, Any]]) -> dict[int, ResourceResult]:
     """ "unchanged" (by position) for each resource stored byte for byte as it is: it passed the
     checks when it was stored. One read for all: a known patient's hook or poll mostly re-reads
@@ -281,7 +293,7 @@ def _identical(session: Session, resources: list[dict[str, Any]]) -> dict[int, R
     out: dict[int, ResourceResult] = {}
     for i, (key, res) in enumerate(zip(keys, resources, strict=True)):
         found = stored.get(key)
-        if found is not None and found[0] == orjson.dumps(res):
+        if found is not None and found[0] == _body(res):
             write = repository.WriteOutcome(key[0], key[1], found[1], "200 OK", changed=False)
             out[i] = ResourceResult(key[0], key[1], "unchanged", write=write)
     return out
@@ -292,11 +304,18 @@ def _keep_rejected(session: Session, checked: _Checked, result: ResourceResult) 
     version order; arrival order among versions that do not say theirs). Also returns whether
     it was saved in rejected_input."""
     res = checked.entry.resource
-    if checked.patient_id is None or not FHIR_ID.fullmatch(result.id) or meta_issues(res.get("meta"), ""):
-        # nothing to keep it by (or its meta is the problem): named in this evaluation only
+    if (
+        checked.patient_id is None
+        or not FHIR_ID.fullmatch(result.id)
+        or meta_issues(res.get("meta"), "")
+        or not _storable(res)
+    ):
+        # nothing to keep it by (or its meta or JSON is the problem): named in this evaluation only
         return result, False
     stored = repository.stored_version(session, result.resource_type, result.id)
-    saved = stored is None or not version_key_of(*stored) > version_key(res)
+    meta = res.get("meta") or {}
+    unversioned = not (meta.get("versionId") or meta.get("lastUpdated"))  # replaces any, as the upsert does
+    saved = stored is None or unversioned or not version_key_of(*stored) > version_key(res)
     if saved:
         repository.save_rejected(session, res, checked.patient_id)
     return replace(result, kept=True), saved

@@ -313,8 +313,8 @@ def easix_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Scor
         out.append(ScoreResult("easix", EASIX_CITATION, at, "pre-lymphodepletion", None, (_with(p, why),), (), missing))
     elif ld.start <= at:
         window = before_lymphodepletion(ld.start, at, cfg)
-        anchor: dict[str, datetime] = {C.LYMPHODEPLETION: ld.start}
-        out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction, anchor))
+        anchors = _ld_anchors(ld, data.first_event(C.CART_INFUSION))
+        out.append(_formula_result(EASIX, data, window, "pre-lymphodepletion", _easix_pre_prediction, anchors))
     seen: set[datetime] = set()
     for s in data.series(C.LDH):
         if s.t > at:
@@ -345,30 +345,38 @@ def pennisi_scores(data: PatientData, at: datetime, cfg: ScoreConfig) -> list[Sc
     """m-EASIX and s-EASIX at lymphodepletion, day -1, day +1 and day +3 (Pennisi 2021)."""
     ld = lymphodepletion(data)
     day0 = data.first_event(C.CART_INFUSION)
-    points: list[tuple[str, Window | None, str, datetime | None]] = [
+    # (label, window, the event that places it, the recorded events a left-out earlier one would move)
+    points: list[tuple[str, Window | None, str, dict[str, datetime]]] = [
         (
             "lymphodepletion",
             before_lymphodepletion(ld.start, at, cfg) if ld else None,
             C.LYMPHODEPLETION,
-            ld.start if ld else None,
+            _ld_anchors(ld, day0) if ld else {},
         ),
     ]
     if day0 is None:  # one indeterminate result for the three infusion-relative points
-        points.append(("day -1, +1 and +3", None, C.CART_INFUSION, None))
+        points.append(("day -1, +1 and +3", None, C.CART_INFUSION, {}))
     else:
         for label, days in (("day -1", -1), ("day +1", 1), ("day +3", 3)):
-            points.append((label, around(day0.start + timedelta(days=days), at, cfg), C.CART_INFUSION, day0.start))
+            window = around(day0.start + timedelta(days=days), at, cfg)
+            points.append((label, window, C.CART_INFUSION, {C.CART_INFUSION: day0.start}))
     out: list[ScoreResult] = []
     for f in (M_EASIX, S_EASIX):
-        for label, window, anchor, start in points:
-            if window is None or start is None:
+        for label, maybe_window, anchor, anchors in points:
+            if maybe_window is None:
                 p = _pennisi_prediction(f.method, label)(None)
                 why = f"Indeterminate at {label}: no {anchor} recorded to place the time point."
                 out.append(ScoreResult(f.method, f.citation, at, label, None, (_with(p, why),), (), (anchor,)))
-            elif window.target <= at:  # time points still in the future are not reported
+            elif maybe_window.target <= at:  # time points still in the future are not reported
                 prediction = _pennisi_prediction(f.method, label)
-                out.append(_formula_result(f, data, window, label, prediction, {anchor: start}))
+                out.append(_formula_result(f, data, maybe_window, label, prediction, anchors))
     return out
+
+
+def _ld_anchors(ld: Administration, day0: Administration | None) -> dict[str, datetime]:
+    """What places a pre-lymphodepletion point: the course's first dose, and day 0, which decides
+    which course is the lymphodepletion (lymphodepletion())."""
+    return {C.LYMPHODEPLETION: ld.start, **({C.CART_INFUSION: day0.start} if day0 else {})}
 
 
 # --- Product baseline (seed 003, Brudno, Maus & Hinrichs, JAMA 2024, Table 1) ---------------
@@ -449,6 +457,18 @@ def product_baseline(data: PatientData, at: datetime) -> list[ScoreResult]:
         )
         return [ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (), tuple(missing))]
     assert row is not None and infusion is not None
+    earlier = _left_out_anchors(data, {C.CART_INFUSION: infusion.start})  # another product, maybe
+    if earlier:
+        text = f"Indeterminate: {_left_out_text(earlier)}."
+        preds = (
+            Prediction(CRS_ANY, "Any-grade CRS", rationale=text),
+            Prediction(NEURO_ANY, "Any-grade neurologic toxicity", rationale=text),
+        )
+        refs = tuple(r.ref for r in earlier)
+        missing_rows = left_out_missing(earlier)
+        return [
+            ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (), missing_rows, refs)
+        ]
     common = (
         f"{row.product} for {row.population}: pivotal-trial incidence (seed 003 Table 1). A population rate, not an "
         "individual prediction; the CRS rates come from different grading scales."
@@ -518,8 +538,12 @@ def disease_burden(data: PatientData, at: datetime) -> list[ScoreResult]:
     if data.left_out and anchor is not None:
         window = Window(cut, cut - BURDEN_LOOKBACK, cut - timedelta(microseconds=1), latest=True)
         picked: dict[str, Sample | None] = {C.BM_BLASTS: blasts, C.EXTRAMEDULLARY_DISEASE: emd}
-        kind = C.LYMPHODEPLETION if ld else C.CART_INFUSION
-        rows = _left_out_values(data, window, picked) + _left_out_anchors(data, {kind: anchor.start})
+        # A left-out lymphodepletion before the cut (or before the recorded one) would move it; so
+        # would an earlier left-out infusion.
+        anchors: dict[str, datetime] = {C.LYMPHODEPLETION: anchor.start}
+        if day0 is not None:
+            anchors[C.CART_INFUSION] = day0.start
+        rows = _left_out_values(data, window, picked) + _left_out_anchors(data, anchors)
         if rows:
             text = f"Indeterminate: {_left_out_text(rows)}. {scope}"
             pred = Prediction("relapse-after-car-t", "Relapsed/refractory disease after CAR T", rationale=text)

@@ -64,12 +64,26 @@ def _readable(resources: Iterable[Any]) -> list[dict[str, Any]]:
     return [r for r in resources if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES]
 
 
+def _of_patient(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
+    """Whether a resource read for the patient is theirs: the Patient, or a subject naming them."""
+    if res.get("resourceType") == "Patient":
+        return res.get("id") == patient_id
+    subject = res.get("subject")
+    ref = subject.get("reference") if isinstance(subject, dict) else None
+    own = f"Patient/{patient_id}"
+    return ref == own or (base is not None and ref == f"{base.rstrip('/')}/{own}")
+
+
 def _unchanged(session: Session, evaluation: Evaluation) -> bool:
     """Whether every RiskAssessment of the evaluation is stored as computed (one query)."""
     stored = repository.emitted_by_id(session, "RiskAssessment", [ra["id"] for ra in evaluation.assessments])
+
+    def content(ra: dict[str, Any]) -> dict[str, Any]:  # the stored version (meta) is not content
+        return {k: v for k, v in ra.items() if k != "meta"}
+
     for ra in evaluation.assessments:
         found = stored.get(ra["id"])
-        if found is None or {k: v for k, v in found.items() if k != "meta"} != ra:
+        if found is None or content(found) != content(ra):
             return False
     return True
 
@@ -131,13 +145,12 @@ def store_and_evaluate(
         stored = store_resources(session, readable, codebook, site_tz=settings.site_tz(), base=base)
         if stored.rejected:
             log.warning("sync: %d resources rejected (invalid for grading; named in evaluations)", stored.rejected)
-        # A rejection storage could not keep (no id) is named in this evaluation only.
+        # A rejection storage could not keep (no id, or its meta is the problem) is named in this
+        # evaluation only; references on the EHR's base count as relative ones.
         unkept = [
-            out_res
-            for out_res, out in zip(readable, stored.results, strict=True)
-            if out.outcome == "rejected"
-            and not out.kept
-            and (out_res.get("subject") or {}).get("reference") == f"Patient/{patient_id}"
+            res
+            for res, out in zip(readable, stored.results, strict=True)
+            if out.outcome == "rejected" and not out.kept and _of_patient(res, patient_id, base)
         ]
         evaluation, changed = None, False
         fingerprint = None

@@ -148,8 +148,14 @@ def course_assessment(
     prediction: dict[str, Any] = {"outcome": _outcome(summary, sy["outcome"]), "rationale": course.rationale(cfg)}
     if course.peak_grade is not None:
         prediction["qualitativeRisk"] = _qualitative(QUALITATIVE[course.peak_grade])
-    ra = _envelope(base, key, patient_ref, course.method, course.scale, code, "Maximum grade since day 0")
-    ra["occurrencePeriod"] = {"start": course.start.isoformat(), "end": course.at.isoformat()}
+    # A course cut to its last IECTOX_COURSE_MAX_DAYS never claims a maximum since day 0: its
+    # period and text name the span that was sampled.
+    if course.sampled_from is None:
+        start, text = course.start, "Maximum grade since day 0"
+    else:
+        start, text = course.sampled_from, "Maximum grade over the sampled span only (not since day 0)"
+    ra = _envelope(base, key, patient_ref, course.method, course.scale, code, text)
+    ra["occurrencePeriod"] = {"start": start.isoformat(), "end": course.at.isoformat()}
     ra["prediction"] = [prediction]
     if peak is not None and peak.basis:
         ra["basis"] = [{"reference": r} for r in peak.basis]

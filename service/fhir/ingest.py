@@ -934,6 +934,9 @@ def _component_parts(norm: Normaliser, en: Entry, issues: list[Issue], site_tz: 
     for index, problems in sorted(by_index.items()):
         comp = components[index]
         concept = norm.cb.concept_for(_codings(comp.get("code")), None) if isinstance(comp, dict) else None
+        # A component that cannot be read at all could have been any value of the panel: take the
+        # panel's own concept, so a grade it could change becomes indeterminate.
+        concept = concept or _entry_concept(norm, en)
         reason = "; ".join(d for _, d in problems)
         out.append(LeftOut(en.ref, f"{prefix}{index}]", reason, concept, t, tuple(problems)))
     return out
@@ -1101,10 +1104,15 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
     res, path, rtype = en.resource, en.path, en.type
     patient_id: str | None = None
     try:
-        if not FHIR_ID.fullmatch(str(res.get("id") or "")):
+        rid = res.get("id")
+        if not (isinstance(rid, str) and FHIR_ID.fullmatch(rid)):
             r.fail("value", "id must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.id")
         for issue in meta_issues(res.get("meta"), path):
             r.fail(issue.code, issue.diagnostics, str(issue.expression))
+        try:
+            orjson.dumps(res)
+        except TypeError:  # an integer beyond 64 bits (a parser other than orjson let it through)
+            r.fail("value", "a number is beyond what storage keeps (64-bit integers)", path)
         if rtype not in STORABLE_TYPES:
             r.fail("not-supported", f"this server stores {', '.join(sorted(STORABLE_TYPES))}, not {rtype}", path)
         elif rtype == "Patient":
@@ -1145,6 +1153,13 @@ def meta_issues(meta: Any, path: str) -> list[Issue]:
         issues.append(
             Issue("value", "meta.versionId must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.meta.versionId")
         )
-    if updated not in (None, "") and not (isinstance(updated, str) and len(updated) <= 40):
+    if updated not in (None, "") and not (isinstance(updated, str) and len(updated) <= 40 and _is_instant(updated)):
         issues.append(Issue("value", "meta.lastUpdated must be a FHIR instant", f"{path}.meta.lastUpdated"))
     return issues
+
+
+def _is_instant(raw: str) -> bool:
+    try:
+        return datetime.fromisoformat(raw).tzinfo is not None
+    except ValueError:
+        return False

@@ -238,7 +238,9 @@ def input_fingerprint(session: Session, patient_id: str) -> str:
         select(func.count(), func.coalesce(func.sum(c.version_id), 0)).where(c.resource_type == "Medication")
     ).one()
     digest.update(f"Medication:{meds[0]}:{meds[1]};".encode())
-    for row in conn.execute(select(r.resource_type, r.id, r.body).where(r.patient_id == patient_id).order_by(r.id)):
+    for row in conn.execute(
+        select(r.resource_type, r.id, r.body).where(r.patient_id == patient_id).order_by(r.resource_type, r.id)
+    ):
         digest.update(f"rejected {row.resource_type}/{row.id}:".encode() + bytes(row.body))
     return digest.hexdigest()
 
