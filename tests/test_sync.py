@@ -302,3 +302,16 @@ def test_a_non_string_id_or_a_number_beyond_64_bits_is_rejected_not_a_500(
             codebook,
         )
     assert [r.outcome for r in out.results] == ["stored", "rejected", "rejected"]
+
+
+def test_a_rejected_newer_patient_replaces_the_stored_one_in_the_evaluation(
+    clean_engine: Engine, codebook: Codebook, settings: Settings
+) -> None:
+    store_and_evaluate(
+        clean_engine, "p1", [f.patient(), f.temperature(39.0, T0, id="t")], codebook, settings, FIXED_NOW, target=None
+    )
+    # Its meta cannot be stored (not a FHIR id), its content can be graded: it is graded in place of
+    # the stored Patient, never beside it (two Patients would be a 422 for the whole hook).
+    bad_meta = {**f.patient(birth_date="1960-01-01"), "meta": {"versionId": "v 2"}}
+    ev, _ = store_and_evaluate(clean_engine, "p1", [bad_meta], codebook, settings, FIXED_NOW, target=None)
+    assert ev is not None and crs_of(ev).floor == 1  # fever: at least grade 1, blood pressure and oxygen unknown

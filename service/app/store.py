@@ -375,11 +375,10 @@ def evaluate_stored(
     """
     resources = repository.patient_inputs(session, patient_id)
     rejected = repository.rejected_inputs(session, patient_id)
-    if rejected:
-        kept = {f"{r['resourceType']}/{r['id']}" for r in rejected}
-        resources = [r for r in resources if f"{r['resourceType']}/{r['id']}" not in kept] + rejected
     extra = list(unstored)
-    resources += extra
+    # What storage rejected (kept, or just read) replaces a stored version of the same id.
+    newer = {(r.get("resourceType"), r.get("id")) for r in (*rejected, *extra) if isinstance(r.get("id"), str)}
+    resources = [r for r in resources if (r["resourceType"], r["id"]) not in newer] + rejected + extra
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}") for r in resources]
