@@ -73,6 +73,12 @@ class BodyLimit:
 RETRY_AFTER_S = "5"
 
 
+def _retry_later(message: str) -> FhirResponse:
+    """503 with Retry-After: a database fault, never the request's, so retrying is safe."""
+    issue = Issue("transient", message)
+    return FhirResponse(operation_outcome([issue]), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+
+
 class ContainErrors:
     """Any exception the routes did not handle becomes a 500 OperationOutcome here, logged by its
     type only: its message (and uvicorn's traceback, which prints it) could carry clinical values."""
@@ -171,17 +177,14 @@ def create_app(
     @app.exception_handler(DisconnectionError)
     @app.exception_handler(PoolTimeout)  # every pooled connection busy
     async def database_error(_: Request, exc: SQLAlchemyError) -> FhirResponse:
-        # The database is gone, busy or refused a concurrent write: retryable, never a 500.
         log.error("database error %s", type(exc).__name__)
-        issue = Issue("transient", "the database is unavailable or busy; retry later")
-        return FhirResponse(operation_outcome([issue]), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+        return _retry_later("the database is unavailable; retry later")
 
     @app.exception_handler(StorageBusy)
     async def storage_busy(_: Request, exc: StorageBusy) -> FhirResponse:
-        # Other writers held the rows too long: nothing of this request was stored; retry.
+        # Other writers held the rows too long: nothing of this request was stored.
         log.warning("storage busy: %s", exc.reason)
-        issue = Issue("transient", "the database is busy with other writes; retry later")
-        return FhirResponse(operation_outcome([issue]), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+        return _retry_later("the database is busy with other writes; retry later")
 
     app.add_middleware(ContainErrors)  # outermost of ours: no exception reaches the server's log
     return app

@@ -25,7 +25,7 @@ from ..config.settings import Settings
 from ..core.concepts import C
 from ..ehr.client import FhirClient
 from ..ehr.errors import EhrError
-from ..ehr.sync import observation_codes, store_and_evaluate
+from ..ehr.sync import names_patient, observation_codes, store_and_evaluate
 from ..fhir.errors import FhirError
 from ..fhir.ingest import FHIR_ID
 from ..storage.models import AuditEvent
@@ -211,25 +211,13 @@ async def _fetch_missing(
     return target, out
 
 
-# Where each resource type names its patient (a Medication has none: it is shared).
-PATIENT_ELEMENT = {
-    "Observation": "subject",
-    "MedicationAdministration": "subject",
-    "Condition": "subject",
-    "Procedure": "subject",
-}
+# The types that name their patient in `subject` (a Medication has none: it is shared).
+PATIENT_DATA_TYPES = frozenset({"Patient", "Observation", "MedicationAdministration", "Condition", "Procedure"})
 
 
 def _belongs(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
-    rtype = res.get("resourceType")
-    if rtype == "Patient":
-        return res.get("id") == patient_id
-    element = PATIENT_ELEMENT.get(str(rtype))
-    if element is None:
-        return True  # not a patient's data (Medication) or not read at all
-    ref = res.get(element, {}).get("reference") if isinstance(res.get(element), dict) else None
-    own = f"Patient/{patient_id}"
-    return ref == own or (base is not None and ref == f"{base.rstrip('/')}/{own}")
+    """A patient's data must be the hook patient's; anything else (Medication) is shared or not read."""
+    return str(res.get("resourceType")) not in PATIENT_DATA_TYPES or names_patient(res, patient_id, base)
 
 
 def check_prefetch(

@@ -429,6 +429,16 @@ def _indication(data: PatientData) -> tuple[str | None, str, tuple[str, ...]]:
     return None, f"several indications recorded ({', '.join(values)})", refs
 
 
+def _baseline_indeterminate(
+    when: datetime, text: str, missing: tuple[str, ...], left_out: tuple[str, ...] = ()
+) -> ScoreResult:
+    preds = (
+        Prediction(CRS_ANY, "Any-grade CRS", rationale=text),
+        Prediction(NEURO_ANY, "Any-grade neurologic toxicity", rationale=text),
+    )
+    return ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (), missing, left_out)
+
+
 def product_baseline(data: PatientData, at: datetime) -> list[ScoreResult]:
     infusion = data.first_event(C.CART_INFUSION)
     indication, why_not, cond_refs = _indication(data)
@@ -450,25 +460,12 @@ def product_baseline(data: PatientData, at: datetime) -> list[ScoreResult]:
         missing.append("product-indication pair")
         reasons.append(f"no pivotal-trial rate for {infusion.product if infusion else '?'} in {indication}")
     if missing:
-        text = f"Indeterminate: {'; '.join(reasons)}."
-        preds = (
-            Prediction(CRS_ANY, "Any-grade CRS", rationale=text),
-            Prediction(NEURO_ANY, "Any-grade neurologic toxicity", rationale=text),
-        )
-        return [ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (), tuple(missing))]
+        return [_baseline_indeterminate(when, f"Indeterminate: {'; '.join(reasons)}.", tuple(missing))]
     assert row is not None and infusion is not None
     earlier = _left_out_anchors(data, {C.CART_INFUSION: infusion.start})  # another product, maybe
     if earlier:
         text = f"Indeterminate: {_left_out_text(earlier)}."
-        preds = (
-            Prediction(CRS_ANY, "Any-grade CRS", rationale=text),
-            Prediction(NEURO_ANY, "Any-grade neurologic toxicity", rationale=text),
-        )
-        refs = tuple(r.ref for r in earlier)
-        missing_rows = left_out_missing(earlier)
-        return [
-            ScoreResult("product-baseline", PRODUCT_CITATION, when, "infusion", None, preds, (), missing_rows, refs)
-        ]
+        return [_baseline_indeterminate(when, text, left_out_missing(earlier), tuple(r.ref for r in earlier))]
     common = (
         f"{row.product} for {row.population}: pivotal-trial incidence (seed 003 Table 1). A population rate, not an "
         "individual prediction; the CRS rates come from different grading scales."

@@ -64,8 +64,9 @@ def _readable(resources: Iterable[Any]) -> list[dict[str, Any]]:
     return [r for r in resources if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES]
 
 
-def _of_patient(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
-    """Whether a resource read for the patient is theirs: the Patient, or a subject naming them."""
+def names_patient(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
+    """Whether a resource is the patient's: the Patient itself, or a subject naming them (relative,
+    or absolute on the EHR's `base`)."""
     if res.get("resourceType") == "Patient":
         return res.get("id") == patient_id
     subject = res.get("subject")
@@ -150,7 +151,7 @@ def store_and_evaluate(
         unkept = [
             res
             for res, out in zip(readable, stored.results, strict=True)
-            if out.outcome == "rejected" and not out.kept and _of_patient(res, patient_id, base)
+            if out.outcome == "rejected" and not out.kept and names_patient(res, patient_id, base)
         ]
         evaluation, changed = None, False
         fingerprint = None
