@@ -337,3 +337,20 @@ def test_a_component_that_is_not_an_object_is_left_out_named() -> None:
     # unreadable: it could have been any value of the panel, so it takes the panel's concept
     assert [(r.path, r.concept) for r in ev.left_out] == [("Bundle.entry[3].resource.component[3]", C.SYSTOLIC_BP)]
     assert crs(ev).grade == 2
+
+
+# --- supported years (a charting error outside them, never window arithmetic off the calendar) ----
+
+
+@pytest.mark.parametrize(
+    ("when", "left_out"),
+    [
+        pytest.param("1899-12-31T23:59:00+00:00", True, id="1899-below"),
+        pytest.param("1900-01-01T00:00:00+00:00", False, id="1900-on"),
+        pytest.param("2199-12-31T23:59:00+00:00", False, id="2199-on"),
+        pytest.param("2200-01-01T00:00:00+00:00", True, id="2200-above"),
+    ],
+)
+def test_supported_years_boundaries(when: str, left_out: bool) -> None:
+    ev = evaluate(f.temperature(37.0, when, id="edge"), *NORMAL)
+    assert ("Observation/edge" in [r.ref for r in ev.left_out]) is left_out

@@ -242,3 +242,11 @@ def test_a_cut_course_never_claims_a_maximum_since_day_0() -> None:
     course = next(ra for ra in ev.assessments if ra["code"]["coding"][0]["code"] == "max-grade")
     assert course["code"]["text"] == "Maximum grade over the sampled span only (not since day 0)"
     assert course["occurrencePeriod"]["start"] > day0
+
+
+@pytest.mark.parametrize(("extra", "cut"), [(timedelta(0), False), (timedelta(hours=1), True)])
+def test_course_span_boundary(extra: timedelta, cut: bool) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    cfg = CourseConfig(max_span=timedelta(days=100))
+    c = course_of("astct-crs", "ASTCT", lambda _: 0, start, start + timedelta(days=100) + extra, cfg)
+    assert (c.sampled_from is not None) is cut
