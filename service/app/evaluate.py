@@ -67,8 +67,9 @@ class Grader:
             f = self._facts[t] = facts_at(self.data, t, self.cfg)
         return f
 
-    def grade(self, method: str, t: datetime) -> GradeResult:
-        return BY_METHOD[method].grade(self.facts(t))
+    def grade(self, method: str, t: datetime, brief: bool = False) -> GradeResult:
+        """The result of one scale at `t`; `brief`: the grade only, no rationale (the course)."""
+        return BY_METHOD[method].grade(self.facts(t), brief)
 
 
 # Every grading scale, in output order: (method code, scale name). The course is computed for each.
@@ -92,7 +93,7 @@ def courses(grader: Grader, at: datetime, ccfg: CourseConfig) -> list[tuple[Cour
     for method, scale in SCALES:
 
         def grade_at(t: datetime, method: str = method) -> int | None:
-            return grader.grade(method, t).grade
+            return grader.grade(method, t, brief=True).grade
 
         c = course_of(method, scale, grade_at, start, at, ccfg, start_is_infusion=day0 is not None)
         peak = grader.grade(method, c.peak_time) if c.peak_time is not None else None

@@ -145,18 +145,17 @@ def _hypoxia(f: Facts) -> Domain:
     if not devices and not flows:
         return Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
     flowing = [s for s in flows if (s.value or 0.0) > 0]
-    known: list[tuple[int, Sample, str]] = []
+    known: list[tuple[int, Sample]] = []  # (grade, device or flow); put in words for the worst only
     uncredited: list[tuple[int, Sample]] = []
     for s in devices:
         g = OXYGEN_DEVICE_GRADE[s.code or ""]
         if g in (0, MAX_GRADE) or flowing:
-            known.append((g, s, f"oxygen device {s.code} at {_fmt_t(s.t)}"))
+            known.append((g, s))
         else:
             uncredited.append((g, s))
     for s in flows:
         value = s.value or 0.0
-        g = next((grade for above, grade in OXYGEN_FLOW_GRADE if value > above), 0)
-        known.append((g, s, f"oxygen flow {s.shown} at {_fmt_t(s.t)} (high flow is > {HIGH_FLOW_ABOVE_L_MIN:g} L/min)"))
+        known.append((next((grade for above, grade in OXYGEN_FLOW_GRADE if value > above), 0), s))
     best = max(known, key=lambda k: k[0], default=None)
     worst_uncredited = max(uncredited, key=lambda u: u[0], default=None)
     if worst_uncredited is not None and (best is None or worst_uncredited[0] > best[0]):
@@ -167,7 +166,11 @@ def _hypoxia(f: Facts) -> Domain:
         )
         return Domain("hypoxia", None, why, needs=C.OXYGEN_FLOW, ceiling=g)
     assert best is not None
-    grade, sample, text = best
+    grade, sample = best
+    if sample.concept == C.OXYGEN_DEVICE:
+        text = f"oxygen device {sample.code} at {_fmt_t(sample.t)}"
+    else:
+        text = f"oxygen flow {sample.shown} at {_fmt_t(sample.t)} (high flow is > {HIGH_FLOW_ABOVE_L_MIN:g} L/min)"
     if grade:
         return Domain("hypoxia", grade, f"{text} -> grade {grade}", (sample.ref,), finding=text)
     return Domain("hypoxia", grade, f"no oxygen support ({text})", (sample.ref,))
@@ -177,8 +180,8 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
     return crs_from_facts(facts_at(data, at, cfg))
 
 
-def crs_from_facts(f: Facts) -> GradeResult:
-    """ASTCT CRS from the shared per-window facts."""
+def crs_from_facts(f: Facts, brief: bool = False) -> GradeResult:
+    """ASTCT CRS from the shared per-window facts (`brief`: see grading.combine)."""
     data, lo, at = f.data, f.lo, f.at
     window = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
     gate = fever_gate(f.fever)
@@ -186,18 +189,20 @@ def crs_from_facts(f: Facts) -> GradeResult:
     if gate.domain is None:
         return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes, f.findings)
     fever_dom = gate.domain
-    considered = [s.ref for s in gate.temps]
     hypo = _hypotension(f)
     hypox = _hypoxia(f)
-    considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
-    for c in (C.SYSTOLIC_BP, C.MEAN_ARTERIAL_PRESSURE, C.OXYGEN_DEVICE, C.OXYGEN_FLOW):
-        considered += [s.ref for s in data.window(c, lo, at)]
-    for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN):
-        considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
-    if gate.day0:
-        considered.append(gate.day0.ref)
     domains = [fever_dom, hypo, hypox]
-    return combine(CRS_METHOD, CRS_SCALE, at, domains, window, notes, considered, f.findings)
+    considered: list[str] = []
+    if not brief:
+        considered = [s.ref for s in gate.temps]
+        considered += list(fever_dom.refs) + list(hypo.refs) + list(hypox.refs)
+        for c in (C.SYSTOLIC_BP, C.MEAN_ARTERIAL_PRESSURE, C.OXYGEN_DEVICE, C.OXYGEN_FLOW):
+            considered += [s.ref for s in data.window(c, lo, at)]
+        for c in (*VASOPRESSORS_COUNTED, VASOPRESSIN):
+            considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
+        if gate.day0:
+            considered.append(gate.day0.ref)
+    return combine(CRS_METHOD, CRS_SCALE, at, domains, window, notes, considered, f.findings, brief=brief)
 
 
 # --- ICANS ---------------------------------------------------------------------------
@@ -217,7 +222,7 @@ def _score_domain(
     return Domain(name, grade, f"{finding} -> grade {grade}", (worst.ref,), finding=finding)
 
 
-def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
+def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig, brief: bool = False) -> GradeResult:
     lo = at - cfg.window
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
     notes: list[str] = []
@@ -273,4 +278,4 @@ def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeRes
             notes.append("Consciousness not recorded; the ICE/CAPD assessment stands for it.")
     notes.append("Sedation and other causes of depressed consciousness cannot be excluded from data.")
     notes += ignored_note(data, ICANS_CONCEPTS)
-    return combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered)
+    return combine(ICANS_METHOD, ICANS_SCALE, at, domains, head, notes, considered, brief=brief)

@@ -76,13 +76,22 @@ def combine(
     notes: list[str],
     considered: list[str],
     crs: CrsFindings | None = None,
+    *,
+    brief: bool = False,
 ) -> GradeResult:
     """One result from the domains: the worst known grade, or indeterminate when an unknown
-    domain could still raise it; the rationale is the verdict, `head`, each domain, `notes`."""
+    domain could still raise it; the rationale is the verdict, `head`, each domain, `notes`.
+    `brief`: the grade, floor, missing inputs and CRS findings only (no rationale, basis or
+    considered inputs): what the course reads at each sample."""
     known = [d for d in domains if d.grade is not None]
     floor = max([d.grade for d in known if d.grade is not None] + [d.at_least for d in domains], default=0)
     # A domain without data matters only if it could still raise the grade.
     unknown = [d for d in domains if d.grade is None and d.ceiling > floor]
+    if brief:
+        missing = tuple(d.needs or d.name for d in unknown)
+        if unknown:
+            return GradeResult(method, scale, at, None, "", (), missing, floor=floor or None, crs=crs)
+        return GradeResult(method, scale, at, floor, "", (), missing, crs=crs)
     deciding = [d for d in known if d.required or (d.grade == floor and floor > 0)] or known
     details = [head] + [f"{d.name}: {d.why.rstrip('.')}." for d in domains]
     if unknown:

@@ -295,7 +295,7 @@ def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
     return out
 
 
-def grade_scale(sc: Scale, f: Facts) -> GradeResult:
+def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
     head = f"Window {_fmt_t(f.lo)} to {_fmt_t(f.at)}."
     gate = fever_gate(f.fever)
     notes = crs_notes(gate)
@@ -313,10 +313,11 @@ def grade_scale(sc: Scale, f: Facts) -> GradeResult:
         notes.append("Organ toxicity not graded: fever masked and no hypotension or hypoxia in the window.")
         organ = []
     domains += organ
-    return combine(sc.method, sc.name, f.at, domains, head, notes, list(f.considered), f.findings)
+    considered = [] if brief else list(f.considered)
+    return combine(sc.method, sc.name, f.at, domains, head, notes, considered, f.findings, brief=brief)
 
 
-def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResult:
+def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig, brief: bool = False) -> GradeResult:
     lo = at - cfg.window
     head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
     scores = [s for s in data.window(C.CARTOX_10, lo, at) if s.value is not None]
@@ -351,6 +352,5 @@ def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResu
         "unarousable. Papilledema, CSF pressure, seizure, motor and edema rows are not verified and not graded.",
         "Sedation and other causes cannot be excluded from data.",
     ]
-    return combine(
-        CRES_METHOD, CRES_SCALE, at, domains, head, notes + ignored_note(data, frozenset({C.CARTOX_10})), considered
-    )
+    notes += ignored_note(data, frozenset({C.CARTOX_10}))
+    return combine(CRES_METHOD, CRES_SCALE, at, domains, head, notes, considered, brief=brief)

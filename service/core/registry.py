@@ -19,8 +19,8 @@ from .leftout import with_left_out
 from .model import GradeResult, PatientData
 from .older import CARTOX, CRES_METHOD, CRES_SCALE, CTCAE4, CTCAE5, LEE, MSKCC, PENN, Scale, grade_cres, grade_scale
 
-FromFacts = Callable[[Facts], GradeResult]
-FromData = Callable[[PatientData, datetime, GradingConfig], GradeResult]
+FromFacts = Callable[[Facts, bool], GradeResult]
+FromData = Callable[[PatientData, datetime, GradingConfig, bool], GradeResult]
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,15 @@ class ScaleSpec:
     from_facts: FromFacts | None = None
     from_data: FromData | None = None
 
-    def grade(self, facts: Facts) -> GradeResult:
+    def grade(self, facts: Facts, brief: bool = False) -> GradeResult:
         """This scale's result at `facts.at`, from the facts or from their data, with the inputs
-        left out of grading named (and the result indeterminate when one could change it)."""
+        left out of grading named (and the result indeterminate when one could change it).
+        `brief`: the grade without its rationale and inputs (grading.combine), for the course."""
         if self.from_facts is not None:
-            result = self.from_facts(facts)
+            result = self.from_facts(facts, brief)
         else:
             assert self.from_data is not None
-            result = self.from_data(facts.data, facts.at, facts.cfg)
+            result = self.from_data(facts.data, facts.at, facts.cfg, brief)
         return with_left_out(result, facts.data, facts.lo, facts.at)
 
 
