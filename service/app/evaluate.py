@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..codebook import Codebook
+from ..config.runtime import gc_paused
 from ..config.settings import Settings
 from ..core.concepts import C
 from ..core.config import ATLANTA_FIO2_POINTS, GradingConfig, HypotensionRule, OlderConfig
@@ -167,6 +168,19 @@ def evaluate_entries(
     """Grade at `at`, else at the latest input time, else at `fallback_at` (then the Evaluation
     is `untimed`); 422 (expression "at") when there is none of the three. `strict` (default: the
     setting `input_handling`): an input the rules cannot use is a 422 rather than left out, named."""
+    with gc_paused():  # config/runtime.py: the parse's objects are acyclic
+        return _evaluate(entries, codebook, settings, at, recorded, fallback_at, strict)
+
+
+def _evaluate(
+    entries: list[Entry],
+    codebook: Codebook,
+    settings: Settings,
+    at: datetime | None,
+    recorded: datetime,
+    fallback_at: datetime | None,
+    strict: bool | None,
+) -> Evaluation:
     strict = settings.input_handling == "strict" if strict is None else strict
     parsed = parse_patient_entries(
         entries,
@@ -247,6 +261,7 @@ def evaluate_body(
     strict: bool | None = None,
 ) -> Evaluation:
     """The stateless `$evaluate`: a Bundle (or lone Patient) in, an Evaluation out."""
-    doc = load_json(body)
-    entries = split_entries(doc, max_entries=settings.max_bundle_entries, bundle_types=EVALUATE_BUNDLE_TYPES)
-    return evaluate_entries(entries, codebook, settings, at, recorded, strict=strict)
+    with gc_paused():  # config/runtime.py: the parse's objects are acyclic
+        doc = load_json(body)
+        entries = split_entries(doc, max_entries=settings.max_bundle_entries, bundle_types=EVALUATE_BUNDLE_TYPES)
+        return evaluate_entries(entries, codebook, settings, at, recorded, strict=strict)

@@ -6,11 +6,19 @@ Measured on the bench patient (bench/evaluate.py, 14 days, 9,269 resources; 2 co
 in separate processes): default thresholds 788-895 ms; `gc.freeze()` after start-up 713-728 ms;
 freeze plus a gen-0 threshold of 10,000 632-686 ms; thresholds of 50,000 or more were slower
 (755-993 ms). Reference cycles are still collected, only less often.
+
+`gc_paused()` keeps the collector out of one evaluation altogether: a parse allocates hundreds
+of thousands of acyclic objects (freed by reference counting), and each young-generation pass
+over them finds nothing to collect. Measured on the bench patient: 9% less time per `$evaluate`
+(min of 7: 349 -> 321 ms). Cycles made meanwhile are collected once the collector runs again.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 GC_THRESHOLDS = (10_000, 10, 10)
 
@@ -21,3 +29,21 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+_GC_SWITCH = threading.Lock()  # makes "read the state, then switch" one step across threads
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic collector paused for the block; the thread that paused it resumes it. A block
+    that starts while another has paused it leaves the switch alone (it may end unpaused)."""
+    with _GC_SWITCH:
+        paused_here = gc.isenabled()
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused_here:
+            with _GC_SWITCH:
+                gc.enable()

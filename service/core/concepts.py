@@ -192,7 +192,4 @@ if set(CONCEPTS) != set(ConceptName):  # pragma: no cover - a registry edit left
 
 def spec(name: str) -> ConceptSpec | None:
     """The registered spec of a concept name (a member or its string), or None if unregistered."""
-    try:
-        return CONCEPTS[ConceptName(name)]
-    except ValueError:
-        return None
+    return CONCEPTS.get(name)  # a StrEnum member hashes and compares as its string

@@ -62,15 +62,15 @@ class Entry:
     resource: dict[str, Any]
     path: str  # FHIRPath of the resource, e.g. Bundle.entry[3].resource
     full_url: str | None = None
+    # resourceType and the reference, read once (the parse asks for them per rule); an Entry's
+    # resource is not changed after the Entry is made.
+    type: str = field(init=False)
+    ref: str = field(init=False)
 
-    @property
-    def type(self) -> str:
-        return str(self.resource.get("resourceType"))
-
-    @property
-    def ref(self) -> str:
+    def __post_init__(self) -> None:
+        self.type = str(self.resource.get("resourceType"))
         rid = self.resource.get("id")
-        return f"{self.type}/{rid}" if rid else (self.full_url or "")
+        self.ref = f"{self.type}/{rid}" if rid else (self.full_url or "")
 
 
 # The version order (version_key) as storage keeps it: 64-bit integers, so the upsert compares
@@ -268,6 +268,21 @@ def _codings(cc: Any) -> list[Coding]:
     ]
 
 
+def _coded_concept(cb: Codebook, cc: Any) -> str | None:
+    """`cb.concept_for(_codings(cc), None)` without building the list: the parse's hot path."""
+    coding = cc.get("coding") if isinstance(cc, dict) else None
+    if isinstance(coding, list):
+        by_coding = cb.by_coding
+        for c in coding:
+            if isinstance(c, dict):
+                system, code = c.get("system", ""), c.get("code", "")
+                if isinstance(system, str) and isinstance(code, str):
+                    name = by_coding.get((system, code))
+                    if name is not None:
+                        return name
+    return None
+
+
 def codeable_text(cc: Any) -> str | None:
     if not isinstance(cc, dict):
         return None
@@ -423,11 +438,9 @@ class Normaliser:
         if status is None:
             r.fail("required", "Observation.status is required", f"{path}.status")
             return
-        concept = self.cb.concept_for(_codings(res.get("code")), None)
+        concept = _coded_concept(self.cb, res.get("code"))
         components = _arr(res.get("component"))
-        comp_concepts = [
-            self.cb.concept_for(_codings(c.get("code")), None) if isinstance(c, dict) else None for c in components
-        ]
+        comp_concepts = [_coded_concept(self.cb, c.get("code")) if isinstance(c, dict) else None for c in components]
         if concept is None and not any(comp_concepts):
             if not isinstance(res.get("code"), dict):
                 r.fail("required", "Observation.code is required", f"{path}.code")
@@ -856,7 +869,7 @@ def _entry_concept(norm: Normaliser, en: Entry) -> str | None:
     res = en.resource
     if en.type == "Observation":
         comps = [c for c in _arr(res.get("component")) if isinstance(c, dict)]
-        found = [norm.cb.concept_for(_codings(x.get("code")), None) for x in (res, *comps)]
+        found = [_coded_concept(norm.cb, x.get("code")) for x in (res, *comps)]
         return next((c for c in found if c), None)
     if en.type == "MedicationAdministration":
         cc = res.get("medicationCodeableConcept")
@@ -889,27 +902,15 @@ def _entry_time(res: dict[str, Any], site_tz: tzinfo | None) -> datetime | None:
     return None
 
 
-@dataclass
 class _Mark:
     """The Normaliser's output sizes before one resource, to take back what it added."""
 
-    issues: int
-    placed: int
-    doses: int
-    ignored: int
-    indications: int
-    added: int  # samples are rolled back through the Normaliser's journal (O(1) to mark)
+    __slots__ = ("added", "doses", "ignored", "indications", "issues", "placed")
 
-    @classmethod
-    def of(cls, norm: Normaliser) -> _Mark:
-        return cls(
-            len(norm.r.issues),
-            len(norm.r.placed),
-            len(norm.doses),
-            len(norm.ignored),
-            len(norm.indications),
-            len(norm.added),
-        )
+    def __init__(self, norm: Normaliser) -> None:
+        self.issues, self.placed, self.doses = len(norm.r.issues), len(norm.r.placed), len(norm.doses)
+        self.ignored, self.indications = len(norm.ignored), len(norm.indications)
+        self.added = len(norm.added)  # samples are rolled back through the Normaliser's journal (O(1) to mark)
 
     def rollback(self, norm: Normaliser) -> None:
         del norm.r.issues[self.issues :], norm.r.placed[self.placed :], norm.doses[self.doses :]
@@ -933,7 +934,7 @@ def _component_parts(norm: Normaliser, en: Entry, issues: list[Issue], site_tz: 
     out = []
     for index, problems in sorted(by_index.items()):
         comp = components[index]
-        concept = norm.cb.concept_for(_codings(comp.get("code")), None) if isinstance(comp, dict) else None
+        concept = _coded_concept(norm.cb, comp.get("code")) if isinstance(comp, dict) else None
         # A component that cannot be read at all could have been any value of the panel: take the
         # panel's own concept, so a grade it could change becomes indeterminate.
         concept = concept or _entry_concept(norm, en)
@@ -1036,13 +1037,14 @@ def parse_patient_entries(
         handle = handlers.get(en.type)
         if handle is None:
             continue
-        check = r if strict else _Reader()  # strict: one list, in entry order
-        mark = _Mark.of(norm)
+        mark = _Mark(norm)
         try:
-            if not _subject_ok(en.resource, refs, en.path, check):
-                structural += [] if strict else check.issues
-                continue
-            mark = _Mark.of(norm)
+            subject = en.resource.get("subject")
+            if not (isinstance(subject, dict) and subject.get("reference") in refs):
+                check = r if strict else _Reader()  # strict: one list, in entry order
+                if not _subject_ok(en.resource, refs, en.path, check):
+                    structural += [] if strict else check.issues
+                    continue
             if en.ref:
                 handle(en)
             else:  # a basis must reference its input
