@@ -190,6 +190,9 @@ if set(CONCEPTS) != set(ConceptName):  # pragma: no cover - a registry edit left
     raise RuntimeError(f"concepts without a spec: {sorted(set(ConceptName) - set(CONCEPTS))}")
 
 
+_BY_NAME: dict[str, ConceptSpec] = {str(name): s for name, s in CONCEPTS.items()}
+
+
 def spec(name: str) -> ConceptSpec | None:
     """The registered spec of a concept name (a member or its string), or None if unregistered."""
-    return CONCEPTS.get(name)  # a StrEnum member hashes and compares as its string
+    return _BY_NAME.get(name)  # a member hashes and compares as its string
