@@ -28,7 +28,7 @@ from .facts import (
 )
 from .facts import FEVER_C as FEVER_C  # re-exported: the fever rule is a fact every CRS scale reads
 from .grading import MAX_GRADE, Domain, band, combine, crs_notes, fever_gate, ignored_note, no_crs
-from .model import GradeResult, PatientData, Sample, completed_years
+from .model import GradeResult, PatientData, Sample, completed_years, window_text
 from .model import fmt_time as _fmt_t
 
 CRS_METHOD = "astct-crs"
@@ -134,6 +134,10 @@ def _hypotension(f: Facts) -> Domain:
     return Domain("hypotension", None, why, needs="systolic-bp or mean-arterial-pressure")
 
 
+def _flow_grade(flow_l_min: float) -> int:
+    return next((grade for above, grade in OXYGEN_FLOW_GRADE if flow_l_min > above), 0)
+
+
 def _hypoxia(f: Facts) -> Domain:
     """Oxygen domain. Positive pressure counts on its own; other devices count only with a
     flow rate recorded in the window, because oxygen given for comfort is not hypoxia
@@ -144,7 +148,7 @@ def _hypoxia(f: Facts) -> Domain:
         return Domain("hypoxia", 0, f"no oxygen support ({room_air_note(s)})", (s.ref,))
     if not devices and not flows:
         return Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
-    flowing = [s for s in flows if (s.value or 0.0) > 0]
+    flowing = any((s.value or 0.0) > 0 for s in flows)
     known: list[tuple[int, Sample]] = []  # (grade, device or flow); put in words for the worst only
     uncredited: list[tuple[int, Sample]] = []
     for s in devices:
@@ -153,9 +157,11 @@ def _hypoxia(f: Facts) -> Domain:
             known.append((g, s))
         else:
             uncredited.append((g, s))
-    for s in flows:
-        value = s.value or 0.0
-        known.append((next((grade for above, grade in OXYGEN_FLOW_GRADE if value > above), 0), s))
+    if flows:
+        # A higher flow never grades lower (OXYGEN_FLOW_GRADE): the highest flow gives the worst
+        # grade, and the first flow of that grade is named (devices first on a tie, as listed).
+        g = _flow_grade(max(s.value or 0.0 for s in flows))
+        known.append((g, next(s for s in flows if _flow_grade(s.value or 0.0) == g)))
     best = max(known, key=lambda k: k[0], default=None)
     worst_uncredited = max(uncredited, key=lambda u: u[0], default=None)
     if worst_uncredited is not None and (best is None or worst_uncredited[0] > best[0]):
@@ -183,7 +189,7 @@ def grade_crs(data: PatientData, at: datetime, cfg: GradingConfig) -> GradeResul
 def crs_from_facts(f: Facts, brief: bool = False) -> GradeResult:
     """ASTCT CRS from the shared per-window facts (`brief`: see grading.combine)."""
     data, lo, at = f.data, f.lo, f.at
-    window = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+    window = f.window_text
     gate = fever_gate(f.fever)
     notes = crs_notes(gate) + ignored_note(data, CRS_CONCEPTS)
     if gate.domain is None:
@@ -224,7 +230,7 @@ def _score_domain(
 
 def grade_icans(data: PatientData, at: datetime, cfg: GradingConfig, brief: bool = False) -> GradeResult:
     lo = at - cfg.window
-    head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+    head = "" if brief else window_text(lo, at)
     notes: list[str] = []
     ice = data.window(C.ICE_SCORE, lo, at)
     capd = data.window(C.CAPD_SCORE, lo, at)

@@ -27,7 +27,7 @@ from .config import (
     OlderConfig,
 )
 from .ctcae_organ import OrganFacts, organ_facts
-from .model import Administration, CrsFindings, Ignored, PatientData, Sample, age_days, completed_years
+from .model import Administration, CrsFindings, Ignored, PatientData, Sample, age_days, completed_years, window_text
 from .model import fmt_time as _fmt_t
 
 # "Temperature >= 38 °C" (ASTCT CRS table, grade 1; the older scales define fever alike).
@@ -486,6 +486,10 @@ class Facts:
     def __init__(self, data: PatientData, at: datetime, cfg: GradingConfig) -> None:
         self.data, self.at, self.cfg = data, at, cfg
         self.lo = at - cfg.window
+
+    @cached_property
+    def window_text(self) -> str:
+        return window_text(self.lo, self.at)
 
     @cached_property
     def fever(self) -> FeverFacts:

@@ -13,6 +13,11 @@ def fmt_time(t: datetime) -> str:
     return t.isoformat(timespec="minutes")
 
 
+def window_text(lo: datetime, at: datetime) -> str:
+    """A look-back window for rationales."""
+    return f"Window {fmt_time(lo)} to {fmt_time(at)}."
+
+
 def age_days(birth: date | None, at: datetime) -> int | None:
     """Age in days on the date of `at` (None: birth date unknown)."""
     return None if birth is None else (at.date() - birth).days

@@ -31,7 +31,7 @@ from .config import GradingConfig
 from .facts import ROOM_AIR_FIO2_PCT, VASOPRESSIN_NOTE, Facts, hours_text
 from .facts import facts_at as facts_at  # re-exported: the older scales' entry to the facts
 from .grading import Domain, band, combine, crs_notes, fever_gate, ignored_items_note, ignored_note, no_crs
-from .model import GradeResult, PatientData
+from .model import GradeResult, PatientData, window_text
 from .model import fmt_time as _fmt_t
 
 # --- scale tables -------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
 
 
 def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
-    head = f"Window {_fmt_t(f.lo)} to {_fmt_t(f.at)}."
+    head = f.window_text
     gate = fever_gate(f.fever)
     notes = crs_notes(gate)
     notes.append(f"Not evaluable from data: {sc.not_evaluable}.")
@@ -319,7 +319,7 @@ def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
 
 def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig, brief: bool = False) -> GradeResult:
     lo = at - cfg.window
-    head = f"Window {_fmt_t(lo)} to {_fmt_t(at)}."
+    head = "" if brief else window_text(lo, at)
     scores = [s for s in data.window(C.CARTOX_10, lo, at) if s.value is not None]
     considered = [s.ref for s in scores]
     domains: list[Domain] = []
