@@ -261,7 +261,11 @@ def evaluate_body(
     strict: bool | None = None,
 ) -> Evaluation:
     """The stateless `$evaluate`: a Bundle (or lone Patient) in, an Evaluation out."""
-    with gc_paused():  # config/runtime.py: the parse's objects are acyclic
+
+    def run() -> Evaluation:  # its locals (the parsed JSON) are freed before the collector resumes
         doc = load_json(body)
         entries = split_entries(doc, max_entries=settings.max_bundle_entries, bundle_types=EVALUATE_BUNDLE_TYPES)
-        return evaluate_entries(entries, codebook, settings, at, recorded, strict=strict)
+        return _evaluate(entries, codebook, settings, at, recorded, None, strict)
+
+    with gc_paused():  # config/runtime.py
+        return run()

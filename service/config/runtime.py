@@ -11,6 +11,9 @@ freeze plus a gen-0 threshold of 10,000 632-686 ms; thresholds of 50,000 or more
 of thousands of acyclic objects (freed by reference counting), and each young-generation pass
 over them finds nothing to collect. Measured on the bench patient: 9% less time per `$evaluate`
 (min of 7: 349 -> 321 ms). Cycles made meanwhile are collected once the collector runs again.
+The pause must end after the parsed JSON is freed: the first young-generation pass after it
+walks every object made during the pause that is still alive (measured: 54 ms when the parsed
+Bundle of the bench patient was still referenced).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import re
 from bisect import bisect_right
 from calendar import monthrange
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
@@ -140,6 +141,9 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
         if issues:
             raise FhirError(422, issues[:MAX_ISSUES])
     issues = []
+    # The same id seen twice keeps the newest meta.versionId (else meta.lastUpdated).
+    newest: dict[str, Entry] = {}
+    out: list[Entry] = []
     for en in entries:
         rt = en.resource.get("resourceType")
         if not isinstance(rt, str) or not rt:
@@ -147,22 +151,16 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
         elif not is_resource_type(rt):
             issues.append(Issue("not-supported", f"unknown resourceType {rt!r}", f"{en.path}.resourceType"))
         rid = en.resource.get("id")
-        if rid is not None and not (isinstance(rid, str) and rid and len(rid) <= 64):
-            issues.append(Issue("value", "id must be a non-empty string of at most 64 characters", f"{en.path}.id"))
-    if issues:
-        raise FhirError(422, issues[:MAX_ISSUES])
-    # The same id seen twice keeps the newest meta.versionId (else meta.lastUpdated).
-    newest: dict[str, Entry] = {}
-    out: list[Entry] = []
-    for en in entries:
-        rid = en.resource.get("id")
         if rid is None:
             out.append(en)
-            continue
-        key = f"{en.type}/{rid}"
-        old = newest.get(key)
-        if old is None or version_key(en.resource) > version_key(old.resource):
-            newest[key] = en
+        elif not (isinstance(rid, str) and rid and len(rid) <= 64):
+            issues.append(Issue("value", "id must be a non-empty string of at most 64 characters", f"{en.path}.id"))
+        else:
+            old = newest.get(en.ref)  # "{type}/{id}"
+            if old is None or version_key(en.resource) > version_key(old.resource):
+                newest[en.ref] = en
+    if issues:
+        raise FhirError(422, issues[:MAX_ISSUES])
     out.extend(newest.values())
     return out
 
@@ -353,6 +351,9 @@ VOLUME_RATE = "mL/h"
 UNRESOLVED_MEDICATION = UNKNOWN_DRUG  # a medicationReference not resolved (left out, named)
 
 
+Convert = Callable[[float, float | None], float]  # (value, body weight kg) -> canonical value
+
+
 class Normaliser:
     """Builds one patient's PatientData from checked entries; collects every issue."""
 
@@ -374,6 +375,9 @@ class Normaliser:
         # (group, "system|code") of the codes the codebook does not map: not inputs, counted
         # (iectox codebook check lists the same) so a site sees what its overlay should map.
         self.unmapped: Counter[tuple[str, str]] = Counter()
+        # (concept, unit) -> (conversion to the canonical unit, canonical unit, plausible range):
+        # looked up once per request
+        self.conversions: dict[tuple[str, str], tuple[Convert, str, tuple[float | None, float | None]]] = {}
 
     # Quantities -----------------------------------------------------------------
     def _quantity(self, concept: str, q: Any, path: str) -> tuple[float, str, str] | None:
@@ -393,13 +397,19 @@ class Normaliser:
         if not unit:
             self.r.fail("required", "Quantity has no unit (UCUM code expected)", f"{path}.code")
             return None
-        try:
-            v = converter(concept, unit)(float(value), None)
-        except UnitError as exc:
-            self.r.fail("value", f"{exc}", f"{path}.code")
-            return None
+        conversion = self.conversions.get((concept, unit))
+        if conversion is None:
+            try:
+                apply, canonical = converter(concept, unit), canonical_unit(concept)
+            except UnitError as exc:
+                self.r.fail("value", f"{exc}", f"{path}.code")
+                return None
+            spec = concept_spec(concept)
+            bounds = spec.plausible_range if spec is not None else None
+            conversion = self.conversions[(concept, unit)] = (apply, canonical, bounds or (None, None))
+        apply, canonical, _ = conversion
+        v = apply(float(value), None)
         shown = f"{_fmt(float(value))} {unit}"
-        canonical = canonical_unit(concept)
         if unit != canonical:
             shown += f" (= {_fmt(v)} {canonical})"
         return v, unit, shown
@@ -439,6 +449,8 @@ class Normaliser:
             r.fail("required", "Observation.status is required", f"{path}.status")
             return
         concept = _coded_concept(self.cb, res.get("code"))
+        if concept is not None and status in OBS_USED and "component" not in res and self._quick(en, concept):
+            return
         components = _arr(res.get("component"))
         comp_concepts = [_coded_concept(self.cb, c.get("code")) if isinstance(c, dict) else None for c in components]
         if concept is None and not any(comp_concepts):
@@ -465,6 +477,55 @@ class Normaliser:
                 self._value(cconcept, comp, f"{path}.component[{i}]", start, en.ref)
                 if len(r.issues) > issues:  # a component left out takes nothing of it along
                     self.drop_samples_since(added)
+
+    def _quick(self, en: Entry, concept: str) -> bool:
+        """The common Observation in one step: a used status, an effectiveDateTime with time and
+        timezone, one valueQuantity (UCUM, a unit already converted once, a plausible value, no
+        referenceRange) or one valueCodeableConcept the codebook maps, no components. The Sample
+        is the one the general path makes (tests/test_ingest.py compares both); anything else
+        (False) takes the general path, which names every problem."""
+        res = en.resource
+        raw_t = res.get("effectiveDateTime")
+        if type(raw_t) is not str or "T" not in raw_t:
+            return False
+        try:
+            t = datetime.fromisoformat(raw_t)
+        except ValueError:
+            return False
+        if t.tzinfo is None or not FIRST_YEAR <= t.year <= LAST_YEAR:
+            return False
+        kind = self.cb.concepts[concept].kind
+        q = res.get("valueQuantity")
+        if q is None:
+            cc = res.get("valueCodeableConcept")
+            if kind is not Kind.CODED or cc is None:
+                return False
+            value = self.cb.value_for(concept, _codings(cc))
+            if value is None:
+                return False
+            self._add(Sample(concept, t, en.ref, code=value, shown=value))
+            return True
+        if kind is not Kind.QUANTITY or type(q) is not dict or "referenceRange" in res:
+            return False
+        number, unit = q.get("value"), q.get("code") or q.get("unit")
+        if isinstance(number, bool) or not isinstance(number, int | float) or type(unit) is not str:
+            return False
+        if q.get("system", UCUM) != UCUM:
+            return False
+        conversion = self.conversions.get((concept, unit))
+        if conversion is None:  # a unit not met yet: the general path converts and keeps it
+            return False
+        apply, canonical, (low, high) = conversion
+        try:
+            raw = float(number)
+            v = apply(raw, None)
+        except OverflowError:
+            return False
+        if (low is not None and v < low) or (high is not None and v > high):
+            return False  # implausible: the general path leaves it out, named
+        shown = f"{_fmt(raw)} {unit}" if unit == canonical else f"{_fmt(raw)} {unit} (= {_fmt(v)} {canonical})"
+        self._add(Sample(concept, t, en.ref, value=v, unit=unit, shown=shown))
+        return True
 
     def _value(self, concept: str, holder: dict[str, Any], path: str, t: datetime, ref: str) -> None:
         kind = self.cb.concepts[concept].kind
