@@ -1,4 +1,4 @@
-"""The parse's one-step path for common Observations (Normaliser._quick, issue 12) gives exactly
+"""The parse's one-step path for common values (Normaliser._quick, _quick_value; issue 12) gives exactly
 what the general path gives: the same samples, left-out inputs, ignored inputs and unmapped
 counts in lenient handling, the same 422 issues in strict handling.
 
@@ -79,6 +79,15 @@ BENDS: dict[str, Bend] = {
     "no status": lambda res: res.pop("status", None),
     "unmapped value code": _set("valueCodeableConcept", {"coding": [{"system": "urn:x", "code": "y"}]}),
     "component": _set("component", [{"code": {"text": "x"}, "valueQuantity": {"value": 1}}]),
+    "component unit": lambda res: [
+        c["valueQuantity"].update(code="furlong") for c in res.get("component", [])[:1] if "valueQuantity" in c
+    ],
+    "component implausible": lambda res: [
+        c["valueQuantity"].update(value=-1) for c in res.get("component", [])[-1:] if "valueQuantity" in c
+    ],
+    "component range": lambda res: [
+        c.update(referenceRange=[{"high": {"value": 1}}]) for c in res.get("component", [])
+    ],
     "quantity for a code": lambda res: res.update(valueQuantity={"value": 1, "code": "1"}),
 }
 
@@ -108,7 +117,7 @@ def _same(bundle: dict[str, Any], monkeypatch: pytest.MonkeyPatch, settings: Set
     for strict in (False, True):
         quick = _parse(bundle, strict, settings)
         with monkeypatch.context() as m:
-            m.setattr(Normaliser, "_quick", lambda self, en, concept: False)
+            m.setattr(Normaliser, "_quick_value", lambda *args: False)
             general = _parse(bundle, strict, settings)
         if isinstance(quick, FhirError) or isinstance(general, FhirError):
             assert isinstance(quick, FhirError) and isinstance(general, FhirError)

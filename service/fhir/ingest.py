@@ -467,23 +467,21 @@ class Normaliser:
             return
         if start is None:
             return
-        if concept is not None:
+        if concept is not None and not self._quick_value(concept, res, start, en.ref):
             self._value(concept, res, path, start, en.ref)
         for i, (comp, cconcept) in enumerate(zip(components, comp_concepts, strict=False)):
             if not isinstance(comp, dict):
                 r.fail("structure", "a component must be an object", f"{path}.component[{i}]")
-            elif cconcept is not None:
+            elif cconcept is not None and not self._quick_value(cconcept, comp, start, en.ref):
                 issues, added = len(r.issues), len(self.added)
                 self._value(cconcept, comp, f"{path}.component[{i}]", start, en.ref)
                 if len(r.issues) > issues:  # a component left out takes nothing of it along
                     self.drop_samples_since(added)
 
     def _quick(self, en: Entry, concept: str) -> bool:
-        """The common Observation in one step: a used status, an effectiveDateTime with time and
-        timezone, one valueQuantity (UCUM, a unit already converted once, a plausible value, no
-        referenceRange) or one valueCodeableConcept the codebook maps, no components. The Sample
-        is the one the general path makes (tests/test_ingest.py compares both); anything else
-        (False) takes the general path, which names every problem."""
+        """The common Observation in one step: a used status (the caller checks), an
+        effectiveDateTime with time and timezone, one value `_quick_value` takes, no components.
+        False: the general path, which names every problem."""
         res = en.resource
         raw_t = res.get("effectiveDateTime")
         if type(raw_t) is not str or "T" not in raw_t:
@@ -494,18 +492,25 @@ class Normaliser:
             return False
         if t.tzinfo is None or not FIRST_YEAR <= t.year <= LAST_YEAR:
             return False
+        return self._quick_value(concept, res, t, en.ref)
+
+    def _quick_value(self, concept: str, holder: dict[str, Any], t: datetime, ref: str) -> bool:
+        """`_value` in one step for the common value: a valueQuantity (UCUM, a unit already
+        converted once, a plausible value, no referenceRange) or a valueCodeableConcept the
+        codebook maps. The Sample is the one `_value` makes (tests/test_ingest_quick.py compares
+        both); False: anything else, for `_value`."""
         kind = self.cb.concepts[concept].kind
-        q = res.get("valueQuantity")
+        q = holder.get("valueQuantity")
         if q is None:
-            cc = res.get("valueCodeableConcept")
+            cc = holder.get("valueCodeableConcept")
             if kind is not Kind.CODED or cc is None:
                 return False
             value = self.cb.value_for(concept, _codings(cc))
             if value is None:
                 return False
-            self._add(Sample(concept, t, en.ref, code=value, shown=value))
+            self._add(Sample(concept, t, ref, code=value, shown=value))
             return True
-        if kind is not Kind.QUANTITY or type(q) is not dict or "referenceRange" in res:
+        if kind is not Kind.QUANTITY or type(q) is not dict or "referenceRange" in holder:
             return False
         number, unit = q.get("value"), q.get("code") or q.get("unit")
         if isinstance(number, bool) or not isinstance(number, int | float) or type(unit) is not str:
@@ -524,7 +529,7 @@ class Normaliser:
         if (low is not None and v < low) or (high is not None and v > high):
             return False  # implausible: the general path leaves it out, named
         shown = f"{_fmt(raw)} {unit}" if unit == canonical else f"{_fmt(raw)} {unit} (= {_fmt(v)} {canonical})"
-        self._add(Sample(concept, t, en.ref, value=v, unit=unit, shown=shown))
+        self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown))
         return True
 
     def _value(self, concept: str, holder: dict[str, Any], path: str, t: datetime, ref: str) -> None:
