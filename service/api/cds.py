@@ -16,8 +16,9 @@ from ..fhir.errors import FhirError, Issue
 from ..storage.models import CdsFeedback
 from .auth import CdsClientDep
 from .deps import ClockDep, CodebookDep, EngineDep, EvaluationCacheDep, SessionDep, SettingsDep
+from .orjson_route import OrjsonRoute
 
-router = APIRouter(prefix="/cds-services", tags=["CDS Hooks"])
+router = APIRouter(prefix="/cds-services", tags=["CDS Hooks"], route_class=OrjsonRoute)
 
 
 @router.get("", summary="CDS Hooks discovery", response_model=dict[str, Any])
