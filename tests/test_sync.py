@@ -3,16 +3,18 @@ stored RiskAssessments, and how often a synced resource is normalised."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 import service.app.evaluate as evaluate_module
 import service.app.store as store_module
+import service.ehr.sync as sync_module
 from service.app.store import store_resources
 from service.codebook import Codebook, load_codebook
 from service.config.settings import Settings
@@ -270,6 +272,40 @@ def test_unchanged_inputs_are_not_graded_again_and_any_change_is(
         assert len(parses) == 4
         sync([f.patient()])
         assert len(parses) == 4
+
+
+def test_the_same_call_again_is_not_stored_again_unless_storage_changed_meanwhile(
+    clean_engine: Engine, codebook: Codebook, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.app.cache import EvaluationCache
+    from service.storage.models import AuditEvent
+
+    cache = EvaluationCache()
+    resources = [f.patient(), f.temperature(39.0, T0, id="t"), f.systolic(80, T0, id="bp")]
+
+    def hook(rs: list[dict[str, Any]]) -> Any:
+        audit = AuditEvent(recorded=FIXED_NOW, actor="ehr", action="hook", route="/x", patient_id="p1", status=200)
+        ev, _ = store_and_evaluate(
+            clean_engine, "p1", rs, codebook, settings, FIXED_NOW, target=None, cache=cache, audit=audit
+        )
+        return ev
+
+    def audits() -> int:
+        with Session(clean_engine) as session:
+            return len(session.exec(select(AuditEvent)).all())
+
+    with counted(monkeypatch, sync_module, "store_resources") as stores:
+        first = hook(resources)
+        assert hook(copy.deepcopy(resources)) is first  # the same bytes: neither stored nor graded again
+        assert len(stores) == 1 and audits() == 2  # every access is audited all the same
+        # another writer changes a stored input: the same bytes again are stored and graded again
+        with Session(clean_engine) as session:
+            store_resources(session, [{**f.systolic(70, T0, id="bp"), "meta": {"versionId": "9"}}], codebook)
+            session.commit()
+        third = hook(resources)
+        assert len(stores) == 2 and third is not first
+        assert hook([*resources, f.systolic(90, T1, id="bp2")]) is not third  # other bytes: stored
+        assert len(stores) == 3
 
 
 def test_an_unversioned_rejected_copy_after_a_versioned_stored_one_is_named(
