@@ -148,7 +148,8 @@ def _hypoxia(f: Facts) -> Domain:
         return Domain("hypoxia", 0, f"no oxygen support ({room_air_note(s)})", (s.ref,))
     if not devices and not flows:
         return Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
-    flowing = any((s.value or 0.0) > 0 for s in flows)
+    top_flow = max((s.value or 0.0 for s in flows), default=0.0)
+    flowing = top_flow > 0
     known: list[tuple[int, Sample]] = []  # (grade, device or flow); put in words for the worst only
     uncredited: list[tuple[int, Sample]] = []
     for s in devices:
@@ -160,7 +161,7 @@ def _hypoxia(f: Facts) -> Domain:
     if flows:
         # A higher flow never grades lower (OXYGEN_FLOW_GRADE): the highest flow gives the worst
         # grade, and the first flow of that grade is named (devices first on a tie, as listed).
-        g = _flow_grade(max(s.value or 0.0 for s in flows))
+        g = _flow_grade(top_flow)
         known.append((g, next(s for s in flows if _flow_grade(s.value or 0.0) == g)))
     best = max(known, key=lambda k: k[0], default=None)
     worst_uncredited = max(uncredited, key=lambda u: u[0], default=None)
