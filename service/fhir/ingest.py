@@ -526,7 +526,7 @@ class Normaliser:
             v = apply(raw, None)
         except OverflowError:
             return False
-        if (low is not None and v < low) or (high is not None and v > high):
+        if not ((low is None or v >= low) and (high is None or v <= high)):  # as `implausible` (NaN too)
             return False  # implausible: the general path leaves it out, named
         shown = f"{_fmt(raw)} {unit}" if unit == canonical else f"{_fmt(raw)} {unit} (= {_fmt(v)} {canonical})"
         self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown))
