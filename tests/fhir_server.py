@@ -85,14 +85,16 @@ def _make_client(workdir: Path, client_id: str, alg: Literal["RS384", "ES384"]) 
         rkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pub = rkey.public_key().public_numbers()
         jwk: dict[str, Any] = {"kty": "RSA", "n": _b64(pub.n), "e": _b64(pub.e)}
-        pem = rkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        pem = rkey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     else:
         ekey = ec.generate_private_key(ec.SECP384R1())
         epub = ekey.public_key().public_numbers()
         jwk = {"kty": "EC", "crv": "P-384", "x": _b64_fixed(epub.x, 48), "y": _b64_fixed(epub.y, 48)}
-        pem = ekey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        pem = ekey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     jwk |= {"kid": kid, "alg": alg, "use": "sig"}
     path = workdir / f"{client_id}.pem"
     path.write_bytes(pem)
@@ -125,11 +127,17 @@ class FhirTestServer:
         self.client_es384 = _make_client(workdir, "iectox-test-es384", "ES384")
         self.static_token = secrets.token_urlsafe(24)
         self.config_path = workdir / "fhir-server.json"
-        self.config_path.write_text(json.dumps({
-            "clients": {c.client_id: {"jwks": {"keys": [c.public_jwk]}} for c in (self.client, self.client_es384)},
-            "static_tokens": {self.static_token: STATIC_TOKEN_SCOPE},
-            "auth": auth,
-        }))
+        self.config_path.write_text(
+            json.dumps(
+                {
+                    "clients": {
+                        c.client_id: {"jwks": {"keys": [c.public_jwk]}} for c in (self.client, self.client_es384)
+                    },
+                    "static_tokens": {self.static_token: STATIC_TOKEN_SCOPE},
+                    "auth": auth,
+                }
+            )
+        )
         self.log_path = workdir / "fhir-server.log"
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -218,10 +226,20 @@ class FhirTestServer:
         result: dict[str, Any] = self._control("GET", "stats")
         return result
 
-    def reset(self, *, repository: bool = True, faults: bool = True, stats: bool = True, tokens: bool = False,
-              config: bool = True) -> None:
-        self._control("POST", "reset", {"repository": repository, "faults": faults, "stats": stats,
-                                        "tokens": tokens, "config": config})
+    def reset(
+        self,
+        *,
+        repository: bool = True,
+        faults: bool = True,
+        stats: bool = True,
+        tokens: bool = False,
+        config: bool = True,
+    ) -> None:
+        self._control(
+            "POST",
+            "reset",
+            {"repository": repository, "faults": faults, "stats": stats, "tokens": tokens, "config": config},
+        )
 
     def inject_fault(
         self,
@@ -241,8 +259,14 @@ class FhirTestServer:
         status nor drop the request is only delayed. ``path`` is a prefix of the FHIR path
         after the base (``"Observation"``), ``target`` picks FHIR, token or all requests."""
         fault: dict[str, Any] = {"count": count, "target": target, "drop": drop}
-        for key, value in (("status", status), ("retry_after", retry_after), ("delay_ms", delay_ms),
-                           ("method", method), ("path", path), ("body", body)):
+        for key, value in (
+            ("status", status),
+            ("retry_after", retry_after),
+            ("delay_ms", delay_ms),
+            ("method", method),
+            ("path", path),
+            ("body", body),
+        ):
             if value is not None:
                 fault[key] = value
         self._control("POST", "faults", fault)
@@ -274,8 +298,14 @@ class FhirTestServer:
         c = client or self.client
         now = int(time.time())
         headers = {"kid": c.kid, "typ": "JWT"} | claims.pop("headers", {})
-        payload: dict[str, Any] = {"iss": c.client_id, "sub": c.client_id, "aud": self.token_url, "iat": now,
-                                   "exp": now + 240, "jti": str(uuid.uuid4())}
+        payload: dict[str, Any] = {
+            "iss": c.client_id,
+            "sub": c.client_id,
+            "aud": self.token_url,
+            "iat": now,
+            "exp": now + 240,
+            "jti": str(uuid.uuid4()),
+        }
         for k, v in claims.items():
             if v is None:
                 payload.pop(k, None)
@@ -285,12 +315,15 @@ class FhirTestServer:
 
     def token(self, client: RegisteredClient | None = None, scope: str = DEFAULT_SCOPE) -> str:
         """An access token obtained from the token endpoint (SMART Backend Services)."""
-        resp = self._http.post(self.token_url, data={
-            "grant_type": "client_credentials",
-            "scope": scope,
-            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": self.assertion(client),
-        })
+        resp = self._http.post(
+            self.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "scope": scope,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": self.assertion(client),
+            },
+        )
         resp.raise_for_status()
         token: str = resp.json()["access_token"]
         return token

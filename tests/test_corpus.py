@@ -111,8 +111,7 @@ def _with(doc: dict[str, Any], *resources: dict[str, Any]) -> dict[str, Any]:
     patient = next(e for e in doc["entry"] if e["resource"]["resourceType"] == "Patient")
     subject = patient.get("fullUrl") or f"Patient/{patient['resource']['id']}"
     extra = [
-        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {**r, "subject": {"reference": subject}}}
-        for r in resources
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {**r, "subject": {"reference": subject}}} for r in resources
     ]
     return {**doc, "entry": [*doc["entry"], *extra]}
 

@@ -66,7 +66,8 @@ def make_client(
 def fhir_requests(srv: FhirTestServer, path: str | None = None) -> list[dict[str, Any]]:
     """The FHIR requests the server saw (SMART discovery excluded)."""
     return [
-        e for e in srv.stats()["log"]
+        e
+        for e in srv.stats()["log"]
         if e["path"].startswith("/fhir/") and "/.well-known/" not in e["path"] and (path is None or e["path"] == path)
     ]
 
@@ -115,8 +116,13 @@ async def test_read_existing_and_missing(srv: FhirTestServer) -> None:
 
 @pytest.mark.asyncio
 async def test_search_follows_next_links_across_pages(srv: FhirTestServer) -> None:
-    srv.seed([patient("p1"), *[obs("p1", TEMP, f"2026-01-0{d}T08:00:00Z", d) for d in range(1, 8)],
-              obs("p2", TEMP, "2026-01-01T08:00:00Z")])
+    srv.seed(
+        [
+            patient("p1"),
+            *[obs("p1", TEMP, f"2026-01-0{d}T08:00:00Z", d) for d in range(1, 8)],
+            obs("p2", TEMP, "2026-01-01T08:00:00Z"),
+        ]
+    )
     async with make_client(srv) as c:
         found = await c.search("Observation", {"patient": "Patient/p1", "_count": "3", "_sort": "date"})
     assert [o["valueQuantity"]["value"] for o in found] == [1, 2, 3, 4, 5, 6, 7]
@@ -139,14 +145,32 @@ async def test_search_default_page_size_and_post_for_long_queries(srv: FhirTestS
 async def test_last_updated_incremental_read(srv: FhirTestServer) -> None:
     srv.seed(patient("p1"))
     async with make_client(srv, scope=WRITE_SCOPE) as c:
-        old = await c.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"resource": {k: v for k, v in obs("p1", TEMP, "2026-01-01T08:00:00Z").items() if k != "id"},
-             "request": {"method": "POST", "url": "Observation"}}]})
+        old = await c.transaction(
+            {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {
+                        "resource": {k: v for k, v in obs("p1", TEMP, "2026-01-01T08:00:00Z").items() if k != "id"},
+                        "request": {"method": "POST", "url": "Observation"},
+                    }
+                ],
+            }
+        )
         checkpoint = old["entry"][0]["resource"]["meta"]["lastUpdated"]
         await asyncio.sleep(0.01)
-        await c.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"resource": {k: v for k, v in obs("p1", HR, "2026-01-02T08:00:00Z").items() if k != "id"},
-             "request": {"method": "POST", "url": "Observation"}}]})
+        await c.transaction(
+            {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {
+                        "resource": {k: v for k, v in obs("p1", HR, "2026-01-02T08:00:00Z").items() if k != "id"},
+                        "request": {"method": "POST", "url": "Observation"},
+                    }
+                ],
+            }
+        )
         newer = await c.search("Observation", {"_lastUpdated": f"gt{checkpoint}"})
         data = await c.patient_data("p1", observation_codes=[TEMP, HR], last_updated_gt=checkpoint)
     assert [o["code"]["coding"][0]["code"] for o in newer] == ["8867-4"]
@@ -155,20 +179,32 @@ async def test_last_updated_incremental_read(srv: FhirTestServer) -> None:
 
 @pytest.mark.asyncio
 async def test_patient_data_by_code_and_date(srv: FhirTestServer) -> None:
-    srv.seed([
-        patient("p1"),
-        obs("p1", TEMP, "2026-01-05T08:00:00Z", 39.0),
-        obs("p1", HR, "2026-01-05T08:00:00+01:00", 120),
-        obs("p1", TEMP, "2026-01-01T08:00:00Z", 37.0),  # before `since`
-        obs("p1", f"{LOINC}|2160-0", "2026-01-05T08:00:00Z"),  # not a requested code
-        obs("p2", TEMP, "2026-01-05T08:00:00Z"),  # another patient
-        med("p1", "612865", "2025-12-30T08:00:00Z"),  # before `since`: still returned
-        med("p2", "612865", "2026-01-05T08:00:00Z"),
-        {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
-         "code": {"text": "DLBCL"}},
-        {"resourceType": "Procedure", "id": "pr1", "status": "completed", "subject": {"reference": "Patient/p1"},
-         "code": {"text": "CAR T infusion"}, "performedDateTime": "2025-12-28T10:00:00Z"},
-    ])
+    srv.seed(
+        [
+            patient("p1"),
+            obs("p1", TEMP, "2026-01-05T08:00:00Z", 39.0),
+            obs("p1", HR, "2026-01-05T08:00:00+01:00", 120),
+            obs("p1", TEMP, "2026-01-01T08:00:00Z", 37.0),  # before `since`
+            obs("p1", f"{LOINC}|2160-0", "2026-01-05T08:00:00Z"),  # not a requested code
+            obs("p2", TEMP, "2026-01-05T08:00:00Z"),  # another patient
+            med("p1", "612865", "2025-12-30T08:00:00Z"),  # before `since`: still returned
+            med("p2", "612865", "2026-01-05T08:00:00Z"),
+            {
+                "resourceType": "Condition",
+                "id": "c1",
+                "subject": {"reference": "Patient/p1"},
+                "code": {"text": "DLBCL"},
+            },
+            {
+                "resourceType": "Procedure",
+                "id": "pr1",
+                "status": "completed",
+                "subject": {"reference": "Patient/p1"},
+                "code": {"text": "CAR T infusion"},
+                "performedDateTime": "2025-12-28T10:00:00Z",
+            },
+        ]
+    )
     since = datetime(2026, 1, 3, tzinfo=UTC)
     async with make_client(srv) as c:
         data = await c.patient_data("p1", observation_codes=[TEMP, HR, CRP], since=since)
@@ -196,14 +232,19 @@ async def test_patient_data_reads_the_referenced_medications(srv: FhirTestServer
         del ma["medicationCodeableConcept"]
         ma["medicationReference"] = {"reference": ref}
         by_ref.append(ma)
-    srv.seed([
-        patient("p9"),
-        *by_ref,
-        {"resourceType": "Medication", "id": "ne-prod", "code": {"coding": [{"system": RXNORM, "code": "242969"}]}},
-        {"resourceType": "Medication", "id": "epi-ing",
-         "ingredient": [{"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "3992"}]}}]},
-        {"resourceType": "Medication", "id": "unrelated", "code": {"text": "not referenced"}},
-    ])
+    srv.seed(
+        [
+            patient("p9"),
+            *by_ref,
+            {"resourceType": "Medication", "id": "ne-prod", "code": {"coding": [{"system": RXNORM, "code": "242969"}]}},
+            {
+                "resourceType": "Medication",
+                "id": "epi-ing",
+                "ingredient": [{"itemCodeableConcept": {"coding": [{"system": RXNORM, "code": "3992"}]}}],
+            },
+            {"resourceType": "Medication", "id": "unrelated", "code": {"text": "not referenced"}},
+        ]
+    )
     async with make_client(srv) as c:
         data = await c.patient_data("p9", observation_codes=[TEMP])
     assert sorted(r["id"] for r in data if r["resourceType"] == "Medication") == ["epi-ing", "ne-prod"]
@@ -369,8 +410,9 @@ async def test_401_drops_the_token_and_retries_once(srv: FhirTestServer) -> None
 async def test_unregistered_key_is_rejected_clearly(srv: FhirTestServer, tmp_path: Path) -> None:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "other.pem"
-    pem.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+    pem.write_bytes(
+        other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     sleeps = Sleeps()
     async with FhirClient(srv.server_config(private_key_path=pem), sleep=sleeps) as c:
         with pytest.raises(FhirAuthError) as err:
@@ -386,8 +428,11 @@ async def test_unregistered_key_is_rejected_clearly(srv: FhirTestServer, tmp_pat
 async def test_key_that_does_not_match_alg_is_a_config_error(srv: FhirTestServer, tmp_path: Path) -> None:
     ec_key = ec.generate_private_key(ec.SECP384R1())
     pem = tmp_path / "ec.pem"
-    pem.write_bytes(ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
+    pem.write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     async with FhirClient(srv.server_config(private_key_path=pem, alg="RS384")) as c:
         with pytest.raises(FhirConfigError, match="RS384 needs an RSA"):
             await c.read("Patient", "p1")
@@ -443,17 +488,32 @@ async def test_insufficient_scope_is_not_retried(srv: FhirTestServer) -> None:
 
 def _writeback(pid: str, ident: str, status: str) -> dict[str, Any]:
     urn = f"urn:uuid:{uuid.uuid4()}"
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": urn,
-         "resource": {"resourceType": "RiskAssessment", "status": status,
-                      "identifier": [{"system": "urn:iectox:test", "value": ident}],
-                      "subject": {"reference": f"Patient/{pid}"},
-                      "prediction": [{"qualitativeRisk": {"coding": [{"code": "low"}]}}]},
-         "request": {"method": "PUT", "url": f"RiskAssessment?identifier=urn:iectox:test|{ident}"}},
-        {"resource": {"resourceType": "Provenance", "target": [{"reference": urn}],
-                      "recorded": "2026-01-01T00:00:00Z", "agent": [{"who": {"display": "iectox"}}]},
-         "request": {"method": "POST", "url": "Provenance"}},
-    ]}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": urn,
+                "resource": {
+                    "resourceType": "RiskAssessment",
+                    "status": status,
+                    "identifier": [{"system": "urn:iectox:test", "value": ident}],
+                    "subject": {"reference": f"Patient/{pid}"},
+                    "prediction": [{"qualitativeRisk": {"coding": [{"code": "low"}]}}],
+                },
+                "request": {"method": "PUT", "url": f"RiskAssessment?identifier=urn:iectox:test|{ident}"},
+            },
+            {
+                "resource": {
+                    "resourceType": "Provenance",
+                    "target": [{"reference": urn}],
+                    "recorded": "2026-01-01T00:00:00Z",
+                    "agent": [{"who": {"display": "iectox"}}],
+                },
+                "request": {"method": "POST", "url": "Provenance"},
+            },
+        ],
+    }
 
 
 @pytest.mark.asyncio

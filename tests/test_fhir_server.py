@@ -71,8 +71,12 @@ def create(http: httpx.Client, resource: dict[str, Any]) -> dict[str, Any]:
 
 
 def token_form(assertion: str, scope: str = "system/*.rs") -> dict[str, str]:
-    return {"grant_type": "client_credentials", "scope": scope, "client_assertion_type": JWT_BEARER,
-            "client_assertion": assertion}
+    return {
+        "grant_type": "client_credentials",
+        "scope": scope,
+        "client_assertion_type": JWT_BEARER,
+        "client_assertion": assertion,
+    }
 
 
 # ---- SMART ------------------------------------------------------------------------------------
@@ -110,8 +114,13 @@ def test_token_issued_and_accepted(srv: FhirTestServer, which: str) -> None:
 
 def _hs384(srv: FhirTestServer) -> str:
     now = int(time.time())
-    claims = {"iss": srv.client.client_id, "sub": srv.client.client_id, "aud": srv.token_url, "exp": now + 60,
-              "jti": str(uuid.uuid4())}
+    claims = {
+        "iss": srv.client.client_id,
+        "sub": srv.client.client_id,
+        "aud": srv.token_url,
+        "exp": now + 60,
+        "jti": str(uuid.uuid4()),
+    }
     return jwt.encode(claims, "a-shared-secret-that-is-long-enough-for-hs384-xxxxxxxxxxxxxxxxxx", algorithm="HS384")
 
 
@@ -240,10 +249,15 @@ def test_conditional_create_and_update(http: httpx.Client) -> None:
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json()["id"] == second.json()["id"]
 
-    up1 = http.put("RiskAssessment", params={"identifier": "urn:iectox:test|x2"}, json=risk(pid, "x2"),
-                   headers=FHIR_JSON)
-    up2 = http.put("RiskAssessment", params={"identifier": "urn:iectox:test|x2"}, json=risk(pid, "x2", "amended"),
-                   headers=FHIR_JSON)
+    up1 = http.put(
+        "RiskAssessment", params={"identifier": "urn:iectox:test|x2"}, json=risk(pid, "x2"), headers=FHIR_JSON
+    )
+    up2 = http.put(
+        "RiskAssessment",
+        params={"identifier": "urn:iectox:test|x2"},
+        json=risk(pid, "x2", "amended"),
+        headers=FHIR_JSON,
+    )
     assert (up1.status_code, up2.status_code) == (201, 200)
     assert up1.json()["id"] == up2.json()["id"]
     found = http.get("RiskAssessment", params={"identifier": "urn:iectox:test|x2"}).json()
@@ -251,18 +265,33 @@ def test_conditional_create_and_update(http: httpx.Client) -> None:
 
     # A misspelt parameter must not match (and overwrite) everything: 4.5.2 ignores unknown
     # parameters, the wrapper answers 400 for conditional writes too, also inside Bundles.
-    typo = http.put("RiskAssessment", params={"identifer": "urn:iectox:test|x2"}, json=risk(pid, "x2", "cancelled"),
-                    headers=FHIR_JSON)
+    typo = http.put(
+        "RiskAssessment",
+        params={"identifer": "urn:iectox:test|x2"},
+        json=risk(pid, "x2", "cancelled"),
+        headers=FHIR_JSON,
+    )
     assert typo.status_code == 400
-    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": risk(pid, "x2", "cancelled"), "request": {"method": "PUT", "url": "RiskAssessment?identifer=x"}}]}
+    tx = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": risk(pid, "x2", "cancelled"),
+                "request": {"method": "PUT", "url": "RiskAssessment?identifer=x"},
+            }
+        ],
+    }
     bad_tx = http.post("", json=tx, headers=FHIR_JSON)
     assert bad_tx.status_code == 400
     assert bad_tx.json()["issue"][0]["expression"] == ["Bundle.entry[0].request"]
     assert http.get(f"RiskAssessment/{up1.json()['id']}").json()["status"] == "amended"
     # bare ids in conditional searches are normalised like in searches
-    subject = http.post("RiskAssessment", json=risk(pid, "x3"),
-                        headers=FHIR_JSON | {"If-None-Exist": f"subject={pid}&identifier=urn:iectox:test|x2"})
+    subject = http.post(
+        "RiskAssessment",
+        json=risk(pid, "x3"),
+        headers=FHIR_JSON | {"If-None-Exist": f"subject={pid}&identifier=urn:iectox:test|x2"},
+    )
     assert subject.status_code == 200 and subject.json()["id"] == up1.json()["id"]
 
 
@@ -272,11 +301,20 @@ def _tx(pid: str, ident: str) -> dict[str, Any]:
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            {"fullUrl": ra_urn, "resource": risk(pid, ident),
-             "request": {"method": "PUT", "url": f"RiskAssessment?identifier=urn:iectox:test|{ident}"}},
-            {"resource": {"resourceType": "Provenance", "target": [{"reference": ra_urn}],
-                          "recorded": "2026-01-01T00:00:00Z", "agent": [{"who": {"display": "iectox"}}]},
-             "request": {"method": "POST", "url": "Provenance"}},
+            {
+                "fullUrl": ra_urn,
+                "resource": risk(pid, ident),
+                "request": {"method": "PUT", "url": f"RiskAssessment?identifier=urn:iectox:test|{ident}"},
+            },
+            {
+                "resource": {
+                    "resourceType": "Provenance",
+                    "target": [{"reference": ra_urn}],
+                    "recorded": "2026-01-01T00:00:00Z",
+                    "agent": [{"who": {"display": "iectox"}}],
+                },
+                "request": {"method": "POST", "url": "Provenance"},
+            },
         ],
     }
 
@@ -302,11 +340,17 @@ def test_transaction_is_atomic(http: httpx.Client) -> None:
     p = create(http, patient())
     # The create runs first, then the update fails on its stale If-Match: nothing may remain.
     # (MemoryRepository.withTransaction is a no-op in 4.5.2; the server snapshots/restores.)
-    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": patient("Created"), "request": {"method": "POST", "url": "Patient"}},
-        {"resource": p | {"gender": "male"},
-         "request": {"method": "PUT", "url": f"Patient/{p['id']}", "ifMatch": 'W/"stale"'}},
-    ]}
+    tx = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": patient("Created"), "request": {"method": "POST", "url": "Patient"}},
+            {
+                "resource": p | {"gender": "male"},
+                "request": {"method": "PUT", "url": f"Patient/{p['id']}", "ifMatch": 'W/"stale"'},
+            },
+        ],
+    }
     resp = http.post("", json=tx, headers=FHIR_JSON)
     assert resp.status_code == 412
     assert http.get("Patient", params={"name": "Created"}).json()["total"] == 0
@@ -320,10 +364,14 @@ def test_transaction_is_atomic(http: httpx.Client) -> None:
 
 
 def test_batch_answers_invalid_entries_separately(http: httpx.Client) -> None:
-    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
-        {"resource": patient("Batch"), "request": {"method": "POST", "url": "Patient"}},
-    ]}
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
+            {"resource": patient("Batch"), "request": {"method": "POST", "url": "Patient"}},
+        ],
+    }
     resp = http.post("", json=batch, headers=FHIR_JSON)
     assert resp.status_code == 200
     assert [e["response"]["status"] for e in resp.json()["entry"]] == ["400", "201"]

@@ -80,6 +80,8 @@ BENDS: dict[str, Bend] = {
     "preliminary": _set("status", "preliminary"),
     "no status": lambda res: res.pop("status", None),
     "unmapped value code": _set("valueCodeableConcept", {"coding": [{"system": "urn:x", "code": "y"}]}),
+    "quantity null": _set("valueQuantity", None),  # beside a code: present, so not a coded value
+    "code null": _set("valueCodeableConcept", None),
     "component": _set("component", [{"code": {"text": "x"}, "valueQuantity": {"value": 1}}]),
     "component unit": lambda res: [
         c["valueQuantity"].update(code="furlong") for c in res.get("component", [])[:1] if "valueQuantity" in c
@@ -165,3 +167,21 @@ def test_every_bend_reaches_the_general_path(monkeypatch: pytest.MonkeyPatch) ->
                 bend(e["resource"])
         _same(one, monkeypatch, Settings())
         assert name
+
+
+def test_a_null_quantity_beside_a_code_is_left_out_not_graded() -> None:
+    """Found in review: `"valueQuantity": null` beside a mapped device code is not a coded
+    value; the device is left out and named, and CRS is indeterminate, not grade 4."""
+    from datetime import UTC, datetime
+
+    from service.app.evaluate import evaluate_body
+    from tests import factories as f
+
+    t = "2026-01-06T10:00:00+00:00"
+    device = {**f.oxygen_device("bipap", t, id="dev"), "valueQuantity": None}
+    body = orjson.dumps(f.bundle(f.patient(), f.temperature(39.0, t, id="t"), device))
+    settings = Settings()
+    ev = evaluate_body(body, load_codebook(settings.canonical_base), settings, None, datetime(2026, 12, 1, tzinfo=UTC))
+    crs = next(r for r in ev.results if r.method == "astct-crs")
+    assert crs.grade is None and crs.floor == 1
+    assert [r.ref for r in ev.left_out] == ["Observation/dev"]

@@ -64,8 +64,9 @@ def normal_vitals() -> tuple[dict[str, Any], ...]:
     return f.systolic(120, NOW), f.oxygen_device("none", NOW)
 
 
-def medication(mid: str, code: tuple[str, str] | None = None, *, ingredients: list[Any] | None = None,
-               text: str | None = None) -> dict[str, Any]:
+def medication(
+    mid: str, code: tuple[str, str] | None = None, *, ingredients: list[Any] | None = None, text: str | None = None
+) -> dict[str, Any]:
     res: dict[str, Any] = {"resourceType": "Medication", "id": mid}
     if code is not None or text is not None:
         res["code"] = f.cc(*code, text=text) if code is not None else {"text": text}
@@ -168,7 +169,9 @@ def test_flow_and_concentration_as_separate_observations() -> None:
         pytest.param(f.temperature(102.2, NOW, unit="degF"), "body-temperature", 39.0, id="degF"),
         pytest.param(f.temperature(39.0, NOW, unit="°C"), "body-temperature", 39.0, id="degree-C"),
         pytest.param(
-            f.observation(f.SYSTOLIC, NOW, valueQuantity=f.quantity(85, None, unit="mmHg")), "systolic-bp", 85,
+            f.observation(f.SYSTOLIC, NOW, valueQuantity=f.quantity(85, None, unit="mmHg")),
+            "systolic-bp",
+            85,
             id="mmHg-as-unit-text",
         ),
         pytest.param(
@@ -411,9 +414,7 @@ def test_ml_per_hour_without_strength_counts_as_running_rate_unknown() -> None:
 
 def test_rate_ratio_is_read_like_rate_quantity() -> None:
     ma = f.administration("norepinephrine", start=h(6))
-    ma["dosage"] = {
-        "rateRatio": {"numerator": f.quantity(5, None, unit="mcg"), "denominator": f.quantity(1, "min")}
-    }
+    ma["dosage"] = {"rateRatio": {"numerator": f.quantity(5, None, unit="mcg"), "denominator": f.quantity(1, "min")}}
     (adm,) = parse(ma).given("norepinephrine")
     assert adm.rate == pytest.approx(5.0)
 

@@ -1,10 +1,11 @@
 """A route class whose JSON request body is parsed by orjson (several times faster than the
-standard library on the 2 MB prefetch of a CDS hook; measured in bench/cds.py). orjson refuses
-NaN, which FHIR JSON never holds: FastAPI answers it as invalid JSON, a 4xx like any other
-malformed body. An integer beyond 64 bits is read as a float."""
+standard library on the 2 MB prefetch of a CDS hook; measured in bench/cds.py), falling back to
+the standard library for what orjson refuses, so the same bodies are accepted as before. An
+integer beyond 64 bits arrives as a float (orjson): the checks still refuse it, in other words."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,7 +18,13 @@ from starlette.responses import Response
 class OrjsonRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())  # orjson.JSONDecodeError is a json.JSONDecodeError
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                # What orjson refuses and the standard library reads (a byte order mark, UTF-16,
+                # NaN, a lone surrogate) is read as before; its errors are FastAPI's 4xx as before.
+                self._json = json.loads(body)
         return self._json
 
 

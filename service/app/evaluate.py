@@ -27,7 +27,7 @@ from ..fhir.emit import (
     validate_emitted,
 )
 from ..fhir.errors import FhirError
-from ..fhir.ingest import Entry, load_json, parse_patient_entries, split_entries, year_out_of_range
+from ..fhir.ingest import Entry, load_json, parse_patient_entries, split_entries, stream_entries, year_out_of_range
 
 EVALUATE_BUNDLE_TYPES = frozenset({"collection", "batch", "transaction", "searchset"})
 
@@ -263,8 +263,11 @@ def evaluate_body(
     """The stateless `$evaluate`: a Bundle (or lone Patient) in, an Evaluation out."""
 
     def run() -> Evaluation:  # its locals (the parsed JSON) are freed before the collector resumes
-        doc = load_json(body)
-        entries = split_entries(doc, max_entries=settings.max_bundle_entries, bundle_types=EVALUATE_BUNDLE_TYPES)
+        most, types = settings.max_bundle_entries, EVALUATE_BUNDLE_TYPES
+        if len(body) > settings.stream_parse_above_bytes:
+            entries = stream_entries(body, max_entries=most, bundle_types=types)
+        else:
+            entries = split_entries(load_json(body), max_entries=most, bundle_types=types)
         return _evaluate(entries, codebook, settings, at, recorded, None, strict)
 
     with gc_paused():  # config/runtime.py

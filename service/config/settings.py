@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # The course (hourly grades) covers at most this many days before `at`: 100 days is the
     # registries' follow-up (CIBMTR day-100 form) and bounds the work of one evaluation.
     course_max_days: int = Field(default=100, ge=1, le=3650)
+    # `$evaluate` bodies larger than this are split unparsed and parsed one entry at a time
+    # (ingest.stream_entries): the peak memory stays near the body's size, not 7 times it.
+    stream_parse_above_bytes: int = Field(default=8 * 2**20, ge=0)
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any
 
+import msgspec
 import orjson
 
 from ..codebook import Codebook, Coding
@@ -63,6 +64,9 @@ class Entry:
     resource: dict[str, Any]
     path: str  # FHIRPath of the resource, e.g. Bundle.entry[3].resource
     full_url: str | None = None
+    # The Bundle entry's JSON when its resource was set aside (stream_entries): `resource` then
+    # holds only resourceType, id and meta, and `loaded()` parses the rest.
+    raw: Any = None
     # resourceType and the reference, read once (the parse asks for them per rule); an Entry's
     # resource is not changed after the Entry is made.
     type: str = field(init=False)
@@ -72,6 +76,17 @@ class Entry:
         self.type = str(self.resource.get("resourceType"))
         rid = self.resource.get("id")
         self.ref = f"{self.type}/{rid}" if rid else (self.full_url or "")
+
+    def set_aside(self, raw: Any) -> Entry:
+        """This entry holding only what splitting reads of its resource, and `raw` to parse again."""
+        kept: dict[str, Any] = {k: self.resource[k] for k in ("resourceType", "id", "meta") if k in self.resource}
+        return Entry(kept, self.path, self.full_url, raw)
+
+    def loaded(self) -> Entry:
+        """This entry with its whole resource (parsed again when it was set aside)."""
+        if self.raw is None:
+            return self
+        return Entry(orjson.loads(memoryview(self.raw))["resource"], self.path, self.full_url)
 
 
 # The version order (version_key) as storage keeps it: 64-bit integers, so the upsert compares
@@ -114,33 +129,77 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
         raise FhirError.one(400, "structure", "expected a JSON object (a FHIR resource)")
     rtype = doc.get("resourceType")
     if rtype != "Bundle":
-        entries = [Entry(doc, str(rtype))]
-    else:
-        btype = doc.get("type")
-        if not isinstance(btype, str) or btype not in bundle_types:
-            raise FhirError.one(422, "value", f"Bundle.type must be one of {sorted(bundle_types)}", "Bundle.type")
-        raw = doc.get("entry") or []
-        if not isinstance(raw, list):
-            raise FhirError.one(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
-        if len(raw) > max_entries:
-            raise FhirError.one(
-                413, "too-long", f"Bundle has {len(raw)} entries; the limit is {max_entries}", "Bundle.entry"
-            )
-        entries = []
-        issues: list[Issue] = []
-        for i, e in enumerate(raw):
-            res = e.get("resource") if isinstance(e, dict) else None
-            if not isinstance(res, dict):
-                issues.append(Issue("required", "entry has no resource", f"Bundle.entry[{i}].resource"))
-                continue
-            full_url = e.get("fullUrl")
-            if full_url is not None and not isinstance(full_url, str):
-                issues.append(Issue("structure", "fullUrl must be a string", f"Bundle.entry[{i}].fullUrl"))
-                continue
-            entries.append(Entry(res, f"Bundle.entry[{i}].resource", full_url))
-        if issues:
-            raise FhirError(422, issues[:MAX_ISSUES])
-    issues = []
+        return _newest([Entry(doc, str(rtype))])
+    _check_bundle_type(doc.get("type"), bundle_types)
+    raw = doc.get("entry") or []
+    if not isinstance(raw, list):
+        raise FhirError.one(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
+    _check_count(len(raw), max_entries)
+    issues: list[Issue] = []
+    entries = [en for i, e in enumerate(raw) if (en := _bundle_entry(i, e, issues)) is not None]
+    if issues:
+        raise FhirError(422, issues[:MAX_ISSUES])
+    return _newest(entries)
+
+
+def stream_entries(body: bytes, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
+    """`split_entries(load_json(body), ...)` without ever holding the whole parsed Bundle: the
+    entries are cut out of the body unparsed (msgspec), then parsed one at a time; an
+    Observation's resource is parsed again when it is graded (`Entry.loaded`), so at most one is
+    held as objects. For large bodies (peak memory; bench/memory.py). Anything but a well-formed
+    Bundle of the accepted types takes `split_entries` itself, so every error stays the same."""
+    try:
+        # Every part goes through orjson, as the whole would: the same JSON is accepted.
+        top = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+        head = {k: orjson.loads(memoryview(v)) for k, v in top.items() if k != "entry"}
+        raws = msgspec.json.decode(top["entry"], type=list[msgspec.Raw]) if "entry" in top else []
+    except (msgspec.MsgspecError, orjson.JSONDecodeError):
+        raws = None
+    btype = head.get("type") if raws is not None else None
+    if raws is None or head.get("resourceType") != "Bundle" or not isinstance(btype, str) or btype not in bundle_types:
+        return split_entries(load_json(body), max_entries=max_entries, bundle_types=bundle_types)
+    _check_count(len(raws), max_entries)
+    issues: list[Issue] = []
+    entries = []
+    for i, raw in enumerate(raws):
+        try:
+            e = orjson.loads(memoryview(raw))
+        except orjson.JSONDecodeError:  # what msgspec passed and orjson does not (a number out of range)
+            return split_entries(load_json(body), max_entries=max_entries, bundle_types=bundle_types)
+        en = _bundle_entry(i, e, issues)
+        if en is not None:
+            entries.append(en.set_aside(raw) if en.type == "Observation" else en)
+    if issues:
+        raise FhirError(422, issues[:MAX_ISSUES])
+    return _newest(entries)
+
+
+def _check_bundle_type(btype: Any, bundle_types: frozenset[str]) -> None:
+    if not isinstance(btype, str) or btype not in bundle_types:
+        raise FhirError.one(422, "value", f"Bundle.type must be one of {sorted(bundle_types)}", "Bundle.type")
+
+
+def _check_count(n: int, max_entries: int) -> None:
+    if n > max_entries:
+        raise FhirError.one(413, "too-long", f"Bundle has {n} entries; the limit is {max_entries}", "Bundle.entry")
+
+
+def _bundle_entry(i: int, e: Any, issues: list[Issue]) -> Entry | None:
+    """Bundle.entry[i] as an Entry, or None with its issue."""
+    res = e.get("resource") if isinstance(e, dict) else None
+    if not isinstance(res, dict):
+        issues.append(Issue("required", "entry has no resource", f"Bundle.entry[{i}].resource"))
+        return None
+    full_url = e.get("fullUrl")
+    if full_url is not None and not isinstance(full_url, str):
+        issues.append(Issue("structure", "fullUrl must be a string", f"Bundle.entry[{i}].fullUrl"))
+        return None
+    return Entry(res, f"Bundle.entry[{i}].resource", full_url)
+
+
+def _newest(entries: list[Entry]) -> list[Entry]:
+    """The entries' resources checked (resourceType, id), newest version per id."""
+    issues: list[Issue] = []
     # The same id seen twice keeps the newest meta.versionId (else meta.lastUpdated).
     newest: dict[str, Entry] = {}
     out: list[Entry] = []
@@ -500,16 +559,15 @@ class Normaliser:
         codebook maps. The Sample is the one `_value` makes (tests/test_ingest_quick.py compares
         both); False: anything else, for `_value`."""
         kind = self.cb.concepts[concept].kind
-        q = holder.get("valueQuantity")
-        if q is None:
-            cc = holder.get("valueCodeableConcept")
-            if kind is not Kind.CODED or cc is None:
+        if "valueQuantity" not in holder:  # present but null is not absent: `_value` names it
+            if kind is not Kind.CODED or "valueCodeableConcept" not in holder:
                 return False
-            value = self.cb.value_for(concept, _codings(cc))
+            value = self.cb.value_for(concept, _codings(holder["valueCodeableConcept"]))
             if value is None:
                 return False
             self._add(Sample(concept, t, ref, code=value, shown=value))
             return True
+        q = holder["valueQuantity"]
         if kind is not Kind.QUANTITY or type(q) is not dict or "referenceRange" in holder:
             return False
         number, unit = q.get("value"), q.get("code") or q.get("unit")
@@ -1103,6 +1161,7 @@ def parse_patient_entries(
         handle = handlers.get(en.type)
         if handle is None:
             continue
+        en = en.loaded()
         mark = _Mark(norm)
         try:
             subject = en.resource.get("subject")
