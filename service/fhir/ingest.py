@@ -413,6 +413,16 @@ UNRESOLVED_MEDICATION = UNKNOWN_DRUG  # a medicationReference not resolved (left
 Convert = Callable[[float, float | None], float]  # (value, body weight kg) -> canonical value
 
 
+@lru_cache(maxsize=1024)
+def _conversion(concept: str, unit: str) -> tuple[Convert, str, tuple[float | None, float | None]]:
+    """(conversion of `unit` to the concept's canonical unit, canonical unit, plausible range);
+    UnitError (not cached) when the unit is not accepted. Pure: computed once per process."""
+    apply, canonical = converter(concept, unit), canonical_unit(concept)
+    spec = concept_spec(concept)
+    bounds = spec.plausible_range if spec is not None else None
+    return apply, canonical, bounds or (None, None)
+
+
 class Normaliser:
     """Builds one patient's PatientData from checked entries; collects every issue."""
 
@@ -434,9 +444,6 @@ class Normaliser:
         # (group, "system|code") of the codes the codebook does not map: not inputs, counted
         # (iectox codebook check lists the same) so a site sees what its overlay should map.
         self.unmapped: Counter[tuple[str, str]] = Counter()
-        # (concept, unit) -> (conversion to the canonical unit, canonical unit, plausible range):
-        # looked up once per request
-        self.conversions: dict[tuple[str, str], tuple[Convert, str, tuple[float | None, float | None]]] = {}
 
     # Quantities -----------------------------------------------------------------
     def _quantity(self, concept: str, q: Any, path: str) -> tuple[float, str, str] | None:
@@ -456,17 +463,11 @@ class Normaliser:
         if not unit:
             self.r.fail("required", "Quantity has no unit (UCUM code expected)", f"{path}.code")
             return None
-        conversion = self.conversions.get((concept, unit))
-        if conversion is None:
-            try:
-                apply, canonical = converter(concept, unit), canonical_unit(concept)
-            except UnitError as exc:
-                self.r.fail("value", f"{exc}", f"{path}.code")
-                return None
-            spec = concept_spec(concept)
-            bounds = spec.plausible_range if spec is not None else None
-            conversion = self.conversions[(concept, unit)] = (apply, canonical, bounds or (None, None))
-        apply, canonical, _ = conversion
+        try:
+            apply, canonical, _ = _conversion(concept, unit)
+        except UnitError as exc:
+            self.r.fail("value", f"{exc}", f"{path}.code")
+            return None
         v = apply(float(value), None)
         shown = f"{_fmt(float(value))} {unit}"
         if unit != canonical:
@@ -554,8 +555,8 @@ class Normaliser:
         return self._quick_value(concept, res, t, en.ref)
 
     def _quick_value(self, concept: str, holder: dict[str, Any], t: datetime, ref: str) -> bool:
-        """`_value` in one step for the common value: a valueQuantity (UCUM, a unit already
-        converted once, a plausible value, no referenceRange) or a valueCodeableConcept the
+        """`_value` in one step for the common value: a valueQuantity (UCUM, an accepted unit, a
+        plausible value, no referenceRange) or a valueCodeableConcept the
         codebook maps. The Sample is the one `_value` makes (tests/test_ingest_quick.py compares
         both); False: anything else, for `_value`."""
         kind = self.cb.concepts[concept].kind
@@ -575,10 +576,10 @@ class Normaliser:
             return False
         if q.get("system", UCUM) != UCUM:
             return False
-        conversion = self.conversions.get((concept, unit))
-        if conversion is None:  # a unit not met yet: the general path converts and keeps it
+        try:
+            apply, canonical, (low, high) = _conversion(concept, unit)
+        except (UnitError, KeyError):
             return False
-        apply, canonical, (low, high) = conversion
         try:
             raw = float(number)
             v = apply(raw, None)
