@@ -7,6 +7,7 @@ The service runs in process (httpx ASGITransport); the EHR is the real FHIR test
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -379,6 +380,21 @@ async def test_bodies_the_standard_library_reads_are_still_read(svc: httpx.Async
         r = await svc.post(url, content=sent, headers=cds_headers() | {"Content-Type": "application/json"})
         assert r.status_code == 200, r.text
         assert "CRS grade 2" in only_card(r)["summary"]
+
+
+async def test_what_storage_cannot_keep_is_a_4xx_never_a_500(svc: httpx.AsyncClient) -> None:
+    """Found in review: the standard library reads a lone surrogate; orjson can then not write it
+    (the hook's digest, storage). Such a body is refused as JSON (4xx), with no card."""
+    resources = case(2)
+    bent = [dict(r) for r in resources]
+    obs = next(r for r in bent if r["resourceType"] == "Observation")
+    obs["id"] += "\ud800"
+    url = f"/cds-services/{PATIENT_VIEW}"
+    for doc in (hook(prefetch=full_prefetch(bent)), {**hook(prefetch=full_prefetch(resources)), "x": "\ud800"}):
+        body = json.dumps(doc).encode()  # the standard library writes the lone surrogate as \ud800
+        r = await svc.post(url, content=body, headers=cds_headers() | {"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, r.text
+        assert r.json()["resourceType"] == "OperationOutcome"
 
 
 async def test_course_link_resolves(svc: httpx.AsyncClient) -> None:

@@ -1,7 +1,8 @@
 """A route class whose JSON request body is parsed by orjson (several times faster than the
-standard library on the 2 MB prefetch of a CDS hook; measured in bench/cds.py), falling back to
-the standard library for what orjson refuses, so the same bodies are accepted as before. An
-integer beyond 64 bits arrives as a float (orjson): the checks still refuse it, in other words."""
+standard library on the 2 MB prefetch of a CDS hook; measured in bench/cds.py). What orjson
+refuses and the standard library reads (a byte order mark, UTF-16, NaN) is read as before; what
+neither storage nor orjson can hold (a lone surrogate, an integer beyond 64 bits in such a body)
+is a 4xx, never a 500. An integer beyond 64 bits in a body orjson reads arrives as a float."""
 
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ class OrjsonRequest(Request):
                 self._json = orjson.loads(body)
             except orjson.JSONDecodeError:
                 # What orjson refuses and the standard library reads (a byte order mark, UTF-16,
-                # NaN, a lone surrogate) is read as before; its errors are FastAPI's 4xx as before.
-                self._json = json.loads(body)
+                # NaN) is read as before; its errors are FastAPI's 4xx as before.
+                doc = json.loads(body)
+                try:
+                    orjson.dumps(doc)  # what storage could not keep: a lone surrogate, a huge integer
+                except TypeError as exc:
+                    raise json.JSONDecodeError(f"not storable as JSON: {exc}", "", 0) from None
+                self._json = doc
         return self._json
 
 

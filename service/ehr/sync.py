@@ -196,9 +196,13 @@ def _same_call_again(
     return evaluation
 
 
-def _received_digest(resources: list[dict[str, Any]], base: str | None) -> str:
-    """A digest of what the EHR sent (and from where): equal bytes, equal digests."""
-    return hashlib.blake2b(orjson.dumps([base, resources]), digest_size=16).hexdigest()
+def _received_digest(resources: list[dict[str, Any]], base: str | None) -> str | None:
+    """A digest of what the EHR sent (and from where): equal bytes, equal digests. None when JSON
+    cannot hold it (storage rejects such resources, one by one)."""
+    try:
+        return hashlib.blake2b(orjson.dumps([base, resources]), digest_size=16).hexdigest()
+    except TypeError:
+        return None
 
 
 async def sync_patients(

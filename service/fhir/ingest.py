@@ -143,32 +143,40 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
 
 
 def stream_entries(body: bytes, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
-    """`split_entries(load_json(body), ...)` without ever holding the whole parsed Bundle: the
-    entries are cut out of the body unparsed (msgspec), then parsed one at a time; an
-    Observation's resource is parsed again when it is graded (`Entry.loaded`), so at most one is
-    held as objects. For large bodies (peak memory; bench/memory.py). Anything but a well-formed
-    Bundle of the accepted types takes `split_entries` itself, so every error stays the same."""
-    try:
-        # Every part goes through orjson, as the whole would: the same JSON is accepted.
-        top = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
-        head = {k: orjson.loads(memoryview(v)) for k, v in top.items() if k != "entry"}
-        raws = msgspec.json.decode(top["entry"], type=list[msgspec.Raw]) if "entry" in top else []
-    except (msgspec.MsgspecError, orjson.JSONDecodeError):
-        raws = None
-    btype = head.get("type") if raws is not None else None
-    if raws is None or head.get("resourceType") != "Bundle" or not isinstance(btype, str) or btype not in bundle_types:
+    """`split_entries(load_json(body), ...)` without ever holding the whole parsed Bundle, for
+    large bodies (peak memory; bench/memory.py). msgspec finds the entries without parsing them
+    (slices of the body); orjson then reads everything else as one document (the body with its
+    entry array emptied) and each entry on its own at the depth it has in the Bundle, so the same
+    JSON is accepted, nested and read as by the whole parse. An Observation's resource is set
+    aside and parsed again when graded (`Entry.loaded`). Anything but a Bundle of an accepted
+    type with an entry array takes `split_entries` itself, so every error stays the same."""
+
+    def whole() -> list[Entry]:
         return split_entries(load_json(body), max_entries=max_entries, bundle_types=bundle_types)
-    _check_count(len(raws), max_entries)
+
+    try:
+        top = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+        entry = top.get("entry")
+        if entry is None or (at := body.find(memoryview(entry))) < 0:
+            return whole()
+        head = orjson.loads(body[:at] + b"[]" + body[at + len(entry) :])
+        raws = msgspec.json.decode(entry, type=list[msgspec.Raw])
+    except (msgspec.MsgspecError, orjson.JSONDecodeError, RecursionError):
+        return whole()
+    btype = head.get("type") if isinstance(head, dict) else None
+    if not isinstance(btype, str) or btype not in bundle_types or head.get("resourceType") != "Bundle":
+        return whole()
     issues: list[Issue] = []
     entries = []
     for i, raw in enumerate(raws):
         try:
-            e = orjson.loads(memoryview(raw))
+            e = orjson.loads(b"[[" + bytes(raw) + b"]]")[0][0]  # read at its depth in the Bundle
         except orjson.JSONDecodeError:  # what msgspec passed and orjson does not (a number out of range)
-            return split_entries(load_json(body), max_entries=max_entries, bundle_types=bundle_types)
+            return whole()
         en = _bundle_entry(i, e, issues)
         if en is not None:
             entries.append(en.set_aside(raw) if en.type == "Observation" else en)
+    _check_count(len(raws), max_entries)  # after the JSON of every entry, as the whole parse
     if issues:
         raise FhirError(422, issues[:MAX_ISSUES])
     return _newest(entries)
@@ -1070,7 +1078,7 @@ def _component_parts(norm: Normaliser, en: Entry, issues: list[Issue], site_tz: 
 
 def _implausible_rates(data: PatientData, entries: list[Entry], r: _Reader) -> list[LeftOut]:
     """Administrations whose normalised rate is outside the concept's plausibility bounds (core/concepts.py)."""
-    paths = {en.ref: en.path for en in entries}
+    paths = {en.ref: en.path for en in entries if en.type == "MedicationAdministration"}  # a fullUrl may repeat
     out: list[LeftOut] = []
     for concept, admins in data.administrations.items():
         keep = []
@@ -1095,7 +1103,7 @@ def _unresolved_medications(
     if not unresolved:
         return []
     norm.ignored = [i for i in norm.ignored if i.concept != UNRESOLVED_MEDICATION]
-    by_ref = {en.ref: en for en in entries}
+    by_ref = {en.ref: en for en in entries if en.type == "MedicationAdministration"}  # a fullUrl may repeat
     out = []
     for item in unresolved:
         en = by_ref.get(item.ref)
