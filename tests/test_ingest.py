@@ -583,3 +583,23 @@ def test_evaluate_emits_one_assessment_per_method_with_provenance() -> None:
     assert ev.provenance["resourceType"] == "Provenance"
     assert ev.patient_ref == f.PATIENT_REF
     assert "Observation/ice" in ev.results[1].basis
+
+
+def test_validate_emitted_checks_every_provenance_entity() -> None:
+    """validate_emitted checks many entities of one shape as the model would (issue 12: the
+    shape on the first, each reference as a FHIR string); any other shape takes the model."""
+    import pydantic
+
+    from service.fhir.emit import provenance, validate_emitted
+
+    recorded = datetime(2026, 1, 6, tzinfo=UTC)
+    prov = provenance([{"id": "a"}], [f"Observation/o{i}" for i in range(50)], "https://iectox.org/fhir", recorded)
+    validate_emitted([prov])
+    for bad in (
+        {"role": "source", "what": {"reference": ""}},  # an empty string is no FHIR string
+        {"role": "source", "what": {"reference": 5}},
+        {"role": "source", "what": {"reference": "Observation/x"}, "extra": 1},
+    ):
+        broken = {**prov, "entity": [*prov["entity"][:10], bad, *prov["entity"][10:]]}
+        with pytest.raises(pydantic.ValidationError):
+            validate_emitted([broken])

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     course_max_days: int = Field(default=100, ge=1, le=3650)
     # `$evaluate` bodies larger than this are split unparsed and parsed one entry at a time
     # (ingest.stream_entries): the peak memory stays near the body's size, not 7 times it.
-    stream_parse_above_bytes: int = Field(default=8 * 2**20, ge=0)
+    stream_parse_above_bytes: int = Field(default=16 * 2**20, ge=0)
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -192,9 +192,9 @@ def crs_from_facts(f: Facts, brief: bool = False) -> GradeResult:
     data, lo, at = f.data, f.lo, f.at
     window = f.window_text
     gate = fever_gate(f.fever)
-    notes = crs_notes(gate) + ignored_note(data, CRS_CONCEPTS)
+    notes = [] if brief else crs_notes(gate) + ignored_note(data, CRS_CONCEPTS)
     if gate.domain is None:
-        return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes, f.findings)
+        return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes, f.crs_findings(brief))
     fever_dom = gate.domain
     hypo = _hypotension(f)
     hypox = _hypoxia(f)
@@ -209,7 +209,7 @@ def crs_from_facts(f: Facts, brief: bool = False) -> GradeResult:
             considered += [a.ref for a in data.given(c) if a.overlaps(lo, at)]
         if gate.day0:
             considered.append(gate.day0.ref)
-    return combine(CRS_METHOD, CRS_SCALE, at, domains, window, notes, considered, f.findings, brief=brief)
+    return combine(CRS_METHOD, CRS_SCALE, at, domains, window, notes, considered, f.crs_findings(brief), brief=brief)
 
 
 # --- ICANS ---------------------------------------------------------------------------

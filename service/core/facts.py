@@ -527,6 +527,13 @@ class Facts:
         """Inputs of CRS_FACT_CONCEPTS left out of grading."""
         return tuple(i for i in self.data.ignored if i.concept in CRS_FACT_CONCEPTS)
 
+    def crs_findings(self, brief: bool) -> CrsFindings | None:
+        """`findings`, or None for a brief result that nothing reads them from: the course reads
+        only the grade; with inputs left out or assumed, leftout.py reads them (its ceilings)."""
+        if brief and not self.data.left_out and not self.data.assumed:
+            return None
+        return self.findings
+
     @cached_property
     def findings(self) -> CrsFindings:
         """The deciding CRS facts as data, for GradeResult.crs. Beyond fever they are filled only

@@ -81,7 +81,7 @@ def combine(
 ) -> GradeResult:
     """One result from the domains: the worst known grade, or indeterminate when an unknown
     domain could still raise it; the rationale is the verdict, `head`, each domain, `notes`.
-    `brief`: the grade, floor, missing inputs and CRS findings only (no rationale, basis or
+    `brief`: the grade, floor, missing inputs and the CRS findings passed in only (no rationale, basis or
     considered inputs): what the course reads at each sample."""
     known = [d for d in domains if d.grade is not None]
     floor = max([d.grade for d in known if d.grade is not None] + [d.at_least for d in domains], default=0)

@@ -298,12 +298,10 @@ def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
 def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
     head = f.window_text
     gate = fever_gate(f.fever)
-    notes = crs_notes(gate)
-    notes.append(f"Not evaluable from data: {sc.not_evaluable}.")
-    notes.append(sc.choices)
-    notes += ignored_items_note(f.ignored)
+    notes = [] if brief else [*crs_notes(gate), f"Not evaluable from data: {sc.not_evaluable}.", sc.choices]
+    notes += [] if brief else ignored_items_note(f.ignored)
     if gate.domain is None:
-        return no_crs(sc.method, sc.name, f.at, gate, head, notes, f.findings)
+        return no_crs(sc.method, sc.name, f.at, gate, head, notes, f.crs_findings(brief))
     domains = [gate.domain, _hypotension_domain(sc, f), _oxygen_domain(sc, f)]
     organ = _organ_domains(sc, f)
     if organ and gate.grade == 0 and all(d.grade == 0 for d in domains[1:]):
@@ -314,7 +312,7 @@ def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
         organ = []
     domains += organ
     considered = [] if brief else list(f.considered)
-    return combine(sc.method, sc.name, f.at, domains, head, notes, considered, f.findings, brief=brief)
+    return combine(sc.method, sc.name, f.at, domains, head, notes, considered, f.crs_findings(brief), brief=brief)
 
 
 def grade_cres(data: PatientData, at: datetime, cfg: GradingConfig, brief: bool = False) -> GradeResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fhir.resources.R4B import FHIRAbstractModel
 from fhir.resources.R4B.bundle import Bundle
@@ -18,6 +18,8 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.parameters import Parameters
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
+from fhir_core.types import String
+from pydantic import TypeAdapter
 
 from .. import __version__
 from ..codebook import ICD10CM
@@ -266,6 +268,10 @@ def provenance(targets: list[dict[str, Any]], inputs: Iterable[str], base: str, 
     return prov
 
 
+# Reference.reference's own type (R4B: a FHIR string), to validate many references at once.
+_REFERENCES = TypeAdapter(list[Annotated[str, String()]])
+
+
 def validate_emitted(resources: list[dict[str, Any]]) -> None:
     """Every emitted resource passes fhir.resources R4B (raises pydantic.ValidationError)."""
     models: dict[str, type[FHIRAbstractModel]] = {
@@ -276,7 +282,25 @@ def validate_emitted(resources: list[dict[str, Any]]) -> None:
         "OperationOutcome": OperationOutcome,
     }
     for res in resources:
-        models[res["resourceType"]].model_validate(res)
+        entities = res.get("entity") if res["resourceType"] == "Provenance" else None
+        if isinstance(entities, list) and len(entities) > 1 and all(map(_is_source_entity, entities)):
+            # Hundreds of entities of one shape ({role: source, what: {reference}}, `provenance`):
+            # the model checks that shape on the first, the references as the FHIR strings they
+            # are (measured: 0.08 ms instead of 10.5 ms for 600 entities).
+            Provenance.model_validate({**res, "entity": entities[:1]})
+            _REFERENCES.validate_python([e["what"]["reference"] for e in entities])
+        else:
+            models[res["resourceType"]].model_validate(res)
+
+
+def _is_source_entity(e: Any) -> bool:
+    return (
+        isinstance(e, dict)
+        and e.keys() == {"role", "what"}
+        and e["role"] == "source"
+        and isinstance(e["what"], dict)
+        and e["what"].keys() == {"reference"}
+    )
 
 
 UNMAPPED_SHOWN = 10  # codes named per group in the informational issue; the rest are counted
