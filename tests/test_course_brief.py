@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import random
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from service.app.evaluate import SCALES, Grader, course_config, grading_config
@@ -21,6 +23,7 @@ from service.config.settings import Settings
 from service.core.course import grid
 from service.devtools.synth import DEFAULT_BASE, DEFAULT_START, SCENARIOS, generate_patient
 from service.fhir.ingest import parse_patient_entries, split_entries
+from tests.test_ingest_quick import BUNDLE_TYPES, _corpus_bundles
 
 
 def variants(bundle: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
@@ -62,3 +65,22 @@ def test_brief_grade_is_the_full_grade(scenario: str, room_air: bool) -> None:
                 assert brief.crs == (full.crs if data.left_out or data.assumed else None)
                 checked += 1
     assert checked > 3 * 9 * 24 * 8
+
+
+@pytest.mark.parametrize("path", _corpus_bundles(), ids=lambda p: p.name)
+def test_brief_grade_is_the_full_grade_on_real_data(path: Path) -> None:
+    """The same on the public FHIR data in tests/corpus (other writers' shapes), each with the
+    site timezone set so that tz-less times are read, not left out."""
+    settings = Settings(site_timezone="America/New_York")
+    codebook = load_codebook(settings.canonical_base)
+    entries = split_entries(orjson.loads(path.read_bytes()), max_entries=100_000, bundle_types=BUNDLE_TYPES)
+    data = parse_patient_entries(entries, codebook, strict=False, site_tz=settings.site_tz()).data
+    at = data.latest_time()
+    if at is None:
+        return  # no timed input: no course
+    grader = Grader(data, grading_config(settings))
+    start = (data.earliest_time() or at) - timedelta(hours=30)
+    for t in grid(start, at, course_config(settings).step)[-2000:]:
+        for method, _ in SCALES:
+            full, brief = grader.grade(method, t), grader.grade(method, t, brief=True)
+            assert (brief.grade, brief.floor, brief.missing) == (full.grade, full.floor, full.missing), (method, t)
