@@ -123,6 +123,9 @@ BROKEN: dict[str, bytes] = {
     "an earlier key repeated, unreadable": orjson.dumps(_patient_bundle())[:-1] + b',"meta":{"x":1e999},"meta":{}}',
     "an earlier key repeated, not UTF-8": orjson.dumps(_patient_bundle())[:-1] + b',"text":"\xff","text":"ok"}',
     "an earlier entry array, unreadable": b'{"entry":[{"x":1e999}],' + orjson.dumps(_patient_bundle())[1:],
+    # found in review: the entry array's bytes also found earlier, across string boundaries
+    "entry bytes met earlier": b'{"resourceType":"Bundle","type":"collection","A[":0,",":1e999,"]B":0,"entry":[":0,",'
+    b'":1e999,"]}',
     "nested 1000 deep": _nested(1000),
     "nested 1022 deep": _nested(1022),
     "nested 1100 deep": _nested(1100),

@@ -163,7 +163,9 @@ def stream_entries(body: bytes, *, max_entries: int, bundle_types: frozenset[str
         raws = msgspec.json.decode(entry, type=list[msgspec.Raw])
     except (msgspec.MsgspecError, orjson.JSONDecodeError, RecursionError):
         return whole()
-    btype = head.get("type") if isinstance(head, dict) else None
+    if not isinstance(head, dict) or head.get("entry") != []:  # the bytes found were not the entry array
+        return whole()
+    btype = head.get("type")
     if not isinstance(btype, str) or btype not in bundle_types or head.get("resourceType") != "Bundle":
         return whole()
     issues: list[Issue] = []
