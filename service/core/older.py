@@ -298,8 +298,10 @@ def _organ_domains(sc: Scale, f: Facts) -> list[Domain]:
 def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
     head = f.window_text
     gate = fever_gate(f.fever)
-    notes = [] if brief else [*crs_notes(gate), f"Not evaluable from data: {sc.not_evaluable}.", sc.choices]
-    notes += [] if brief else ignored_items_note(f.ignored)
+    notes: list[str] = []
+    if not brief:  # the rationale's notes; the course's samples have none
+        notes = [*crs_notes(gate), f"Not evaluable from data: {sc.not_evaluable}.", sc.choices]
+        notes += ignored_items_note(f.ignored)
     if gate.domain is None:
         return no_crs(sc.method, sc.name, f.at, gate, head, notes, f.crs_findings(brief))
     domains = [gate.domain, _hypotension_domain(sc, f), _oxygen_domain(sc, f)]
