@@ -374,15 +374,24 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _within(value: float, bounds: tuple[float | None, float | None]) -> bool:
+    """`value` inside (low, high), None unbounded; NaN never is."""
+    lo, hi = bounds
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def _shown(raw: float, unit: str, value: float, canonical: str) -> str:
+    """A quantity as sent, with its canonical value when the unit differs (for rationales)."""
+    return f"{_fmt(raw)} {unit}" if unit == canonical else f"{_fmt(raw)} {unit} (= {_fmt(value)} {canonical})"
+
+
 def implausible(concept: str, value: float) -> str:
     """Why a value (canonical unit) is physiologically impossible for the concept, or ""."""
     spec = concept_spec(concept)
     bounds = spec.plausible_range if spec is not None else None
-    if bounds is None:
+    if bounds is None or _within(value, bounds):
         return ""
     lo, hi = bounds
-    if (lo is None or value >= lo) and (hi is None or value <= hi):
-        return ""
     unit = spec.unit if spec is not None and spec.unit else ""
     shown = f"{'-' if lo is None else f'{lo:g}'} to {'-' if hi is None else f'{hi:g}'} {unit}".strip()
     return f"value {_fmt(value)} {unit} is outside the plausible range {shown} (a charting or unit error)"
@@ -479,10 +488,7 @@ class Normaliser:
             self.r.fail("value", f"{exc}", f"{path}.code")
             return None
         v = apply(float(value), None)
-        shown = f"{_fmt(float(value))} {unit}"
-        if unit != canonical:
-            shown += f" (= {_fmt(v)} {canonical})"
-        return v, unit, shown
+        return v, unit, _shown(float(value), unit, v, canonical)
 
     def _not_mapped(self, group: str, *ccs: Any) -> None:
         codes = [f"{system}|{code}" for cc in ccs for system, code in _codings(cc)]
@@ -560,15 +566,15 @@ class Normaliser:
             t = datetime.fromisoformat(raw_t)
         except ValueError:
             return False
-        if t.tzinfo is None or not FIRST_YEAR <= t.year <= LAST_YEAR:
+        if t.tzinfo is None or year_out_of_range(t):
             return False
         return self._quick_value(concept, res, t, en.ref)
 
     def _quick_value(self, concept: str, holder: dict[str, Any], t: datetime, ref: str) -> bool:
         """`_value` in one step for the common value: a valueQuantity (UCUM, an accepted unit, a
-        plausible value, no referenceRange) or a valueCodeableConcept the
-        codebook maps. The Sample is the one `_value` makes (tests/test_ingest_quick.py compares
-        both); False: anything else, for `_value`."""
+        plausible value, no referenceRange) or a valueCodeableConcept the codebook maps. The
+        Sample is the one `_value` makes (tests/test_ingest_quick.py compares both); False:
+        anything else, for `_value`."""
         kind = self.cb.concepts[concept].kind
         if "valueQuantity" not in holder:  # present but null is not absent: `_value` names it
             if kind is not Kind.CODED or "valueCodeableConcept" not in holder:
@@ -587,18 +593,14 @@ class Normaliser:
         if q.get("system", UCUM) != UCUM:
             return False
         try:
-            apply, canonical, (low, high) = _conversion(concept, unit)
-        except (UnitError, KeyError):
-            return False
-        try:
+            apply, canonical, bounds = _conversion(concept, unit)
             raw = float(number)
             v = apply(raw, None)
-        except OverflowError:
+        except (UnitError, OverflowError):
             return False
-        if not ((low is None or v >= low) and (high is None or v <= high)):  # as `implausible` (NaN too)
+        if not _within(v, bounds):
             return False  # implausible: the general path leaves it out, named
-        shown = f"{_fmt(raw)} {unit}" if unit == canonical else f"{_fmt(raw)} {unit} (= {_fmt(v)} {canonical})"
-        self._add(Sample(concept, t, ref, value=v, unit=unit, shown=shown))
+        self._add(Sample(concept, t, ref, value=v, unit=unit, shown=_shown(raw, unit, v, canonical)))
         return True
 
     def _value(self, concept: str, holder: dict[str, Any], path: str, t: datetime, ref: str) -> None:
