@@ -1,4 +1,5 @@
-"""The `iectox` command line: evaluate, compare, codebook [check], serve, migrate, synth, demo, worker, poll."""
+"""The `iectox` command line: evaluate, compare, codebook [check], serve, migrate, synth, demo, worker, poll,
+report feedback."""
 
 from __future__ import annotations
 
@@ -212,6 +213,28 @@ def cmd_poll(args: argparse.Namespace) -> int:
         engine.dispose()
 
 
+def cmd_report_feedback(args: argparse.Namespace) -> int:
+    from sqlmodel import Session
+
+    from .cdshooks.feedback import feedback_report, render
+    from .storage import repository
+    from .storage.db import make_engine, read_only
+
+    settings = _settings(args)
+    since = datetime.fromisoformat(args.since) if args.since else None
+    if since is not None and since.tzinfo is None:
+        print("--since needs a timezone (2026-01-01T00:00:00+00:00)", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(read_only(engine)) as session:
+            cards, feedback = repository.cards_and_feedback(session, since)
+    finally:
+        engine.dispose()
+    print(render(feedback_report(cards, feedback)))
+    return 0
+
+
 def _days(raw: str) -> int:
     from .devtools.synth import MIN_DAYS
 
@@ -280,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("poll", help="reconciliation poll: re-read watched patients changed since their checkpoint")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p.set_defaults(func=cmd_poll)
+
+    p = sub.add_parser("report", help="reports over what the service stored")
+    reports = p.add_subparsers(dest="report", required=True)
+    r = reports.add_parser(
+        "feedback", help="CDS card acceptance and override rates by card type and indicator, and override reasons"
+    )
+    r.add_argument("--since", help="only cards and feedback from this time on (ISO 8601 with timezone)")
+    r.set_defaults(func=cmd_report_feedback)
 
     p = sub.add_parser("synth", help="write a synthetic cohort as FHIR Bundles")
     p.add_argument("--patients", type=int, default=8)

@@ -22,9 +22,12 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from service.api.app import create_app
-from service.cdshooks.cards import ORDER_SELECT, PATIENT_VIEW, SUMMARY_MAX
+from service.cdshooks.cards import ORDER_SELECT, ORDER_SIGN, PATIENT_VIEW, SUMMARY_MAX
+from service.cdshooks.feedback import feedback_report
+from service.cli import main as cli_main
 from service.config.settings import Settings
-from service.storage.models import AuditEvent, CdsFeedback, OutboxRow, WatchedPatient
+from service.storage import repository
+from service.storage.models import AuditEvent, CdsCard, CdsFeedback, OutboxRow, WatchedPatient
 from service.storage.models import StoredResource as StoredResourceRow
 from tests import factories as f
 from tests.auth import bearer, jwks, sign
@@ -67,7 +70,9 @@ def cds_headers(service_id: str = PATIENT_VIEW, **kw: Any) -> dict[str, str]:
 
 def cds_settings(base: Settings, **overrides: Any) -> Settings:
     clients = {EHR_ISS: {"jwks": jwks((EHR_KEY, EHR_KID), (EHR_RSA, EHR_RSA_KID))}}
-    return base.model_copy(update={"auth_cds_clients": clients, "auth_public_base_url": SERVICE_BASE, **overrides})
+    # Cards are never kept quiet here unless a test asks (the quiet rule has its own tests).
+    update = {"auth_cds_clients": clients, "auth_public_base_url": SERVICE_BASE, "cds_quiet": {}, **overrides}
+    return base.model_copy(update=update)
 
 
 @pytest_asyncio.fixture
@@ -233,9 +238,10 @@ async def test_discovery_shape(svc: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     services = r.json()["services"]
     by_id = {s["id"]: s for s in services}
-    assert set(by_id) == {PATIENT_VIEW, ORDER_SELECT}
+    assert set(by_id) == {PATIENT_VIEW, ORDER_SELECT, ORDER_SIGN}
     assert by_id[PATIENT_VIEW]["hook"] == "patient-view"
     assert by_id[ORDER_SELECT]["hook"] == "order-select"
+    assert by_id[ORDER_SIGN]["hook"] == "order-sign"
     for s in services:
         assert s["title"] and s["description"]
         prefetch = s["prefetch"]
@@ -703,6 +709,153 @@ async def test_feedback_stored(svc: httpx.AsyncClient, clean_engine: Engine) -> 
     bad = "/cds-services/nope/feedback"
     assert_operation_outcome(await svc.post(bad, json=feedback, headers=cds_headers(path=bad)), 404)
     assert len(rows(clean_engine, CdsFeedback)) == 1
+
+
+async def test_feedback_items_are_checked(svc: httpx.AsyncClient, clean_engine: Engine) -> None:
+    """CDS Hooks 2.0 Feedback: card (uuid) and outcome (accepted | overridden) are required; a 400
+    names each bad item by its path, and nothing is stored."""
+    url = f"/cds-services/{PATIENT_VIEW}/feedback"
+    bad = {
+        "feedback": [
+            {"card": "c1", "outcome": "accepted"},
+            {"outcome": "overridden"},
+            {"card": "c3", "outcome": "dismissed"},
+            {"card": "c4", "outcome": "overridden", "overrideReason": "too many"},
+            7,
+        ]
+    }
+    doc = assert_operation_outcome(await svc.post(url, json=bad, headers=cds_headers(path=url)), 400)
+    paths = [i["expression"][0] for i in doc["issue"]]
+    assert paths == ["feedback[1].card", "feedback[2].outcome", "feedback[3]", "feedback[4]"]
+    assert rows(clean_engine, CdsFeedback) == []
+
+
+# --- cards that lead to the app, and respect attention ---------------------------------------------
+
+
+async def test_cards_carry_a_smart_link_and_override_reasons(svc: httpx.AsyncClient) -> None:
+    card = only_card(await call(svc, hook(prefetch=full_prefetch(case(2)))))
+    smart = [link for link in card["links"] if link["type"] == "smart"]
+    assert smart == [
+        {"label": "Open the CRS/ICANS course (iectox app)", "url": f"{SERVICE_BASE}/app/launch", "type": "smart"}
+    ]
+    reasons = card["overrideReasons"]
+    assert {r["code"] for r in reasons} >= {"already-managed", "not-applicable", "data-wrong"}
+    assert all(r["system"] == "https://iectox.org/fhir/CodeSystem/override-reason" and r["display"] for r in reasons)
+
+
+async def test_order_sign_gives_the_order_cards_without_selections(svc: httpx.AsyncClient) -> None:
+    order = draft("mr-cart", f.cc(f.LOCAL, "cart-infusion", "Yescarta"))
+    body = order_hook(order, prefetch=full_prefetch([*case(1), lbcl()]))
+    body["hook"] = "order-sign"
+    del body["context"]["selections"]  # order-sign carries none: every draft order counts
+    card = only_card(await call(svc, body, ORDER_SIGN))
+    assert "93%" in card["summary"] and "CRS grade 1" in card["summary"]
+    assert card["suggestions"][0]["actions"][0]["resource"]["resourceType"] == "ServiceRequest"
+    # the order-select service does not answer order-sign (nor the reverse)
+    assert_operation_outcome(await call(svc, body, ORDER_SELECT), 400, "order-select")
+    paracetamol = draft("mr-2", f.cc(f.RXNORM, "161", "acetaminophen"))
+    body = order_hook(paracetamol, prefetch=full_prefetch(case(3)))
+    body["hook"] = "order-sign"
+    del body["context"]["selections"]
+    r = await call(svc, body, ORDER_SIGN)
+    assert r.status_code == 200 and r.json()["cards"] == []
+
+
+def cards_of(resp: httpx.Response) -> list[dict[str, Any]]:
+    assert resp.status_code == 200, resp.text
+    cards: list[dict[str, Any]] = resp.json()["cards"]
+    return cards
+
+
+async def test_quiet_at_grade_0_and_when_no_grade_changed(
+    make_service: Callable[..., httpx.AsyncClient], clean_engine: Engine
+) -> None:
+    svc = make_service(cds_quiet={"patient-view": ["grade-0", "unchanged"]})
+    assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(0))))) == []  # CRS 0, ICANS 0
+    # an indeterminate grade is never quiet: data are missing (another patient)
+    (card,) = cards_of(await call(svc, hook(pid="p-ind", prefetch=full_prefetch(case(None, "p-ind")))))
+    assert "indeterminate" in card["summary"]
+    (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(2)))))
+    assert "CRS grade 2" in card["summary"]
+    # the same grades again (a new JWT, the same prefetch: the cached path) -> quiet
+    assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(2))))) == []
+    # a grade changed -> a card; then quiet again
+    (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(3)))))
+    assert "CRS grade 3" in card["summary"]
+    assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(3))))) == []
+    # back to grade 0: quiet; grade 3 again is a change since that quiet answer: a card
+    assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(0))))) == []
+    (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(3)))))
+    assert "CRS grade 3" in card["summary"]
+    with Session(clean_engine) as s:
+        issued = list(s.exec(select(CdsCard).order_by(col(CdsCard.id))).all())
+    assert [(c.patient_id, c.indicator) for c in issued] == [
+        ("p-ind", "warning"),
+        (PID, "warning"),
+        (PID, "critical"),
+        (PID, "critical"),
+    ]
+    assert {(c.hook, c.card_type) for c in issued} == {("patient-view", "grades")}
+    # other hooks keep their own rules: order-select is not quiet here
+    order = draft("mr-1", f.cc(f.RXNORM, f.RXCUI["tocilizumab"]))
+    for _ in range(2):
+        cards_of(await call(svc, order_hook(order, prefetch=full_prefetch(case(3))), ORDER_SELECT)).pop()
+
+
+async def test_quiet_rules_are_per_hook(make_service: Callable[..., httpx.AsyncClient]) -> None:
+    svc = make_service(cds_quiet={"order-select": ["grade-0"]})
+    order = draft("mr-1", f.cc(f.RXNORM, f.RXCUI["tocilizumab"]))
+    assert cards_of(await call(svc, order_hook(order, prefetch=full_prefetch(case(0))), ORDER_SELECT)) == []
+    only_card(await call(svc, hook(prefetch=full_prefetch(case(0)))))  # patient-view is not quiet here
+    only_card(await call(svc, hook(prefetch=full_prefetch(case(0)))))
+
+
+async def test_quiet_settings_name_known_hooks() -> None:
+    with pytest.raises(ValueError, match="unknown hooks"):
+        Settings(cds_quiet={"patient-veiw": ["grade-0"]})
+    assert Settings().cds_quiet == {"patient-view": ["grade-0", "unchanged"]}
+
+
+async def test_feedback_report_counts_outcomes_and_reasons(
+    svc: httpx.AsyncClient, clean_engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grades = only_card(await call(svc, hook(prefetch=full_prefetch(case(2)))))
+    critical = only_card(await call(svc, hook(prefetch=full_prefetch(case(3)))))
+    order = draft("mr-cart", f.cc(f.LOCAL, "cart-infusion", "Yescarta"))
+    risk = only_card(await call(svc, order_hook(order, prefetch=full_prefetch(case(3))), ORDER_SELECT))
+    only_card(await call(svc, order_hook(order, prefetch=full_prefetch(case(3))), ORDER_SELECT))  # no feedback
+    reason = critical["overrideReasons"][0]
+    url = f"/cds-services/{PATIENT_VIEW}/feedback"
+    sent = [
+        {"card": grades["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-01-06T10:05:00Z"},
+        {"card": critical["uuid"], "outcome": "overridden", "overrideReason": {"reason": reason, "userComment": "x"}},
+        {"card": "not-ours", "outcome": "accepted"},
+    ]
+    assert (await svc.post(url, json={"feedback": sent}, headers=cds_headers(path=url))).status_code == 200
+    url = f"/cds-services/{ORDER_SELECT}/feedback"
+    later = [{"card": risk["uuid"], "outcome": "accepted"}, {"card": grades["uuid"], "outcome": "accepted"}]
+    assert (
+        await svc.post(url, json={"feedback": later}, headers=cds_headers(ORDER_SELECT, path=url))
+    ).status_code == 200
+
+    with Session(clean_engine) as s:
+        report = feedback_report(*repository.cards_and_feedback(s, None))
+    counts = {(r.card_type, r.indicator): (r.cards, r.answered, r.accepted, r.overridden) for r in report.rows}
+    assert counts == {
+        ("grades", "critical"): (1, 1, 0, 1),
+        ("grades", "warning"): (1, 1, 1, 0),  # its latest feedback (accepted) counts
+        ("order-risk", "critical"): (2, 1, 1, 0),
+        ("unknown", "-"): (0, 1, 1, 0),
+    }
+    assert report.reasons == (("grades", reason["code"], 1),)
+
+    assert (
+        cli_main(["--database-url", clean_engine.url.render_as_string(hide_password=False), "report", "feedback"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "order-risk   critical       2        1      100%         0%" in out
+    assert f"grades       {reason['code']:24}      1" in out
 
 
 # --- storage side effects -------------------------------------------------------------------------

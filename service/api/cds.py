@@ -9,10 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from ..cdshooks.feedback import check_feedback
 from ..cdshooks.schemas import CdsResponse, HookRequest
 from ..cdshooks.service import HookCall, call_hook, discovery, service_for
 from ..ehr.sync import observation_codes
-from ..fhir.errors import FhirError, Issue
+from ..fhir.errors import FhirError
 from ..storage.models import CdsFeedback
 from .auth import CdsClientDep
 from .deps import ClockDep, CodebookDep, EngineDep, EvaluationCacheDep, SessionDep, SettingsDep
@@ -67,7 +68,6 @@ async def feedback(
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise FhirError.one(400, "structure", "feedback must be JSON", "body") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("feedback"), list):
-        raise FhirError(400, [Issue("required", "feedback must be an object with a feedback array", "feedback")])
+    check_feedback(doc)
     session.add(CdsFeedback(service_id=service_id, received=clock(), body=body))
     return {}

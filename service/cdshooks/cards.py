@@ -19,6 +19,7 @@ from ..core.scores import PRODUCT_RATES
 
 PATIENT_VIEW = "iectox-patient-view"
 ORDER_SELECT = "iectox-order-select"
+ORDER_SIGN = "iectox-order-sign"
 SUMMARY_MAX = 139  # "< 140 characters" (CDS Hooks 2.0 Card.summary)
 ORDER_CONCEPTS: dict[str, str] = {
     C.CART_INFUSION: "a CAR T-cell product",
@@ -73,7 +74,9 @@ def _grade_section(title: str, r: GradeResult | None) -> list[str]:
 @dataclass(frozen=True)
 class CardContext:
     patient_id: str
-    course_url: str
+    course_url: str  # the patient's course as FHIR Parameters
+    app_url: str  # the clinician app's SMART launch URL (the EHR adds iss and launch)
+    override_reasons: tuple[dict[str, Any], ...] = ()  # Codings a clinician may pick to dismiss
     source_label: str = "iectox"
 
 
@@ -112,8 +115,11 @@ def _card(summary: str, detail: list[str], ind: str, ctx: CardContext, **extra: 
         "indicator": ind,
         "source": {"label": ctx.source_label},
         "links": [
-            {"label": "CRS/ICANS course of this patient (FHIR Parameters)", "url": ctx.course_url, "type": "absolute"}
+            {"label": "CRS/ICANS course of this patient (FHIR Parameters)", "url": ctx.course_url, "type": "absolute"},
+            # A SMART link: the EHR launches the app with its own iss and launch context.
+            {"label": "Open the CRS/ICANS course (iectox app)", "url": ctx.app_url, "type": "smart"},
         ],
+        **({"overrideReasons": list(ctx.override_reasons)} if ctx.override_reasons else {}),
         **extra,
     }
 

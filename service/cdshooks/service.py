@@ -9,13 +9,14 @@ fhirServer, which must be a configured EHR server (no SSRF); 412 when neither ha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from ..app.cache import EvaluationCache
 from ..app.evaluate import Evaluation
@@ -28,10 +29,13 @@ from ..ehr.errors import EhrError
 from ..ehr.sync import names_patient, observation_codes, store_and_evaluate
 from ..fhir.errors import FhirError
 from ..fhir.ingest import FHIR_ID
-from ..storage.models import AuditEvent
+from ..storage import repository
+from ..storage.models import AuditEvent, CdsCard
+from .attention import override_reasons, quiet_reason, shown_grades
 from .cards import (
     ORDER_CONCEPTS,
     ORDER_SELECT,
+    ORDER_SIGN,
     PATIENT_VIEW,
     CardContext,
     Order,
@@ -107,7 +111,8 @@ class HookService:
     title: str
     description: str
     cards: CardBuilder
-    needs_orders: bool = False  # order-select: no card unless a selected order matters here
+    card_type: str  # what `iectox report feedback` counts by: grades | order-risk
+    needs_orders: bool = False  # order-select / order-sign: no card unless an order matters here
     usage: str | None = None
 
 
@@ -121,6 +126,7 @@ SERVICES: dict[str, HookService] = {
             "Current CRS and ICANS grades after immune effector cell therapy, the deciding values, "
             "and the pre-infusion risk scores.",
             lambda ev, ctx, _orders: patient_view_cards(ev, ctx),
+            card_type="grades",
             usage="Read access to Patient, Observation, MedicationAdministration, Condition and "
             "Procedure (prefetch, or fhirAuthorization with system/ or user/ read scopes).",
         ),
@@ -131,6 +137,19 @@ SERVICES: dict[str, HookService] = {
             "When a CAR T-cell product, tocilizumab or a corticosteroid is selected: the product's "
             "published baseline CRS and neurotoxicity rates and the current grades.",
             order_select_cards,
+            card_type="order-risk",
+            needs_orders=True,
+        ),
+        # Several EHRs fire only order-sign for medication orders: the same cards, when the
+        # order is signed (no `selections`: every draft order counts).
+        HookService(
+            ORDER_SIGN,
+            "order-sign",
+            "CAR T / tocilizumab / corticosteroid order signed: baseline risk and current grades",
+            "When an order for a CAR T-cell product, tocilizumab or a corticosteroid is signed: the product's "
+            "published baseline CRS and neurotoxicity rates and the current grades.",
+            order_select_cards,
+            card_type="order-risk",
             needs_orders=True,
         ),
     )
@@ -296,8 +315,16 @@ async def call_hook(
         patient_id=patient_id,
         status=200,
     )
+    base = call.public_base.rstrip("/")
+    ctx = CardContext(
+        patient_id,
+        f"{base}/fhir/Patient/{patient_id}/$course",
+        f"{base}/app/launch",
+        tuple(override_reasons(settings.canonical_base)),
+    )
+    answer = _Answer(service, ctx, orders, tuple(settings.cds_quiet.get(service.hook, ())), now)
     evaluation, _ = await run_in_threadpool(
-        partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit, cache=cache),
+        partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit, cache=cache, respond=answer),
         engine,
         patient_id,
         resources,
@@ -306,5 +333,41 @@ async def call_hook(
         now,
     )
     assert evaluation is not None  # the Patient is among the resources (checked above)
-    ctx = CardContext(patient_id, f"{call.public_base.rstrip('/')}/fhir/Patient/{patient_id}/$course")
-    return CdsResponse(cards=service.cards(evaluation, ctx, orders))
+    return CdsResponse(cards=answer.cards)
+
+
+@dataclass
+class _Answer:
+    """The cards of one hook call, decided in the transaction that stores the evaluation: the
+    quiet rule reads and moves the patient's last answer, and the cards returned are recorded."""
+
+    service: HookService
+    ctx: CardContext
+    orders: list[Order]
+    quiet: tuple[str, ...]
+    now: datetime
+    cards: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, session: Session, evaluation: Evaluation) -> None:
+        hook, patient_id = self.service.hook, self.ctx.patient_id
+        shown = shown_grades(evaluation)
+        if self.quiet:
+            last = repository.last_answer(session, patient_id, hook)
+            repository.set_last_answer(session, patient_id, hook, shown, self.now)
+            if quiet_reason(self.quiet, evaluation, last) is not None:
+                self.cards = []
+                return
+        self.cards = self.service.cards(evaluation, self.ctx, self.orders)
+        for card in self.cards:
+            session.add(
+                CdsCard(
+                    uuid=card["uuid"],
+                    service_id=self.service.id,
+                    hook=hook,
+                    card_type=self.service.card_type,
+                    indicator=card["indicator"],
+                    patient_id=patient_id,
+                    issued=self.now,
+                    grades=shown,
+                )
+            )

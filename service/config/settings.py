@@ -16,6 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ..core.config import HighDoseRule
 from .ehr import FhirServerConfig
 
+QuietRule = Literal["grade-0", "unchanged"]
+
+
+def _default_quiet() -> dict[str, list[QuietRule]]:
+    return {"patient-view": ["grade-0", "unchanged"]}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IECTOX_", frozen=True)
@@ -104,6 +110,19 @@ class Settings(BaseSettings):
     # `$evaluate` bodies larger than this are split unparsed and parsed one entry at a time
     # (ingest.stream_entries): the peak memory stays near the body's size, not 7 times it.
     stream_parse_above_bytes: int = Field(default=16 * 2**20, ge=0)
+
+    # CDS Hooks attention (cdshooks/attention.py), per hook: when its cards stay quiet.
+    # "grade-0": ASTCT CRS and ICANS both graded 0 (an indeterminate grade is never quiet);
+    # "unchanged": no scale's grade changed since the last card returned for the patient.
+    cds_quiet: dict[str, list[QuietRule]] = Field(default_factory=_default_quiet)
+
+    @field_validator("cds_quiet")
+    @classmethod
+    def _known_hooks(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(value) - {"patient-view", "order-select", "order-sign"})
+        if unknown:
+            raise ValueError(f"unknown hooks {unknown}: patient-view, order-select or order-sign")
+        return value
 
     host: str = "127.0.0.1"
     port: int = 8000

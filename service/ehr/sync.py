@@ -135,16 +135,19 @@ def store_and_evaluate(
     base: str | None = None,
     audit: AuditEvent | None = None,
     cache: EvaluationCache | None = None,
+    respond: Callable[[Session, Evaluation], None] | None = None,
 ) -> tuple[Evaluation | None, bool]:
     """Store what was read from the FHIR server at `base`, evaluate, enqueue and move the poll
     checkpoint, in one transaction. Only a patient the EHR returned is evaluated and watched (an
     unknown id would be re-read every pass). Returns the evaluation (None without the Patient)
     and whether it was new. With a `cache`, a patient whose stored inputs did not change since its
     last evaluation is not graded again, and one whose EHR sent the same bytes as last time (and
-    whose stored inputs did not change since) is not stored again either (app/cache.py)."""
+    whose stored inputs did not change since) is not stored again either (app/cache.py).
+    `respond`: called with the evaluation inside the transaction (a CDS hook decides and records
+    its cards there), whether the evaluation is new or cached."""
     received = _received_digest(resources, base) if cache is not None and target is None else None
     if cache is not None and received is not None:
-        again = _same_call_again(engine, patient_id, cache, received, audit)
+        again = _same_call_again(engine, patient_id, cache, received, audit, respond)
         if again is not None:
             return again, False
     with Session(engine, expire_on_commit=False) as session:
@@ -170,6 +173,8 @@ def store_and_evaluate(
             evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, unkept, cached)
             if target is not None:
                 watch(session, target, patient_id, high_water(resources), now)
+            if respond is not None:
+                respond(session, evaluation)
         if audit is not None:
             repository.add_audit_event(session, audit)
         session.commit()
@@ -179,10 +184,15 @@ def store_and_evaluate(
 
 
 def _same_call_again(
-    engine: Engine, patient_id: str, cache: EvaluationCache, received: str, audit: AuditEvent | None
+    engine: Engine,
+    patient_id: str,
+    cache: EvaluationCache,
+    received: str,
+    audit: AuditEvent | None,
+    respond: Callable[[Session, Evaluation], None] | None,
 ) -> Evaluation | None:
     """The cached evaluation when the EHR sent what it sent last time and the stored inputs kept
-    the fingerprint that call left (the access is still audited); else None."""
+    the fingerprint that call left (the access is still audited, `respond` still called); else None."""
     seen = cache.seen(patient_id, received)
     if seen is None:
         return None
@@ -190,9 +200,11 @@ def _same_call_again(
     with Session(engine, expire_on_commit=False) as session:
         if repository.input_fingerprint(session, patient_id) != fingerprint:
             return None
+        if respond is not None:
+            respond(session, evaluation)
         if audit is not None:
             repository.add_audit_event(session, audit)
-            session.commit()
+        session.commit()
     return evaluation
 
 

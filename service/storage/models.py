@@ -123,6 +123,34 @@ class CdsFeedback(SQLModel, table=True):
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class CdsCard(SQLModel, table=True):
+    """A card returned to a CDS client: the feedback report counts its feedback by type."""
+
+    __tablename__ = "cds_card"
+
+    id: int | None = Field(default=None, primary_key=True)  # issue order (clocks may tie)
+    uuid: str = Field(unique=True, max_length=64)
+    service_id: str = Field(max_length=64)
+    hook: str = Field(max_length=32)
+    card_type: str = Field(max_length=32)  # grades | order-risk
+    indicator: str = Field(max_length=16)  # info | warning | critical
+    patient_id: str = Field(index=True, max_length=64)
+    issued: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    grades: str = Field(max_length=512)  # what it showed: "astct-crs=2;astct-icans=indeterminate>=1;..."
+
+
+class CdsLastAnswer(SQLModel, table=True):
+    """The grades of the last answer to a hook for a patient, card or quiet: the quiet rule
+    "unchanged" compares with it (a quiet grade 0 between two grade 3 cards is a change)."""
+
+    __tablename__ = "cds_last_answer"
+
+    patient_id: str = Field(primary_key=True, max_length=64)
+    hook: str = Field(primary_key=True, max_length=32)
+    grades: str = Field(max_length=512)
+    answered: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
 class WatchedPatient(SQLModel, table=True):
     """A patient the reconciliation poll watches, with its `_lastUpdated` checkpoint."""
 

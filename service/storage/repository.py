@@ -21,7 +21,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as sm_select
 
-from .models import AuditEvent, EmittedResource, RejectedInput, SeenToken, StoredResource, WatchedPatient
+from .models import (
+    AuditEvent,
+    CdsCard,
+    CdsFeedback,
+    CdsLastAnswer,
+    EmittedResource,
+    RejectedInput,
+    SeenToken,
+    StoredResource,
+    WatchedPatient,
+)
 
 T = TypeVar("T")
 
@@ -456,3 +466,29 @@ def add_watched(session: Session, target: str, patient_id: str, checkpoint: str,
     stmt = _insert(session, table).values(target=target, patient_id=patient_id, checkpoint=checkpoint, updated=now)
     stmt = stmt.on_conflict_do_nothing(index_elements=["target", "patient_id"]).returning(table.c.patient_id)
     return session.execute(stmt).first() is not None  # RETURNING: rowcount is not reliable here
+
+
+def last_answer(session: Session, patient_id: str, hook: str) -> str | None:
+    """The grades of the last answer to this hook for the patient (None: none yet)."""
+    row = session.get(CdsLastAnswer, (patient_id, hook))
+    return row.grades if row is not None else None
+
+
+def set_last_answer(session: Session, patient_id: str, hook: str, grades: str, now: datetime) -> None:
+    """Record the grades of this answer (one statement: two concurrent answers never collide)."""
+    ins = pg_insert(CdsLastAnswer) if _postgres(session) else sqlite_insert(CdsLastAnswer)
+    values = {"patient_id": patient_id, "hook": hook, "grades": grades, "answered": now}
+    stmt = ins.values(**values).on_conflict_do_update(
+        index_elements=["patient_id", "hook"], set_={"grades": grades, "answered": now}
+    )
+    session.connection().execute(stmt)
+
+
+def cards_and_feedback(session: Session, since: datetime | None) -> tuple[list[CdsCard], list[CdsFeedback]]:
+    """The cards issued and the feedback received since `since` (everything when None)."""
+    cards = sm_select(CdsCard)
+    feedback = sm_select(CdsFeedback)
+    if since is not None:
+        cards = cards.where(col(CdsCard.issued) >= since)
+        feedback = feedback.where(col(CdsFeedback.received) >= since)
+    return list(session.exec(cards)), list(session.exec(feedback))
