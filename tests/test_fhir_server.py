@@ -1,23 +1,27 @@
 """The node FHIR test server itself (tests/node/fhir-server.mjs), over real HTTP.
 
 These pin down the behaviour the client tests (and other suites) rely on: SMART token rules,
-bearer auth and scopes, CRUD / conditional / transaction semantics, paging links, validation
-and the test-control endpoints.
+bearer auth and scopes, SMART App Launch (authorization code + PKCE, EHR and standalone launch),
+CORS, CRUD / conditional / transaction semantics, paging links, validation and the
+test-control endpoints.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.fhir_server import FhirTestServer
+from tests.fhir_server import TEST_FHIR_USER, TEST_PASSWORD, TEST_USER, FhirTestServer, pkce_pair
 
 pytestmark = pytest.mark.integration  # the Node FHIR test server
 
@@ -84,12 +88,32 @@ def token_form(assertion: str, scope: str = "system/*.rs") -> dict[str, str]:
 
 def test_smart_configuration(srv: FhirTestServer) -> None:
     for url in (f"{srv.base_url}/.well-known/smart-configuration", f"{srv.origin}/.well-known/smart-configuration"):
-        doc = httpx.get(url).json()
+        resp = httpx.get(url)
+        assert resp.headers["access-control-allow-origin"] == "*"
+        doc = resp.json()
         assert doc["token_endpoint"] == srv.token_url
-        assert doc["grant_types_supported"] == ["client_credentials"]
-        assert doc["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
+        assert doc["grant_types_supported"] == ["client_credentials", "authorization_code"]
+        assert doc["token_endpoint_auth_methods_supported"] == ["private_key_jwt", "none"]
         assert set(doc["token_endpoint_auth_signing_alg_values_supported"]) == {"RS384", "ES384"}
         assert "system/*.rs" in doc["scopes_supported"]
+        # SMART App Launch
+        assert doc["authorization_endpoint"] == srv.authorize_url
+        assert doc["jwks_uri"] == srv.jwks_url
+        assert doc["code_challenge_methods_supported"] == ["S256"]
+        assert "code" in doc["response_types_supported"]
+        assert {"launch", "launch/patient", "openid", "fhirUser", "user/*.rs", "patient/*.rs"} <= set(
+            doc["scopes_supported"]
+        )
+        assert {
+            "launch-ehr",
+            "launch-standalone",
+            "client-public",
+            "context-ehr-patient",
+            "context-standalone-patient",
+            "permission-user",
+            "permission-patient",
+            "client-confidential-asymmetric",
+        } <= set(doc["capabilities"])
 
 
 @pytest.mark.parametrize("which", ["client", "client_es384"])
@@ -162,7 +186,7 @@ def test_token_rejections(srv: FhirTestServer, case: str, status: int, error: st
     elif case == "no_jti":
         form["client_assertion"] = srv.assertion(jti=None)
     elif case == "grant_type":
-        form["grant_type"] = "authorization_code"
+        form["grant_type"] = "password"
     elif case == "assertion_type":
         form["client_assertion_type"] = "urn:example:other"
     elif case == "no_scope":
@@ -196,6 +220,404 @@ def test_fhir_needs_a_valid_bearer_token(srv: FhirTestServer) -> None:
     assert httpx.get(url, headers={"Authorization": "Bearer cds-token"}).status_code == 200
     srv.configure(auth=False)
     assert httpx.get(url).status_code == 200
+
+
+# ---- SMART App Launch -------------------------------------------------------------------------
+
+APP_CLIENT = "iectox-test-app"
+REDIRECT_URI = "http://127.0.0.1:9/app/callback"
+
+
+class _FormParser(HTMLParser):
+    """The <input> elements of the sign-in page (and its <title>)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[dict[str, str]] = []
+        self.buttons: list[dict[str, str]] = []
+        self.forms: list[dict[str, str]] = []
+        self.title = ""
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "input":
+            self.inputs.append(a)
+        elif tag == "button":
+            self.buttons.append(a)
+        elif tag == "form":
+            self.forms.append(a)
+        self._in_title = tag == "title"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+
+    def hidden(self) -> dict[str, str]:
+        return {i["name"]: i["value"] for i in self.inputs if i.get("type") == "hidden"}
+
+    def named(self) -> dict[str, dict[str, str]]:
+        return {i["name"]: i for i in self.inputs if i.get("type") != "hidden"}
+
+
+def parse_page(html: str) -> _FormParser:
+    parser = _FormParser()
+    parser.feed(html)
+    return parser
+
+
+@pytest.fixture
+def app(srv: FhirTestServer) -> str:
+    srv.add_app_client(APP_CLIENT, [REDIRECT_URI, "http://127.0.0.1:9/app/other"])
+    return APP_CLIENT
+
+
+def authorize_params(
+    srv: FhirTestServer, challenge: str, scope: str, overrides: dict[str, str | None] | None = None
+) -> dict[str, str]:
+    """Authorization request parameters; ``overrides`` replace (or, with None, remove) some."""
+    params = {
+        "response_type": "code",
+        "client_id": APP_CLIENT,
+        "redirect_uri": REDIRECT_URI,
+        "scope": scope,
+        "state": secrets.token_urlsafe(12),
+        "aud": srv.base_url,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    for k, v in (overrides or {}).items():
+        if v is None:
+            params.pop(k, None)
+        else:
+            params[k] = v
+    return params
+
+
+def sign_in(
+    srv: FhirTestServer,
+    params: dict[str, str],
+    *,
+    password: str = TEST_PASSWORD,
+    patient: str | None = None,
+) -> httpx.Response:
+    """GET the sign-in page, then POST its form (hidden fields as served) with the credentials."""
+    page = httpx.get(srv.authorize_url, params=params)
+    assert page.status_code == 200, page.text
+    form = parse_page(page.text).hidden() | {"username": TEST_USER, "password": password}
+    if patient is not None:
+        form["patient"] = patient
+    return httpx.post(srv.authorize_url, data=form)
+
+
+def redirect_query(resp: httpx.Response, redirect_uri: str = REDIRECT_URI) -> dict[str, str]:
+    assert resp.status_code == 302, resp.text
+    location = resp.headers["location"]
+    assert location.split("?")[0] == redirect_uri
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+def exchange(
+    srv: FhirTestServer, code: str, verifier: str, overrides: dict[str, str | None] | None = None
+) -> httpx.Response:
+    """The authorization_code token request; ``overrides`` as in ``authorize_params``."""
+    form: dict[str, str] = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "client_id": APP_CLIENT,
+        "code_verifier": verifier,
+    }
+    for k, v in (overrides or {}).items():
+        if v is None:
+            form.pop(k, None)
+        else:
+            form[k] = v
+    return httpx.post(srv.token_url, data=form)
+
+
+def get_code(srv: FhirTestServer, challenge: str, scope: str = "launch/patient openid fhirUser user/*.rs") -> str:
+    srv.seed(patient() | {"id": "p-code"})
+    q = redirect_query(sign_in(srv, authorize_params(srv, challenge, scope), patient="p-code"))
+    return q["code"]
+
+
+def test_ehr_launch_end_to_end(srv: FhirTestServer, app: str) -> None:
+    srv.seed(
+        [
+            patient("Ehr") | {"id": "p-ehr"},
+            {
+                "resourceType": "Encounter",
+                "id": "e-ehr",
+                "status": "in-progress",
+                "class": {"code": "AMB"},
+                "subject": {"reference": "Patient/p-ehr"},
+            },
+        ]
+    )
+    launch = srv.launch("p-ehr", "e-ehr")
+    verifier, challenge = pkce_pair()
+    scope = "launch openid fhirUser user/*.rs"
+    params = authorize_params(srv, challenge, scope, {"launch": launch})
+
+    page = httpx.get(srv.authorize_url, params=params)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    parsed = parse_page(page.text)
+    assert parsed.title == "Test EHR sign-in"
+    assert parsed.forms == [{"method": "post", "action": "/oauth2/authorize"}]
+    assert parsed.hidden() == params  # every request parameter, carried verbatim
+    named = parsed.named()
+    assert named["username"]["id"] == "username" and named["password"]["type"] == "password"
+    assert "patient" not in named  # EHR launch: the patient comes from the launch context
+    assert any(b.get("id") == "login" for b in parsed.buttons)
+    assert "Sign in" in page.text
+
+    form = parsed.hidden() | {"username": TEST_USER, "password": TEST_PASSWORD}
+    q = redirect_query(httpx.post(srv.authorize_url, data=form))
+    assert q["state"] == params["state"] and q["code"]
+
+    resp = exchange(srv, q["code"], verifier)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["cache-control"] == "no-store"
+    assert resp.headers["access-control-allow-origin"] == "*"
+    body = resp.json()
+    assert body["token_type"] == "Bearer"  # noqa: S105
+    assert body["patient"] == "p-ehr" and body["encounter"] == "e-ehr"
+    assert body["scope"] == scope
+    assert body["expires_in"] == 300
+    assert "id_token" not in body and "refresh_token" not in body
+
+    jwks_resp = httpx.get(srv.jwks_url)
+    assert jwks_resp.headers["access-control-allow-origin"] == "*"
+    jwks = jwks_resp.json()
+    assert [(k["kty"], k["crv"], k["alg"], k["use"]) for k in jwks["keys"]] == [("EC", "P-256", "ES256", "sig")]
+    assert "d" not in jwks["keys"][0]
+    token = body["access_token"]
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "ES256" and header["kid"] == jwks["keys"][0]["kid"] == "test-ehr-es256"
+    key = jwt.PyJWK(jwks["keys"][0])
+    claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=srv.base_url, issuer=srv.origin)
+    assert claims["sub"] == TEST_USER
+    assert claims["client_id"] == APP_CLIENT
+    assert claims["scope"] == scope
+    assert claims["patient"] == "p-ehr" and claims["encounter"] == "e-ehr"
+    assert claims["fhirUser"] == TEST_FHIR_USER
+    assert claims["exp"] - claims["iat"] == 300 and claims["jti"]
+
+    auth = {"Authorization": f"Bearer {token}"}
+    got = httpx.get(f"{srv.base_url}/Patient/p-ehr", headers=auth)
+    assert got.status_code == 200 and got.json()["id"] == "p-ehr"
+    # user/*.rs: reading is allowed, writing is not
+    assert httpx.post(f"{srv.base_url}/Patient", json=patient(), headers=auth | FHIR_JSON).status_code == 403
+    stats = srv.stats()
+    assert stats["codes_issued"] == 1 and stats["tokens_issued"] == 1
+
+
+def test_standalone_launch(srv: FhirTestServer, app: str) -> None:
+    srv.seed(patient("Standalone") | {"id": "p-sa"})
+    verifier, challenge = pkce_pair()
+    scope = "launch/patient openid fhirUser patient/*.rs"
+    params = authorize_params(srv, challenge, scope)
+    page = httpx.get(srv.authorize_url, params=params)
+    field = parse_page(page.text).named()["patient"]
+    assert field["id"] == "patient" and field["type"] == "text"
+    assert '<label for="patient">Patient id</label>' in page.text
+
+    unknown = sign_in(srv, params, patient="no-such-patient")
+    assert unknown.status_code == 400 and "location" not in unknown.headers
+    assert "No Patient with id no-such-patient" in unknown.text
+
+    q = redirect_query(sign_in(srv, params, patient="p-sa"))
+    assert q["state"] == params["state"]
+    resp = exchange(srv, q["code"], verifier)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["patient"] == "p-sa" and body["scope"] == scope and "encounter" not in body
+    claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+    assert claims["patient"] == "p-sa"
+    got = httpx.get(f"{srv.base_url}/Patient/p-sa", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert got.status_code == 200
+
+
+def test_wrong_password_shows_the_form_again(srv: FhirTestServer, app: str) -> None:
+    _, challenge = pkce_pair()
+    params = authorize_params(srv, challenge, "openid fhirUser user/*.rs")
+    resp = sign_in(srv, params, password="wrong")  # noqa: S106
+    assert resp.status_code == 401
+    assert "location" not in resp.headers
+    assert "Wrong username or password" in resp.text
+    again = parse_page(resp.text)
+    assert again.hidden() == params and again.named()["username"]["value"] == TEST_USER
+    assert srv.stats()["codes_issued"] == 0
+
+
+def test_user_cancels(srv: FhirTestServer, app: str) -> None:
+    _, challenge = pkce_pair()
+    params = authorize_params(srv, challenge, "openid user/*.rs")
+    page = parse_page(httpx.get(srv.authorize_url, params=params).text)
+    q = redirect_query(httpx.post(srv.authorize_url, data=page.hidden() | {"action": "deny"}))
+    assert q["error"] == "access_denied" and q["state"] == params["state"] and "code" not in q
+
+
+def test_code_is_single_use(srv: FhirTestServer, app: str) -> None:
+    verifier, challenge = pkce_pair()
+    code = get_code(srv, challenge)
+    first = exchange(srv, code, verifier)
+    assert first.status_code == 200
+    token = first.json()["access_token"]
+    second = exchange(srv, code, verifier)
+    assert second.status_code == 400
+    assert second.json()["error"] == "invalid_grant"
+    # RFC 6749 10.5: the token issued for a replayed code is revoked
+    revoked = httpx.get(f"{srv.base_url}/Patient", headers={"Authorization": f"Bearer {token}"})
+    assert revoked.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("wrong_verifier", "invalid_grant"),
+        ("short_verifier", "invalid_grant"),
+        ("wrong_redirect_uri", "invalid_grant"),
+        ("wrong_client_id", "invalid_grant"),
+        ("unknown_code", "invalid_grant"),
+        ("expired", "invalid_grant"),
+        ("no_verifier", "invalid_request"),
+        ("no_redirect_uri", "invalid_request"),
+    ],
+)
+def test_code_exchange_rejections(srv: FhirTestServer, app: str, case: str, error: str) -> None:
+    verifier, challenge = pkce_pair()
+    if case == "expired":
+        srv.configure(code_lifetime_s=0)
+    code = get_code(srv, challenge)
+    cases: dict[str, dict[str, str | None]] = {
+        "wrong_verifier": {"code_verifier": pkce_pair()[0]},
+        "short_verifier": {"code_verifier": "abc"},
+        "wrong_redirect_uri": {"redirect_uri": "http://127.0.0.1:9/app/other"},
+        "wrong_client_id": {"client_id": "someone-else"},
+        "unknown_code": {"code": "not-a-code"},
+        "expired": {},
+        "no_verifier": {"code_verifier": None},
+        "no_redirect_uri": {"redirect_uri": None},
+    }
+    overrides = cases[case]
+    resp = exchange(srv, code, verifier, overrides)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == error
+    assert resp.headers["access-control-allow-origin"] == "*"
+    assert srv.stats()["tokens_issued"] == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("plain", "invalid_request"),
+        ("no_method", "invalid_request"),
+        ("no_challenge", "invalid_request"),
+        ("wrong_aud", "invalid_request"),
+        ("no_aud", "invalid_request"),
+        ("unknown_launch", "invalid_request"),
+        ("expired_launch", "invalid_request"),
+        ("launch_without_launch_scope", "invalid_scope"),
+        ("response_type", "unsupported_response_type"),
+        ("no_scope", "invalid_scope"),
+    ],
+)
+def test_authorize_errors_redirect(srv: FhirTestServer, app: str, case: str, error: str) -> None:
+    verifier, challenge = pkce_pair()
+    cases: dict[str, dict[str, str | None]] = {
+        "plain": {"code_challenge_method": "plain", "code_challenge": verifier},
+        "no_method": {"code_challenge_method": None},
+        "no_challenge": {"code_challenge": None},
+        "wrong_aud": {"aud": "http://127.0.0.1:1/fhir"},
+        "no_aud": {"aud": None},
+        "unknown_launch": {"launch": "no-such-launch", "scope": "launch user/*.rs"},
+        "expired_launch": {"launch": srv.launch("p1", lifetime_s=0), "scope": "launch user/*.rs"},
+        "launch_without_launch_scope": {"launch": srv.launch("p1")},
+        "response_type": {"response_type": "token"},
+        "no_scope": {"scope": None},
+    }
+    overrides = cases[case]
+    params = authorize_params(srv, challenge, "user/*.rs", overrides)
+    q = redirect_query(httpx.get(srv.authorize_url, params=params))
+    assert q["error"] == error and q["error_description"]
+    assert q["state"] == params["state"]
+    assert "code" not in q
+    # the form post is re-validated the same way
+    posted = httpx.post(srv.authorize_url, data=params | {"username": TEST_USER, "password": TEST_PASSWORD})
+    assert redirect_query(posted)["error"] == error
+
+
+@pytest.mark.parametrize("case", ["unknown_client", "unregistered_redirect_uri", "no_redirect_uri", "no_client"])
+def test_authorize_errors_without_redirect(srv: FhirTestServer, app: str, case: str) -> None:
+    _, challenge = pkce_pair()
+    cases: dict[str, dict[str, str | None]] = {
+        "unknown_client": {"client_id": "nobody"},
+        "unregistered_redirect_uri": {"redirect_uri": "http://127.0.0.1:9/app/callback/evil"},
+        "no_redirect_uri": {"redirect_uri": None},
+        "no_client": {"client_id": None},
+    }
+    overrides = cases[case]
+    params = authorize_params(srv, challenge, "user/*.rs", overrides)
+    for resp in (
+        httpx.get(srv.authorize_url, params=params),
+        httpx.post(srv.authorize_url, data=params | {"username": TEST_USER, "password": TEST_PASSWORD}),
+    ):
+        assert resp.status_code == 400
+        assert "location" not in resp.headers
+        assert resp.headers["content-type"].startswith("text/html")
+
+
+def test_reset_clears_launches_but_keeps_app_clients(srv: FhirTestServer, app: str) -> None:
+    _, challenge = pkce_pair()
+    launch = srv.launch("p1")
+    params = authorize_params(srv, challenge, "launch user/*.rs", {"launch": launch})
+    assert httpx.get(srv.authorize_url, params=params).status_code == 200
+    srv.reset()
+    q = redirect_query(httpx.get(srv.authorize_url, params=params))
+    assert q["error"] == "invalid_request"
+    params.pop("launch")
+    assert httpx.get(srv.authorize_url, params=params).status_code == 200  # the client is still registered
+
+
+def test_app_clients_survive_a_restart(srv: FhirTestServer) -> None:
+    srv.add_app_client("iectox-test-restart", ["http://127.0.0.1:9/app/restart"])
+    srv.restart()
+    registered = httpx.get(f"{srv.origin}/$test/app-clients").json()
+    assert registered["iectox-test-restart"] == {"redirect_uris": ["http://127.0.0.1:9/app/restart"]}
+
+
+def test_cors(srv: FhirTestServer) -> None:
+    preflight_headers = {
+        "Origin": "http://127.0.0.1:9",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization",
+    }
+    for url in (srv.token_url, srv.jwks_url, f"{srv.base_url}/.well-known/smart-configuration"):
+        resp = httpx.options(url, headers=preflight_headers)
+        assert resp.status_code == 204
+        assert resp.headers["access-control-allow-origin"] == "*"
+        assert "POST" in resp.headers["access-control-allow-methods"]
+        allowed = {h.strip().lower() for h in resp.headers["access-control-allow-headers"].split(",")}
+        assert {"authorization", "content-type"} <= allowed
+    fhir = httpx.options(
+        f"{srv.base_url}/Patient", headers=preflight_headers | {"Access-Control-Request-Method": "GET"}
+    )
+    assert fhir.status_code == 204 and fhir.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in fhir.headers["access-control-allow-headers"].lower()
+    # actual responses carry the header too, errors included
+    assert httpx.get(f"{srv.base_url}/Patient").headers["access-control-allow-origin"] == "*"
+    bad = httpx.post(srv.token_url, data={"grant_type": "password"})
+    assert bad.status_code == 400 and bad.headers["access-control-allow-origin"] == "*"
+    # a preflight does not consume an injected token fault
+    srv.inject_fault(503, target="token")
+    assert httpx.options(srv.token_url, headers=preflight_headers).status_code == 204
+    assert httpx.post(srv.token_url, data={"grant_type": "password"}).status_code == 503
 
 
 # ---- REST semantics ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..app.cache import EvaluationCache
+from ..app.view import WorklistCache
 from ..codebook import load_codebook
 from ..config.clock import utc_now
 from ..config.runtime import tune_gc
@@ -25,7 +26,7 @@ from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..storage.db import make_engine, migrate
 from ..storage.errors import StorageBusy
-from . import cds, fhir, health, metrics, subscriptions
+from . import cds, clinician, fhir, health, metrics, subscriptions
 from .auth import install_security
 from .responses import FhirResponse
 
@@ -141,6 +142,9 @@ def create_app(
     app.include_router(subscriptions.router)
     app.include_router(cds.router)
     app.include_router(metrics.router)
+    app.state.worklist = WorklistCache()
+    app.include_router(clinician.router)
+    clinician.mount_static(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")

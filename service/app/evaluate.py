@@ -169,7 +169,17 @@ def evaluate_entries(
     is `untimed`); 422 (expression "at") when there is none of the three. `strict` (default: the
     setting `input_handling`): an input the rules cannot use is a 422 rather than left out, named."""
     with gc_paused():  # config/runtime.py: the parse's objects are acyclic
-        return _evaluate(entries, codebook, settings, at, recorded, fallback_at, strict)
+        return _evaluate(entries, codebook, settings, at, recorded, fallback_at, strict)[0]
+
+
+def evaluate_with_grader(
+    entries: list[Entry], codebook: Codebook, settings: Settings, at: datetime | None, recorded: datetime
+) -> tuple[Evaluation, Grader]:
+    """`evaluate_entries` (lenient; without timed input at `recorded`, `untimed`), and the Grader
+    that holds the normalised data and the per-time facts it computed: for views that show the
+    inputs and the hourly grades."""
+    with gc_paused():
+        return _evaluate(entries, codebook, settings, at, recorded, recorded, False)
 
 
 def _evaluate(
@@ -180,7 +190,7 @@ def _evaluate(
     recorded: datetime,
     fallback_at: datetime | None,
     strict: bool | None,
-) -> Evaluation:
+) -> tuple[Evaluation, Grader]:
     strict = settings.input_handling == "strict" if strict is None else strict
     parsed = parse_patient_entries(
         entries,
@@ -215,7 +225,7 @@ def _evaluate(
     outcome = inputs_outcome(data.left_out, parsed.unmapped, data.patient_ref, at) if has_warnings else None
     if outcome is not None:
         validate_emitted([outcome])
-    return Evaluation(
+    evaluation = Evaluation(
         data.patient_ref,
         at,
         results,
@@ -228,6 +238,7 @@ def _evaluate(
         tuple(data.left_out),
         outcome,
     )
+    return evaluation, grader
 
 
 MAX_AGE_YEARS = 130  # plausibility: older than any documented human (docs/clinical-choices.md)
@@ -268,7 +279,7 @@ def evaluate_body(
             entries = stream_entries(body, max_entries=most, bundle_types=types)
         else:
             entries = split_entries(load_json(body), max_entries=most, bundle_types=types)
-        return _evaluate(entries, codebook, settings, at, recorded, None, strict)
+        return _evaluate(entries, codebook, settings, at, recorded, None, strict)[0]
 
     with gc_paused():  # config/runtime.py
         return run()

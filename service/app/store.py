@@ -373,6 +373,19 @@ def evaluate_stored(
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
     """
+    entries, strict = stored_entries(session, patient_id, unstored)
+    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict)
+    if store:
+        store_evaluation(session, patient_id, evaluation, settings, recorded)
+    return evaluation
+
+
+def stored_entries(
+    session: Session, patient_id: str, unstored: Iterable[dict[str, Any]] = ()
+) -> tuple[list[Entry], bool | None]:
+    """The entries an evaluation of the stored patient reads, and its strictness (False when
+    storage rejected some: they are named as left out, never a 422; None: the setting). 404
+    without a stored Patient."""
     resources = repository.patient_inputs(session, patient_id)
     rejected = repository.rejected_inputs(session, patient_id)
     extra = list(unstored)
@@ -382,11 +395,7 @@ def evaluate_stored(
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}") for r in resources]
-    strict = False if rejected or extra else None  # what storage rejected is named as left out, never a 422
-    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict)
-    if store:
-        store_evaluation(session, patient_id, evaluation, settings, recorded)
-    return evaluation
+    return entries, (False if rejected or extra else None)
 
 
 def store_evaluation(

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
 
     # CDS Hooks attention (cdshooks/attention.py), per hook: when its cards stay quiet.
     # "grade-0": ASTCT CRS and ICANS both graded 0 (an indeterminate grade is never quiet);
-    # "unchanged": no scale's grade changed since the last card returned for the patient.
+    # "unchanged": no scale's grade changed since the last answer to the hook for the patient.
     cds_quiet: dict[str, list[QuietRule]] = Field(default_factory=_default_quiet)
 
     @field_validator("cds_quiet")
@@ -145,6 +145,20 @@ class Settings(BaseSettings):
     auth_leeway_seconds: int = Field(default=60, ge=0, le=300)
     # Public base URL (scheme://host[:port]) behind a proxy, for the CDS Hooks JWT `aud`.
     auth_public_base_url: str | None = None
+    # --- The clinician app (/app/, SMART App Launch; docs/app.md) ---
+    # The app is a public SMART client of the EHR (PKCE): it is launched from the EHR whose FHIR
+    # base is `app_fhir_base` (the launch's `iss`), and sends the EHR's access token to iectox,
+    # which accepts it when signed by `app_issuer` (keys at `app_jwks_url`) with `aud` =
+    # `app_fhir_base` and user/ read scopes. All four, or none (dev mode needs none).
+    app_client_id: str | None = None
+    app_fhir_base: str | None = None
+    app_issuer: str | None = None
+    app_jwks_url: str | None = None
+    # EHR authorization servers commonly sign user tokens RS256 or ES256 (never none or HMAC).
+    app_algorithms: tuple[str, ...] = ("RS256", "RS384", "ES256", "ES384")
+    app_scope: str = (
+        "openid fhirUser user/Patient.rs user/Observation.rs user/MedicationAdministration.rs user/RiskAssessment.rs"
+    )
     # CDS Hooks clients: iss -> {"jwks": {...}, "jwks_path": "...", "jwks_url": "...",
     # "jku_prefixes": ["https://ehr.example.org/jwks/"]} (validated at start-up).
     auth_cds_clients: dict[str, dict[str, object]] = Field(default_factory=dict)

@@ -97,6 +97,16 @@ def grid(start: datetime, at: datetime, step: timedelta) -> list[datetime]:
     return times
 
 
+def sample_times(start: datetime, at: datetime, cfg: CourseConfig) -> tuple[list[datetime], datetime | None]:
+    """The times a course samples, and where sampling began when the span was cut to
+    `cfg.max_span` before `at` (None: from `start`)."""
+    first, sampled_from = start, None
+    if at - start > cfg.max_span:
+        steps = -(-(at - cfg.max_span - start) // cfg.step)  # ceiling: the first grid point in the span
+        first = sampled_from = start + steps * cfg.step
+    return (grid(first, at, cfg.step) if start <= at else [at]), sampled_from
+
+
 def course_of(
     method: str,
     scale: str,
@@ -109,11 +119,7 @@ def course_of(
 ) -> Course:
     """Sample `grade_at` from `start` to `at` and summarise (see the module docstring); at most
     `cfg.max_span` before `at`, on the same grid (day numbers stay relative to `start`)."""
-    first, sampled_from = start, None
-    if at - start > cfg.max_span:
-        steps = -(-(at - cfg.max_span - start) // cfg.step)  # ceiling: the first grid point in the span
-        first = sampled_from = start + steps * cfg.step
-    times = grid(first, at, cfg.step) if start <= at else [at]
+    times, sampled_from = sample_times(start, at, cfg)
     grades = [grade_at(t) for t in times]
     known = [(t, g) for t, g in zip(times, grades, strict=True) if g is not None]
     peak_grade = max((g for _, g in known), default=None)

@@ -1,4 +1,5 @@
-"""Bearer access tokens on /fhir: a JWT from the configured issuer (SMART Backend Services)."""
+"""Bearer access tokens: a JWT from the configured issuer (SMART Backend Services) on /fhir, or from
+the EHR's authorization server for the clinician app (SMART App Launch) on /app/api."""
 
 from __future__ import annotations
 
@@ -32,18 +33,37 @@ class IssuerKeys:
 
 
 def verify_access_token(token: str, settings: Settings, keys: IssuerKeys, now: datetime) -> Principal:
-    """The caller of a verified token; AuthError (401) for anything not exactly right.
+    """The caller of a verified token from the service's issuer (`auth_issuer`, `auth_audience`);
+    AuthError (401) for anything not exactly right (see `verify_jwt`)."""
+    return verify_jwt(
+        token, settings.auth_issuer, settings.auth_audience, keys, settings.auth_algorithms, settings, now
+    )
 
-    Checks: alg in `auth_algorithms` (asymmetric only), `iss` == `auth_issuer`, the signature
-    with the issuer's key (by kid), `aud` contains `auth_audience`, exp / iat / nbf with
-    `auth_leeway_seconds`, and a subject (`sub`, else `client_id` / `azp`).
-    """
+
+def verify_app_token(token: str, settings: Settings, keys: IssuerKeys, now: datetime) -> Principal:
+    """The user of the clinician app: an access token the EHR issued to the app (SMART App
+    Launch), signed by `app_issuer`, for the EHR's FHIR base `app_fhir_base`."""
+    return verify_jwt(token, settings.app_issuer, settings.app_fhir_base, keys, settings.app_algorithms, settings, now)
+
+
+def verify_jwt(
+    token: str,
+    issuer: str | None,
+    audience: str | None,
+    keys: IssuerKeys,
+    algorithms: tuple[str, ...],
+    settings: Settings,
+    now: datetime,
+) -> Principal:
+    """Checks: alg in `algorithms` (asymmetric only), `iss` == `issuer`, the signature with
+    the issuer's key (by kid), `aud` contains `audience`, exp / iat / nbf with
+    `auth_leeway_seconds`, and a subject (`sub`, else `client_id` / `azp`)."""
     header, unverified = peek(token)
-    alg = check_alg(header, settings.auth_algorithms)
-    if unverified.get("iss") != settings.auth_issuer:
+    alg = check_alg(header, algorithms)
+    if issuer is None or unverified.get("iss") != issuer:
         raise unauthorized("token issuer (iss) not accepted", "wrong issuer")
     claims = verify_signature(token, alg, keys.candidates(header.get("kid"), alg))
-    if not audience_matches(claims, settings.auth_audience or ""):
+    if not audience_matches(claims, audience or ""):
         raise unauthorized("token audience (aud) not accepted", "wrong audience")
     check_times(claims, now, settings.auth_leeway_seconds, require_iat=False)
     subject = next((claims[c] for c in ("sub", "client_id", "azp") if isinstance(claims.get(c), str)), None)

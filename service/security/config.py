@@ -48,6 +48,29 @@ class SecurityConfig:
     mode: str  # jwt | dev
     bearer: IssuerKeys | None  # None in dev mode
     cds: CdsTrust
+    app: IssuerKeys | None = None  # the EHR's keys for the clinician app's tokens (None: not configured)
+
+
+APP_SETTINGS = ("app_client_id", "app_fhir_base", "app_issuer", "app_jwks_url")
+
+
+def _app_keys(settings: Settings, cache: KeyCache) -> IssuerKeys | None:
+    given = [name for name in APP_SETTINGS if getattr(settings, name)]
+    if not given:
+        return None
+    if len(given) < len(APP_SETTINGS):
+        missing = [f"IECTOX_{n.upper()}" for n in APP_SETTINGS if n not in given]
+        raise SecurityConfigError(f"the clinician app (SMART App Launch) needs {', '.join(missing)} as well")
+    bad = sorted(set(settings.app_algorithms) - SIGNING_ALGORITHMS)
+    if bad or not settings.app_algorithms:
+        raise SecurityConfigError(
+            f"IECTOX_APP_ALGORITHMS: {bad or 'empty'} not accepted; choose from {sorted(SIGNING_ALGORITHMS)}"
+        )
+    for name in ("app_fhir_base", "app_jwks_url"):
+        parts = urlsplit(getattr(settings, name))
+        if not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname))):
+            raise SecurityConfigError(f"IECTOX_{name.upper()} must be https (http only on loopback)")
+    return IssuerKeys(None, settings.app_jwks_url, cache)
 
 
 def _bearer_keys(settings: Settings, cache: KeyCache) -> IssuerKeys:
@@ -88,17 +111,18 @@ def load_security(settings: Settings, fetch: Fetch = http_fetch) -> SecurityConf
     """Check the settings (SecurityConfigError with a clear message) and build the key stores."""
     cache = KeyCache(settings.auth_jwks_cache_seconds, fetch)
     cds = CdsTrust.from_settings(settings, cache)
+    app = _app_keys(settings, cache)
     if settings.auth_mode == DEV:
         check_bind(settings, settings.host)
         log.warning(
             "IECTOX_AUTH_MODE=dev: /fhir accepts requests without a token (actor 'dev', loopback only); "
             "never use this in production"
         )
-        return SecurityConfig(DEV, None, cds)
+        return SecurityConfig(DEV, None, cds, app)
     if settings.auth_cds_clients and not settings.auth_public_base_url:
         # A CDS client JWT's `aud` is this service's URL: never taken from the request's Host header.
         raise SecurityConfigError(
             "IECTOX_AUTH_PUBLIC_BASE_URL is required when CDS clients are configured (IECTOX_AUTH_CDS_CLIENTS): "
             "it is the audience a CDS client JWT must carry"
         )
-    return SecurityConfig(JWT, _bearer_keys(settings, cache), cds)
+    return SecurityConfig(JWT, _bearer_keys(settings, cache), cds, app)

