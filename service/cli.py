@@ -170,7 +170,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .devtools.demo import run_demo
 
     logging.getLogger("iectox").setLevel(logging.WARNING)  # the table is the demo's output
-    return run_demo(_settings(args), patients=args.patients, seed=args.seed, days=args.days)
+    return run_demo(
+        _settings(args), patients=args.patients, seed=args.seed, days=args.days, port=args.port, serve=args.serve
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -319,10 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="synthetic")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("demo", help="start the server on SQLite, post a synthetic cohort, print the grades")
+    p = sub.add_parser(
+        "demo", help="start the server on SQLite, post a synthetic cohort, print each course and the worklist URL"
+    )
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--days", type=_days, default=8)
+    p.add_argument("--port", type=int, default=8000, help="the server's port (another free one when taken)")
+    p.add_argument(
+        "--serve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep serving the app after the table until Ctrl-C (default: only on a terminal)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -6,7 +6,7 @@ PostgreSQL tests never skip: if the server at IECTOX_TEST_POSTGRES_URL (default
 Markers (pyproject.toml): a test is ``integration`` when it needs PostgreSQL, the Node FHIR
 test server, the npm validators, uvicorn or a subprocess. Every test that uses the ``engine``
 fixture (so also ``clean_engine``, ``app``, ``client``: parametrised over SQLite and
-PostgreSQL) or the ``fhir_server`` fixture is marked here; the others that need node or a
+PostgreSQL), the ``fhir_server`` or the ``chromium`` fixture is marked here; the others that need node or a
 subprocess carry the mark in their module. ``pytest -m "not integration"`` runs the pure tests.
 """
 
@@ -28,10 +28,11 @@ from service.api.app import create_app
 from service.config.settings import Settings
 from service.storage.db import make_engine, migrate, normalise_url
 from tests.auth import auth_settings, bearer
+from tests.browser import chromium  # noqa: F401  (Debian's Chromium through Playwright)
 from tests.fhir_server import fhir_server, fhir_server_clean  # noqa: F401  (real FHIR test server)
 
 # Fixtures that make a test an integration test (directly or through other fixtures).
-INTEGRATION_FIXTURES = frozenset({"engine", "fhir_server"})
+INTEGRATION_FIXTURES = frozenset({"engine", "fhir_server", "chromium"})
 
 PG_URL = os.environ.get("IECTOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 FIXED_NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

@@ -7,9 +7,13 @@ LOINC for vitals, RxNorm for drugs, the project-local CodeSystem for the rest.
 
 from __future__ import annotations
 
+import random
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from service.devtools.synth import generate_patient
 
 BASE = "https://iectox.org/fhir"  # Settings().canonical_base
 LOCAL = f"{BASE}/CodeSystem/local"
@@ -191,3 +195,26 @@ def bundle(*resources: dict[str, Any], type: str = "collection") -> dict[str, An
 def body(*resources: dict[str, Any]) -> bytes:
     """A collection Bundle of `resources`, as request bytes."""
     return orjson.dumps(bundle(*resources))
+
+
+def _when(res: dict[str, Any]) -> datetime | None:
+    for key in ("effectiveDateTime", "recordedDate", "performedDateTime"):
+        if isinstance(res.get(key), str):
+            return datetime.fromisoformat(res[key])
+    for key in ("effectivePeriod", "performedPeriod"):
+        if isinstance(res.get(key), dict) and "start" in res[key]:
+            return datetime.fromisoformat(res[key]["start"])
+    return None
+
+
+def synthetic_at_peak(
+    scenario: str = "crs-3", index: int = 0, seed: int = 1, base: str = BASE
+) -> tuple[str, list[dict[str, Any]], int]:
+    """A synthetic patient of `scenario` up to its peak (so the current grade is the peak grade),
+    as plain resources (ids and meta kept). Returns (id, resources, expected peak CRS grade)."""
+    rng = random.Random(seed)  # noqa: S311 (synthetic data, not crypto)
+    sp = generate_patient(rng, index, scenario, days=7, base=base, start=datetime(2026, 1, 5, tzinfo=UTC))
+    resources = [e["resource"] for e in sp.bundle["entry"]]
+    cut = [r for r in resources if (t := _when(r)) is None or t <= sp.peak_time]
+    assert any(r["resourceType"] == "Patient" for r in cut)
+    return sp.patient_id, cut, sp.expected_peak_crs

@@ -6,9 +6,7 @@ tests/test_app_browser.py."""
 from __future__ import annotations
 
 import hashlib
-import random
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,12 @@ from service.app.evaluate import evaluate_body
 from service.codebook import load_codebook
 from service.config.settings import Settings
 from service.core.astct import CRS_METHOD, ICANS_METHOD
-from service.devtools.synth import generate_patient
 from service.security.errors import SecurityConfigError
+from tests import factories as f
 from tests.auth import bearer
 from tests.conftest import FIXED_NOW
 
 WEB = Path(__file__).resolve().parent.parent / "service" / "web"
-
-
-def patient_at_peak(index: int, scenario: str, base: str) -> tuple[str, list[dict[str, Any]]]:
-    """A synthetic patient's resources up to the peak of its scenario (so CRS is current)."""
-    rng = random.Random(index)  # noqa: S311 (synthetic data, not security)
-    sp = generate_patient(rng, index, scenario, days=7, base=base, start=datetime(2026, 1, 5, tzinfo=UTC))
-    resources = [e["resource"] for e in sp.bundle["entry"]]
-
-    def when(r: dict[str, Any]) -> datetime | None:
-        raw = r.get("effectiveDateTime") or (r.get("effectivePeriod") or {}).get("start") or r.get("performedDateTime")
-        return datetime.fromisoformat(raw) if isinstance(raw, str) and "T" in raw else None
-
-    cut = [r for r in resources if (t := when(r)) is None or t <= sp.peak_time]
-    return sp.patient_id, cut
 
 
 def transaction(resources: list[dict[str, Any]]) -> bytes:
@@ -76,7 +60,7 @@ async def test_worklist_and_patient_view_agree_with_evaluate(app_client: httpx.A
     codebook = load_codebook(roomy.canonical_base)
     stored = {}
     for i, scenario in enumerate(("crs-3", "no-crs")):
-        pid, resources = patient_at_peak(i, scenario, roomy.canonical_base)
+        pid, resources, _ = f.synthetic_at_peak(scenario, i, seed=i, base=roomy.canonical_base)
         await store(app_client, resources)
         body = orjson.dumps(
             {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}

@@ -9,7 +9,6 @@ The service runs in process (httpx ASGITransport); the EHR is the Medplum test s
 
 from __future__ import annotations
 
-import random
 import time
 import uuid
 from datetime import UTC, datetime
@@ -28,10 +27,10 @@ from service.cdshooks.cards import PATIENT_VIEW
 from service.codebook import load_codebook
 from service.config.settings import Settings
 from service.core.astct import CRS_METHOD, ICANS_METHOD
-from service.devtools.synth import generate_patient
 from service.ehr.worker import Worker
 from service.fhir.writeback import writeback_id_system
 from service.storage.models import OutboxRow
+from tests import factories as f
 from tests.auth import jwks, sign
 from tests.fhir_server import FhirTestServer
 from tests.fhir_validators import assert_valid_fhir
@@ -43,28 +42,6 @@ EHR_KEY = ec.generate_private_key(ec.SECP384R1())
 EHR_KID = "e2e-es384"
 SERVICE_BASE = "http://iectox.test"
 HOOK_URL = f"/cds-services/{PATIENT_VIEW}"
-
-
-def _when(res: dict[str, Any]) -> datetime | None:
-    for key in ("effectiveDateTime", "recordedDate", "performedDateTime"):
-        if isinstance(res.get(key), str):
-            return datetime.fromisoformat(res[key])
-    for key in ("effectivePeriod", "performedPeriod"):
-        if isinstance(res.get(key), dict) and "start" in res[key]:
-            return datetime.fromisoformat(res[key]["start"])
-    return None
-
-
-def synthetic_crs_patient(base: str) -> tuple[str, list[dict[str, Any]], int]:
-    """A crs-3 synthetic patient up to the peak (so the current grade is the peak grade), as the
-    plain resources the test server's seed takes (ids and meta kept). Returns (id, resources,
-    expected peak CRS grade)."""
-    rng = random.Random(1)  # noqa: S311 (synthetic data, not crypto)
-    sp = generate_patient(rng, 0, "crs-3", days=7, base=base, start=datetime(2026, 1, 5, tzinfo=UTC))
-    resources = [e["resource"] for e in sp.bundle["entry"]]
-    cut = [r for r in resources if (t := _when(r)) is None or t <= sp.peak_time]
-    assert any(r["resourceType"] == "Patient" for r in cut)
-    return sp.patient_id, cut, sp.expected_peak_crs
 
 
 def cds_jwt() -> str:
@@ -130,7 +107,7 @@ async def test_patient_view_to_writeback_end_to_end(
     codebook = load_codebook(s.canonical_base, s.codebook_path)
 
     # 1) a synthetic patient with CRS on the EHR's FHIR server
-    pid, resources, expected_peak = synthetic_crs_patient(s.canonical_base)
+    pid, resources, expected_peak = f.synthetic_at_peak(base=s.canonical_base)
     stored = server.seed(resources)
     assert len(stored) == len(resources)
     patient = next(r for r in stored if r["resourceType"] == "Patient")

@@ -41,8 +41,13 @@ def test_openapi_declares_bearer_security(repo_root: Path) -> None:
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             secured = op.get("security") == [{"bearer": []}]
-            # /cds-services/{id}[/feedback]: the CDS client JWT (discovery stays open)
-            expected = (path.startswith("/fhir") and path != "/fhir/metadata") or path.startswith("/cds-services/")
+            # /cds-services/{id}[/feedback]: the CDS client JWT (discovery stays open); /app/api/*: the
+            # app user's token (the pages and /app/config.json stay open)
+            expected = (
+                (path.startswith("/fhir") and path != "/fhir/metadata")
+                or path.startswith("/cds-services/")
+                or path.startswith("/app/api/")
+            )
             assert secured == expected, (method, path)
 
 

@@ -28,7 +28,7 @@ from ..security.jws import peek
 from ..security.scopes import DEV as DEV_PRINCIPAL
 from ..security.scopes import READ, Principal
 from ..storage import repository
-from .auth import BearerDep, SecurityDep, _token
+from .auth import BearerDep, SecurityDep, _token, requires
 from .deps import ClockDep, CodebookDep, ReadSessionDep, SettingsDep
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -68,6 +68,8 @@ def app_user(request: Request, settings: SettingsDep, security: SecurityDep, cre
 
 
 AppUserDep = Annotated[Principal, Depends(app_user)]
+# 401 / 403 in the OpenAPI document, as the /fhir routes declare them
+AUTH_RESPONSES = requires(READ, *READ_TYPES)["responses"]
 
 
 def get_worklist_cache(request: Request) -> WorklistCache:
@@ -125,6 +127,7 @@ def app_config(settings: SettingsDep, security: SecurityDep) -> dict[str, Any]:
     "day since infusion, product, and what changed in the 24 hours before the latest input (grade changes on the "
     "hourly course, drugs started).",
     response_model=list[dict[str, Any]],
+    responses=AUTH_RESPONSES,
 )
 async def api_worklist(
     _user: AppUserDep,
@@ -146,6 +149,7 @@ async def api_worklist(
     "current result of every scale with its deciding inputs and what is missing, the daily maximum, and the risk "
     "scores with their sources. 404 without a stored Patient.",
     response_model=dict[str, Any],
+    responses=AUTH_RESPONSES,
 )
 async def api_patient(
     patient_id: str,
@@ -163,6 +167,7 @@ async def api_patient(
     "/api/resource/{rtype}/{rid}",
     summary="A stored input resource, for the app's links to the source of each value",
     response_model=dict[str, Any],
+    responses=AUTH_RESPONSES,
 )
 def api_resource(rtype: str, rid: str, _user: AppUserDep, session: ReadSessionDep) -> JSONResponse:
     if rtype not in STORABLE_TYPES:

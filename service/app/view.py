@@ -102,6 +102,7 @@ def grade_text(r: GradeResult | None) -> str:
 
 def _result(r: GradeResult) -> dict[str, Any]:
     return {
+        "at": _iso(r.at),
         "grade": r.grade,
         "floor": r.floor,
         "indeterminate": r.grade is None,
@@ -162,7 +163,7 @@ def _drug(a: Administration) -> dict[str, Any]:
         "start": _iso(a.start),
         "end": _iso(a.end),
         "rate": a.rate,
-        "unit": a.unit,
+        "unit": (a.unit or (s.unit if s else None)) if a.rate is not None else None,  # the rate's canonical unit
         "shown": a.shown,
         "product": a.product,
         "ref": a.ref,
@@ -238,6 +239,8 @@ def patient_view(session: Session, patient_id: str, codebook: Codebook, settings
                 "headline": c.method in HEADLINE,
                 "hourly": hourly[c.method],
                 "current": _result(current[c.method]),
+                # the result at the peak: when and why the maximum grade was reached
+                "peak": _result(grader.grade(c.method, c.peak_time)) if c.peak_time and c.peak_grade else None,
                 "course": _course(c),
             }
             for c in evaluation.courses

@@ -325,6 +325,20 @@ function headline(view) {
       card.append(el('p', { text: 'Deciding inputs:' }), list);
     }
     if (c.missing.length) card.append(el('p', { class: 'missing', text: `Missing: ${c.missing.join(', ')}. This is not grade 0.` }));
+    const peak = s.peak;
+    if (peak && peak.grade !== c.grade) {
+      // when and why the maximum was reached
+      const day = view.day0 ? Math.floor((Date.parse(peak.at) - Date.parse(view.day0)) / 864e5) : null;
+      const when = `${fmtTime(peak.at)}${day !== null ? ` (day ${day})` : ''}`;
+      const box = el('div', { class: 'peak' }, el('h4', {}, 'Maximum since day 0: ', gradeBadge(peak), ` first at ${when}`));
+      box.append(el('p', { class: 'verdict', text: peak.verdict }));
+      if (peak.basis.length) {
+        const list = el('ul', { class: 'refs' });
+        for (const ref of peak.basis) list.append(el('li', {}, refLink(ref)));
+        box.append(list);
+      }
+      card.append(box);
+    }
     card.append(el('p', { class: 'scale', text: `${s.scale}, at ${fmtTime(view.at)}` }));
     box.append(card);
   }
