@@ -223,10 +223,16 @@ def cmd_report_feedback(args: argparse.Namespace) -> int:
     from .storage.db import make_engine, read_only
 
     settings = _settings(args)
-    since = datetime.fromisoformat(args.since) if args.since else None
+    try:
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        print("--since must be an ISO 8601 time with a timezone (2026-01-01T00:00:00+00:00)", file=sys.stderr)
+        return 2
     if since is not None and since.tzinfo is None:
         print("--since needs a timezone (2026-01-01T00:00:00+00:00)", file=sys.stderr)
         return 2
+    if since is not None:
+        since = since.astimezone(UTC)  # stored times are UTC (SQLite keeps no offset)
     engine = make_engine(settings.database_url)
     try:
         with Session(read_only(engine)) as session:

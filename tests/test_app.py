@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,37 @@ async def test_app_api_needs_a_token_with_read_scopes(app_client: httpx.AsyncCli
     for path in ("/app/api/resource/RiskAssessment/x", "/app/api/resource/Observation/none"):
         r = await app_client.get(path)
         assert r.status_code == 404 and r.json()["resourceType"] == "OperationOutcome"
+    # one resource needs read on its own type too (the page's scopes do not cover Medication)
+    page_scopes = "user/Patient.rs user/Observation.rs user/MedicationAdministration.rs user/Condition.rs "
+    page_scopes += "user/Procedure.rs user/RiskAssessment.rs"
+    r = await app_client.get("/app/api/resource/Medication/m1", headers=bearer(page_scopes))
+    assert r.status_code == 403 and "Medication" in r.json()["issue"][0]["diagnostics"]
+
+
+@pytest.mark.asyncio
+async def test_every_app_view_is_audited(app_client: httpx.AsyncClient, clean_engine: Engine) -> None:
+    from sqlmodel import Session, select
+
+    from service.storage.models import AuditEvent
+
+    pid, resources, _ = f.synthetic_at_peak()
+    await store(app_client, resources)
+    obs = next(r for r in resources if r["resourceType"] == "Observation")
+    for path in ("/app/api/worklist", f"/app/api/Patient/{pid}", f"/app/api/resource/Observation/{obs['id']}"):
+        assert (await app_client.get(path)).status_code == 200
+    assert (await app_client.get("/app/api/Patient/nobody")).status_code == 404
+    with Session(clean_engine) as s:
+        rows = [e for e in s.exec(select(AuditEvent)).all() if e.route.startswith("/app/")]
+    seen = sorted((e.action, e.resource_type, e.patient_id, e.status) for e in rows)
+    assert seen == sorted(
+        [
+            ("app-search", None, None, 200),
+            ("app-view", "Patient", pid, 200),
+            ("app-view", "Observation", pid, 200),  # the resource's patient, from storage
+            ("app-view", "Patient", "nobody", 404),
+        ]
+    )
+    assert all(e.actor.startswith("https://idp.iectox.test") for e in rows)
 
 
 @pytest.mark.asyncio
@@ -133,6 +165,7 @@ async def test_pages_and_configuration(app_client: httpx.AsyncClient) -> None:
         r = await app_client.get(path, headers={"Authorization": ""})  # a page is a shell: no data, no token
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert "connect-src 'self';" in r.headers["content-security-policy"]  # no EHR configured: iectox only
     cfg = (await app_client.get("/app/config.json")).json()
     assert cfg["dev"] is False and cfg["smart"] is False  # jwt mode, the app not configured
     assert "user/Observation.rs" in cfg["needs"]
@@ -190,3 +223,99 @@ def test_vendored_chart_library_is_the_released_package(repo_root: Path) -> None
 def test_app_settings_are_checked_at_start(settings: Settings, update: dict[str, Any]) -> None:
     with pytest.raises(SecurityConfigError):
         create_app(settings.model_copy(update={**update, "auto_migrate": False}))
+
+
+def test_changes_in_the_24_hours_before_the_latest_input() -> None:
+    """From the last sample at or before the window's start to now; a higher grade in between is
+    said even when the ends are equal; drugs started in the window are named."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from service.app.view import _changes
+    from service.core.model import Administration, PatientData
+
+    at = datetime(2026, 1, 10, 12, tzinfo=UTC)
+    times = [at - timedelta(hours=h) for h in range(30, -1, -1)]  # 31 hourly samples ending at `at`
+    start = times.index(at - timedelta(hours=24))
+    crs = [1] * len(times)
+    crs[start + 5 : start + 9] = [3, 3, 3, 3]  # CRS 3 for 4 h, back to 1 by now
+    icans = [0] * start + [None] * (len(times) - start)  # indeterminate from the window's start
+    icans[start - 1] = 2  # a grade 2 just before the window does not count
+    data = PatientData("Patient/p")
+    data.administrations = {
+        "tocilizumab": [Administration("tocilizumab", at - timedelta(hours=3), None, "MedicationAdministration/t")],
+        "dexamethasone": [
+            Administration("dexamethasone", at - timedelta(hours=30), None, "MedicationAdministration/d")
+        ],
+    }
+    changes = _changes(
+        SimpleNamespace(at=at), SimpleNamespace(data=data), times, {"astct-crs": crs, "astct-icans": icans}
+    )
+    assert changes == ["CRS 1 → 1 (reached 3)", "Tocilizumab started"]
+
+
+def test_changes_start_from_the_last_sample_at_or_before_the_window() -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from service.app.view import _changes
+    from service.core.model import PatientData
+
+    at = datetime(2026, 1, 10, 12, 30, tzinfo=UTC)  # the latest input, between two grid points
+    times = [datetime(2026, 1, 9, 6, tzinfo=UTC) + timedelta(hours=h) for h in range(31)] + [at]
+    start = times.index(datetime(2026, 1, 9, 12, tzinfo=UTC))  # the last sample <= at - 24 h
+    crs = [2] * (start + 1) + [1] * (len(times) - start - 1)  # 2 until 12:00 yesterday, then 1
+    grader = SimpleNamespace(data=PatientData("Patient/p"))
+    changes = _changes(SimpleNamespace(at=at), grader, times, {"astct-crs": crs, "astct-icans": [0] * len(times)})
+    assert changes == ["CRS 2 → 1"]
+
+
+def _app_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "app_client_id": "iectox-app",
+            "app_fhir_base": "https://ehr.example/fhir",
+            "app_issuer": "https://ehr.example",
+            "app_jwks_url": "https://ehr.example/jwks",
+        }
+    )
+
+
+def test_app_tokens_must_be_the_ehrs_for_this_app(settings: Settings) -> None:
+    """Issuer, audience (the EHR's FHIR base), signature and, when named, the client."""
+    from service.security.bearer import IssuerKeys, verify_app_token
+    from service.security.errors import AuthError
+    from service.security.jwks import KeyCache, parse_jwks
+    from tests.auth import jwks, token
+
+    s = _app_settings(settings)
+    keys = IssuerKeys(parse_jwks(jwks()), None, KeyCache(0))
+    now = datetime.now(UTC)
+
+    def app_token(**claims: Any) -> str:
+        base = {"iss": "https://ehr.example", "aud": "https://ehr.example/fhir", "client_id": "iectox-app"}
+        return token("user/*.rs", **{**base, **claims})
+
+    principal = verify_app_token(app_token(), s, keys, now)
+    assert principal.actor == "https://ehr.example test-client" and principal.allows("read", "Observation")
+    assert verify_app_token(app_token(client_id=None), s, keys, now).actor  # no client named: accepted
+    for bad in ({"client_id": "another-app"}, {"azp": "another-app", "client_id": None}, {"aud": "https://iectox"}):
+        with pytest.raises(AuthError):
+            verify_app_token(app_token(**bad), s, keys, now)
+    with pytest.raises(AuthError):
+        verify_app_token(app_token(iss="https://idp.iectox.test"), s, keys, now)
+
+
+def test_pages_allow_connections_to_the_configured_ehr_only(settings: Settings) -> None:
+    from service.api.clinician import page_headers
+
+    csp = page_headers(_app_settings(settings))["Content-Security-Policy"]
+    assert "connect-src 'self' https://ehr.example;" in csp
+
+
+def test_feedback_report_since_needs_a_time_with_a_timezone(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    assert main(["--database-url", "sqlite://", "report", "feedback", "--since", "yesterday"]) == 2
+    assert main(["--database-url", "sqlite://", "report", "feedback", "--since", "2026-01-01T00:00"]) == 2
+    assert "timezone" in capsys.readouterr().err

@@ -768,7 +768,7 @@ def cards_of(resp: httpx.Response) -> list[dict[str, Any]]:
     return cards
 
 
-async def test_quiet_at_grade_0_and_when_no_grade_changed(
+async def test_quiet_at_grade_0_and_when_nothing_changed(
     make_service: Callable[..., httpx.AsyncClient], clean_engine: Engine
 ) -> None:
     svc = make_service(cds_quiet={"patient-view": ["grade-0", "unchanged"]})
@@ -778,21 +778,25 @@ async def test_quiet_at_grade_0_and_when_no_grade_changed(
     assert "indeterminate" in card["summary"]
     (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(2)))))
     assert "CRS grade 2" in card["summary"]
-    # the same grades again (a new JWT, the same prefetch: the cached path) -> quiet
+    # the same grades again for the same user (a new JWT, the same prefetch: the cached path) -> quiet
     assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(2))))) == []
-    # a grade changed -> a card; then quiet again
-    (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(3)))))
-    assert "CRS grade 3" in card["summary"]
-    assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(3))))) == []
-    # back to grade 0: quiet; grade 3 again is a change since that quiet answer: a card
+    # ... but another clinician opening the chart sees it
+    (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(2)), userId="Practitioner/dr-2")))
+    assert "CRS grade 2" in card["summary"]
+    # a grade changed -> a card; a critical card is never kept quiet by "unchanged"
+    for _ in range(2):
+        (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(3)))))
+        assert "CRS grade 3" in card["summary"] and card["indicator"] == "critical"
+    # back to grade 0: quiet; grade 3 again after that quiet answer is a change: a card
     assert cards_of(await call(svc, hook(prefetch=full_prefetch(case(0))))) == []
     (card,) = cards_of(await call(svc, hook(prefetch=full_prefetch(case(3)))))
-    assert "CRS grade 3" in card["summary"]
     with Session(clean_engine) as s:
         issued = list(s.exec(select(CdsCard).order_by(col(CdsCard.id))).all())
     assert [(c.patient_id, c.indicator) for c in issued] == [
         ("p-ind", "warning"),
         (PID, "warning"),
+        (PID, "warning"),
+        (PID, "critical"),
         (PID, "critical"),
         (PID, "critical"),
     ]
@@ -800,7 +804,19 @@ async def test_quiet_at_grade_0_and_when_no_grade_changed(
     # other hooks keep their own rules: order-select is not quiet here
     order = draft("mr-1", f.cc(f.RXNORM, f.RXCUI["tocilizumab"]))
     for _ in range(2):
-        cards_of(await call(svc, order_hook(order, prefetch=full_prefetch(case(3))), ORDER_SELECT)).pop()
+        cards_of(await call(svc, order_hook(order, prefetch=full_prefetch(case(2))), ORDER_SELECT)).pop()
+
+
+async def test_unchanged_on_an_order_hook_compares_the_orders_too(
+    make_service: Callable[..., httpx.AsyncClient],
+) -> None:
+    svc = make_service(cds_quiet={"order-select": ["unchanged"]})
+    cart = draft("mr-cart", f.cc(f.LOCAL, "cart-infusion", "Yescarta"))
+    toci = draft("mr-1", f.cc(f.RXNORM, f.RXCUI["tocilizumab"]))
+    only_card(await call(svc, order_hook(cart, prefetch=full_prefetch(case(1))), ORDER_SELECT))
+    assert cards_of(await call(svc, order_hook(cart, prefetch=full_prefetch(case(1))), ORDER_SELECT)) == []
+    # the same grades, another order: its card is shown
+    only_card(await call(svc, order_hook(toci, prefetch=full_prefetch(case(1))), ORDER_SELECT))
 
 
 async def test_quiet_rules_are_per_hook(make_service: Callable[..., httpx.AsyncClient]) -> None:
@@ -874,3 +890,57 @@ async def test_hook_stores_evaluation_and_enqueues_writeback_once(
     with Session(clean_engine) as s:
         again = list(s.exec(select(OutboxRow).order_by(col(OutboxRow.id))).all())
     assert [r.id for r in again] == [r.id for r in first]
+
+
+# --- the quiet rule as a table (pure) -------------------------------------------------------------
+
+
+def _ev(crs: int | None, icans: int | None, crs_floor: int | None = None) -> Any:
+    from datetime import datetime as dt
+
+    from service.app.evaluate import Evaluation
+    from service.core.astct import CRS_METHOD, CRS_SCALE, ICANS_METHOD, ICANS_SCALE
+    from service.core.model import GradeResult
+
+    at = dt(2026, 1, 6, 10, tzinfo=FIXED_NOW.tzinfo)
+    results = [
+        GradeResult(CRS_METHOD, CRS_SCALE, at, crs, "", (), floor=crs_floor),
+        GradeResult(ICANS_METHOD, ICANS_SCALE, at, icans, "", ()),
+    ]
+    return Evaluation("Patient/p1", at, results, [], [], [], {}, [])
+
+
+@pytest.mark.parametrize(
+    ("crs", "icans", "floor", "last_state_same", "shown_hours_ago", "expected"),
+    [
+        (0, 0, None, False, None, "grade-0"),
+        (0, None, None, True, 1.0, "unchanged"),  # ICANS indeterminate: not grade-0; unchanged since shown
+        (1, 0, None, True, 1.0, "unchanged"),
+        (1, 0, None, True, 7.99, "unchanged"),
+        (1, 0, None, True, 8.0, None),  # the shift is over: shown again
+        (1, 0, None, False, 1.0, None),  # something changed
+        (1, 0, None, True, None, None),  # never shown to this user
+        (2, 0, None, True, 1.0, "unchanged"),
+        (3, 0, None, True, 1.0, None),  # critical: never quiet by "unchanged"
+        (None, 0, 3, True, 1.0, None),  # indeterminate, at least 3: critical
+        (None, 0, 2, True, 1.0, "unchanged"),
+    ],
+)
+async def test_quiet_reason_table(
+    crs: int | None,
+    icans: int | None,
+    floor: int | None,
+    last_state_same: bool,
+    shown_hours_ago: float | None,
+    expected: str | None,
+) -> None:
+    from datetime import timedelta
+
+    from service.cdshooks.attention import Last, quiet_reason, shown_grades
+
+    ev = _ev(crs, icans, floor)
+    state = shown_grades(ev)
+    shown = None if shown_hours_ago is None else FIXED_NOW - timedelta(hours=shown_hours_ago)
+    last = Last(state if last_state_same else state + "x", shown)
+    rules = ["grade-0", "unchanged"]
+    assert quiet_reason(rules, ev, state, last, FIXED_NOW, timedelta(hours=8)) == expected

@@ -1,5 +1,6 @@
-"""The audit trail: one `audit_event` row for every request that reaches a /fhir route, and for
-every CDS hook call that is rejected (an answered hook records its own row, with the patient).
+"""The audit trail: one `audit_event` row for every request that reaches a /fhir route or the
+clinician app's data (/app/api), and for every CDS hook call that is rejected (an answered hook
+records its own row, with the patient).
 
 Written after the request has finished (its own session and transaction, so it survives a
 rolled-back request and never waits on the request's own database lock). The application log
@@ -28,6 +29,25 @@ log = logging.getLogger("iectox.audit")
 PREFIX = "/fhir"
 NOT_AUDITED = frozenset({"/fhir/metadata"})  # public, no patient data
 CDS_HOOK = "/cds-services/{service_id}"
+APP_API = "/app/api/"  # the clinician app's data: every view of a patient is an access
+
+
+def _app_event(template: str, params: dict[str, str], actor: str, status: int, now: datetime) -> AuditEvent:
+    """An app view: the worklist (every patient: a search), a patient's course, or one resource."""
+    rtype, rid = params.get("rtype"), params.get("rid")
+    if "patient_id" in params:
+        rtype, rid = "Patient", params["patient_id"]
+    patient = rid if rtype == "Patient" else None  # else the stored resource's patient (add_audit_event)
+    return AuditEvent(
+        recorded=now,
+        actor=actor,
+        action="app-search" if template.endswith("/worklist") else "app-view",
+        route=template[:128],
+        resource_type=_cut(rtype, 64),
+        resource_id=_cut(rid, 64),
+        patient_id=_cut(patient, 64),
+        status=status,
+    )
 
 
 def _cut(value: object, n: int) -> str | None:
@@ -46,6 +66,8 @@ def audit_event(scope: Scope, status: int, location: str | None, now: datetime) 
             return None  # recorded by the hook itself (service/cdshooks/service.py), with its patient
         route = f"/cds-services/{params.get('service_id', '')}"[:128]
         return AuditEvent(recorded=now, actor=actor, action="hook", route=route, status=status)
+    if isinstance(template, str) and template.startswith(APP_API):
+        return _app_event(template, params, actor, status, now)
     if not isinstance(template, str) or not template.startswith(PREFIX) or template in NOT_AUDITED:
         return None
     parts = template.removeprefix(PREFIX).strip("/").split("/")
@@ -85,7 +107,7 @@ class AuditTrail:
         self.app, self.engine, self.clock = app, engine, clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith((PREFIX, "/cds-services/")):
+        if scope["type"] != "http" or not scope.get("path", "").startswith((PREFIX, "/cds-services/", APP_API)):
             await self.app(scope, receive, send)
             return
         status, location = 0, None

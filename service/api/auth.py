@@ -6,6 +6,7 @@ caller itself take `PrincipalDep`. GET /fhir/metadata, /healthz and /readyz stay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -55,17 +56,37 @@ def _token(request: Request, credentials: HTTPAuthorizationCredentials | None) -
     return credentials.credentials
 
 
-def authenticate(request: Request, settings: SettingsDep, security: SecurityDep, credentials: BearerDep) -> Principal:
-    """The caller: a verified bearer token (401 otherwise), or "dev" in dev mode (loopback clients only)."""
+def caller(
+    request: Request,
+    security: SecurityConfig,
+    credentials: HTTPAuthorizationCredentials | None,
+    verify: Callable[[str], Principal],
+) -> Principal:
+    """ "dev" in dev mode (loopback clients only), else the principal `verify` makes of the bearer
+    token (401 otherwise); kept on the request for the audit trail."""
     if security.mode == DEV:
         if request.client is None or not is_loopback(request.client.host):
             raise unauthorized("dev mode accepts loopback clients only", "dev mode loopback only")
         principal = DEV_PRINCIPAL
     else:
-        assert security.bearer is not None
-        principal = verify_access_token(_token(request, credentials), settings, security.bearer, utc_now())
-    request.state.principal = principal  # for the audit trail
+        principal = verify(_token(request, credentials))
+    request.state.principal = principal
     return principal
+
+
+def service_token(settings: Settings, security: SecurityConfig) -> Callable[[str], Principal]:
+    """A token of the service's own issuer (IECTOX_AUTH_*)."""
+
+    def verify(token: str) -> Principal:
+        assert security.bearer is not None
+        return verify_access_token(token, settings, security.bearer, utc_now())
+
+    return verify
+
+
+def authenticate(request: Request, settings: SettingsDep, security: SecurityDep, credentials: BearerDep) -> Principal:
+    """The caller: a verified bearer token (401 otherwise), or "dev" in dev mode (loopback clients only)."""
+    return caller(request, security, credentials, service_token(settings, security))
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

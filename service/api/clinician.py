@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -19,50 +20,60 @@ from fastapi.staticfiles import StaticFiles
 
 from ..app.view import WorklistCache, patient_view, worklist
 from ..config.clock import utc_now
+from ..config.settings import Settings
 from ..fhir.errors import FhirError
 from ..fhir.ingest import STORABLE_TYPES
-from ..security.bearer import verify_access_token, verify_app_token
-from ..security.config import DEV, is_loopback
-from ..security.errors import unauthorized
-from ..security.jws import peek
-from ..security.scopes import DEV as DEV_PRINCIPAL
+from ..security.bearer import verify_app_token
+from ..security.config import DEV
+from ..security.jws import audience_matches, peek
 from ..security.scopes import READ, Principal
 from ..storage import repository
-from .auth import BearerDep, SecurityDep, _token, requires
+from .auth import BearerDep, SecurityDep, caller, requires, service_token
 from .deps import ClockDep, CodebookDep, ReadSessionDep, SettingsDep
 
 WEB = Path(__file__).resolve().parent.parent / "web"
-READ_TYPES = ("Patient", "Observation", "MedicationAdministration", "RiskAssessment")
-# The pages load only what iectox serves (hospital networks block CDNs); the SMART launch talks
-# to the EHR's authorization server, whose address is known only at launch.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src *; object-src 'none'; base-uri 'none'; form-action 'self'",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-store",
-}
+# What the pages show is read from all of these (Conditions feed the scores, Procedures the events).
+READ_TYPES = ("Patient", "Observation", "MedicationAdministration", "Condition", "Procedure", "RiskAssessment")
+
+
+def page_headers(settings: Settings) -> dict[str, str]:
+    """The pages load only what iectox serves (hospital networks block CDNs) and talk only to
+    iectox and, for the SMART launch, the configured EHR (its FHIR base, token issuer and keys)."""
+    origins = sorted(
+        {
+            f"{parts.scheme}://{parts.netloc}"
+            for url in (settings.app_fhir_base, settings.app_issuer, settings.app_jwks_url)
+            if url and (parts := urlsplit(url)).scheme in ("http", "https")
+        }
+    )
+    connect = " ".join(["'self'", *origins])
+    return {
+        "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src {connect}; object-src 'none'; base-uri 'none'; form-action 'self'",
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+    }
+
 
 router = APIRouter(prefix="/app", tags=["Clinician app"])
 
 
 def app_user(request: Request, settings: SettingsDep, security: SecurityDep, credentials: BearerDep) -> Principal:
     """The app's user: the EHR's access token from the SMART launch (when the clinician app is
-    configured) or a token of the service's issuer; "dev" in dev mode, loopback clients only.
-    403 unless its scopes allow reading what the pages show."""
-    if security.mode == DEV:
-        if request.client is None or not is_loopback(request.client.host):
-            raise unauthorized("dev mode accepts loopback clients only", "dev mode loopback only")
-        principal = DEV_PRINCIPAL
-    else:
-        token = _token(request, credentials)
-        _, claims = peek(token)
-        if security.app is not None and claims.get("iss") == settings.app_issuer:
-            principal = verify_app_token(token, settings, security.app, utc_now())
-        else:
-            assert security.bearer is not None
-            principal = verify_access_token(token, settings, security.bearer, utc_now())
-    request.state.principal = principal  # for the audit trail
+    configured: its issuer, for the EHR's FHIR base) or a token of the service's issuer; "dev" in
+    dev mode, loopback clients only. 403 unless its scopes allow reading what the pages show."""
+    service = service_token(settings, security)
+
+    def verify(token: str) -> Principal:
+        _, claims = peek(token)  # which verifier: each checks issuer, audience and signature itself
+        ours = security.app is not None and claims.get("iss") == settings.app_issuer
+        if ours and audience_matches(claims, settings.app_fhir_base or ""):
+            assert security.app is not None
+            return verify_app_token(token, settings, security.app, utc_now())
+        return service(token)
+
+    principal = caller(request, security, credentials, verify)
     principal.require(READ, *READ_TYPES)
     return principal
 
@@ -77,28 +88,28 @@ def get_worklist_cache(request: Request) -> WorklistCache:
     return cache
 
 
-def _page(name: str) -> FileResponse:
-    return FileResponse(WEB / name, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+def _page(name: str, settings: Settings) -> FileResponse:
+    return FileResponse(WEB / name, media_type="text/html; charset=utf-8", headers=page_headers(settings))
 
 
 @router.get("/", include_in_schema=False)
-def worklist_page() -> FileResponse:
-    return _page("worklist.html")
+def worklist_page(settings: SettingsDep) -> FileResponse:
+    return _page("worklist.html", settings)
 
 
 @router.get("/Patient/{patient_id}", include_in_schema=False)
-def patient_page(patient_id: str) -> FileResponse:
-    return _page("patient.html")
+def patient_page(patient_id: str, settings: SettingsDep) -> FileResponse:  # the page reads the id from its URL
+    return _page("patient.html", settings)
 
 
 @router.get("/launch", include_in_schema=False)
-def launch_page() -> FileResponse:
-    return _page("launch.html")
+def launch_page(settings: SettingsDep) -> FileResponse:
+    return _page("launch.html", settings)
 
 
 @router.get("/callback", include_in_schema=False)
-def callback_page() -> FileResponse:
-    return _page("callback.html")
+def callback_page(settings: SettingsDep) -> FileResponse:
+    return _page("callback.html", settings)
 
 
 @router.get(
@@ -169,11 +180,12 @@ async def api_patient(
     response_model=dict[str, Any],
     responses=AUTH_RESPONSES,
 )
-def api_resource(rtype: str, rid: str, _user: AppUserDep, session: ReadSessionDep) -> JSONResponse:
+def api_resource(rtype: str, rid: str, user: AppUserDep, session: ReadSessionDep) -> JSONResponse:
     if rtype not in STORABLE_TYPES:
         raise FhirError.one(
             404, "not-found", f"the app shows stored inputs ({', '.join(sorted(STORABLE_TYPES))})", "rtype"
         )
+    user.require(READ, rtype)  # a Medication, say, needs its own scope
     res = repository.read_resource(session, rtype, rid)
     if res is None:
         raise FhirError.one(404, "not-found", f"no such {rtype}", f"{rtype}.id")

@@ -181,12 +181,11 @@ def _patient(data: PatientData, resource: dict[str, Any] | None) -> dict[str, An
     return {"ref": data.patient_ref, "name": name or None, "birthDate": (resource or {}).get("birthDate")}
 
 
-def _hourly(grader: Grader, evaluation: Evaluation, settings: Settings) -> tuple[list[datetime], dict[str, list]]:
+def _hourly(evaluation: Evaluation, settings: Settings) -> tuple[list[datetime], dict[str, list[int | None]]]:
     """The course grid and every scale's grade at each of its times (the course's own samples)."""
     course = evaluation.courses[0]
     times, _ = sample_times(course.start, evaluation.at, course_config(settings))
-    grades = {c.method: [grader.grade(c.method, t, brief=True).grade for t in times] for c in evaluation.courses}
-    return times, grades
+    return times, {c.method: list(c.grades) for c in evaluation.courses}
 
 
 def patient_view(session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime) -> dict:
@@ -195,7 +194,7 @@ def patient_view(session: Session, patient_id: str, codebook: Codebook, settings
     evaluation, grader = evaluate_with_grader(entries, codebook, settings, None, now)
     data = grader.data
     resource = next((e.resource for e in entries if e.type == "Patient"), None)
-    times, hourly = _hourly(grader, evaluation, settings)
+    times, hourly = _hourly(evaluation, settings)
     day0 = data.first_event(C.CART_INFUSION)
     current = {r.method: r for r in evaluation.results}
     series = [
@@ -271,9 +270,11 @@ def _headline(r: GradeResult | None) -> dict[str, Any]:
 
 
 def _peak(c: Course, day0: datetime | None) -> dict[str, Any]:
-    """The maximum grade since day 0 and when it was first reached."""
+    """The maximum grade since day 0 (or since `sampled_from`, when the course was cut to its
+    last IECTOX_COURSE_MAX_DAYS) and when it was first reached."""
     at = c.peak_time if c.peak_grade else None
-    return {"grade": c.peak_grade, "at": _iso(at), "day": _day(day0, at) if day0 and at else None}
+    day = _day(day0, at) if day0 and at else None
+    return {"grade": c.peak_grade, "at": _iso(at), "day": day, "sampled_from": _iso(c.sampled_from)}
 
 
 def _worst(results: Sequence[GradeResult | None]) -> tuple[int, bool]:
@@ -284,15 +285,21 @@ def _worst(results: Sequence[GradeResult | None]) -> tuple[int, bool]:
 
 
 def _changes(evaluation: Evaluation, grader: Grader, times: list[datetime], hourly: dict[str, list]) -> list[str]:
-    """What changed in the 24 hours before the evaluation time: headline grade changes on the
-    hourly grid, and the notable drugs started."""
+    """What changed in the 24 hours before the evaluation time (the latest input): each headline
+    grade from the last sample at or before the window's start to now, with the highest grade in
+    between when it was higher than both ("CRS 0 → 0 (reached 3)"), and the notable drugs started."""
     since = evaluation.at - timedelta(hours=24)
-    first = next((i for i, t in enumerate(times) if t >= since), len(times) - 1)
+    start = max((i for i, t in enumerate(times) if t <= since), default=0)
     out = []
     for method, name in ((CRS_METHOD, "CRS"), (ICANS_METHOD, "ICANS")):
-        before, now = hourly[method][first], hourly[method][-1]
-        if before != now:
-            out.append(f"{name} {'?' if before is None else before} → {'?' if now is None else now}")
+        window = hourly[method][start:]
+        before, now = window[0], window[-1]
+        peak = max((g for g in window if g is not None), default=None)
+        shown = f"{name} {'?' if before is None else before} → {'?' if now is None else now}"
+        if peak is not None and peak > max(g for g in (before, now, -1) if g is not None):
+            out.append(f"{shown} (reached {peak})")
+        elif before != now:
+            out.append(shown)
     for concept in NOTABLE_STARTS:
         if any(since < a.start <= evaluation.at for a in grader.data.given(concept)):
             out.append(f"{DRUGS[concept]} started")
@@ -305,7 +312,7 @@ def worklist_row(
     entries, _ = stored_entries(session, patient_id)
     evaluation, grader = evaluate_with_grader(entries, codebook, settings, None, now)
     resource = next((e.resource for e in entries if e.type == "Patient"), None)
-    times, hourly = _hourly(grader, evaluation, settings)
+    times, hourly = _hourly(evaluation, settings)
     by = {r.method: r for r in evaluation.results}
     crs, icans = by.get(CRS_METHOD), by.get(ICANS_METHOD)
     worst, indeterminate = _worst([crs, icans])

@@ -3,9 +3,12 @@
 A site keeps a hook's cards quiet (Settings.cds_quiet, per hook):
 - "grade-0": ASTCT CRS and ICANS are both graded 0. An indeterminate grade is never quiet: it
   says data are missing, which is worth a look;
-- "unchanged": no scale's grade (nor an indeterminate grade's floor) changed since the last
-  answer to the same hook for the same patient, card or quiet (so a grade 3 that comes back after
-  a quiet grade 0 is a change, and shown).
+- "unchanged": nothing the card would show changed (no scale's grade, nor an indeterminate
+  grade's floor; for an order hook, nor the orders) since the last answer to the same hook for
+  the same patient and user, card or quiet (so a grade 3 that comes back after a quiet grade 0
+  is a change, and shown), and this user was shown the card less than
+  `cds_quiet_repeat_hours` ago. A critical card (grade 3 or more, or proven at least 3) is never
+  kept quiet by this rule: a clinician who missed it (a timed-out hook, another shift) sees it.
 Alert fatigue makes clinicians ignore decision support; a card that repeats itself is the cause.
 No database here: service.py reads and records the last answer.
 """
@@ -13,11 +16,14 @@ No database here: service.py reads and records the last answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..app.evaluate import Evaluation
 from ..core.astct import CRS_METHOD, ICANS_METHOD
 from ..core.model import GradeResult
+from .cards import Order, indicator
 
 GRADE_0, UNCHANGED = "grade-0", "unchanged"
 
@@ -42,17 +48,38 @@ def _state(r: GradeResult) -> str:
     return f"indeterminate>={r.floor}" if r.floor else "indeterminate"
 
 
-def shown_grades(ev: Evaluation) -> str:
-    """What a card of this evaluation shows, as one comparable string (every scale, in order)."""
-    return ";".join(f"{r.method}={_state(r)}" for r in ev.results)
+def shown_grades(ev: Evaluation, orders: Sequence[Order] = ()) -> str:
+    """What a card of this evaluation shows, as one comparable string: every scale's grade, in
+    order, and the orders it answers (an order hook's card is about them)."""
+    state = ";".join(f"{r.method}={_state(r)}" for r in ev.results)
+    if orders:
+        state += "|orders=" + ",".join(sorted(f"{o.concept}:{o.product or ''}" for o in orders))
+    return state
 
 
-def quiet_reason(rules: Sequence[str], ev: Evaluation, last_shown: str | None) -> str | None:
-    """Which rule keeps the card quiet (None: show it). `last_shown`: shown_grades of the last
-    answer to this hook for this patient (None: none yet)."""
-    by = {r.method: r.grade for r in ev.results}
-    if GRADE_0 in rules and by.get(CRS_METHOD) == 0 and by.get(ICANS_METHOD) == 0:
+@dataclass(frozen=True)
+class Last:
+    """The last answer to this hook for this patient and user."""
+
+    state: str
+    shown: datetime | None  # when a card was last returned to this user (None: never)
+
+
+def quiet_reason(
+    rules: Sequence[str], ev: Evaluation, state: str, last: Last | None, now: datetime, repeat: timedelta
+) -> str | None:
+    """Which rule keeps the card quiet (None: show it); `state` is shown_grades of this answer."""
+    by = {r.method: r for r in ev.results}
+    crs, icans = by.get(CRS_METHOD), by.get(ICANS_METHOD)
+    if GRADE_0 in rules and crs is not None and icans is not None and crs.grade == 0 and icans.grade == 0:
         return GRADE_0
-    if UNCHANGED in rules and last_shown is not None and last_shown == shown_grades(ev):
+    if (
+        UNCHANGED in rules
+        and last is not None
+        and last.state == state
+        and last.shown is not None
+        and now - last.shown < repeat
+        and indicator([crs, icans]) != "critical"
+    ):
         return UNCHANGED
     return None

@@ -38,8 +38,8 @@ def check_feedback(doc: Any) -> list[dict[str, Any]]:
         if item.get("outcome") not in OUTCOMES:
             issues.append(Issue("value", "outcome must be accepted or overridden", f"{path}.outcome"))
         reason = item.get("overrideReason")
-        if reason is not None and not (isinstance(reason, dict) and isinstance(reason.get("reason", {}), dict)):
-            issues.append(Issue("structure", "overrideReason must be an object with a reason Coding", f"{path}"))
+        if reason is not None and not (isinstance(reason, dict) and isinstance(reason.get("reason"), dict)):
+            issues.append(Issue("structure", "overrideReason must be an object with a reason Coding", path))
     if issues:
         raise FhirError(400, issues[:50])
     items: list[dict[str, Any]] = doc["feedback"]

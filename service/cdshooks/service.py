@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -31,7 +31,7 @@ from ..fhir.errors import FhirError
 from ..fhir.ingest import FHIR_ID
 from ..storage import repository
 from ..storage.models import AuditEvent, CdsCard
-from .attention import override_reasons, quiet_reason, shown_grades
+from .attention import Last, override_reasons, quiet_reason, shown_grades
 from .cards import (
     ORDER_CONCEPTS,
     ORDER_SELECT,
@@ -322,7 +322,16 @@ async def call_hook(
         f"{base}/app/launch",
         tuple(override_reasons(settings.canonical_base)),
     )
-    answer = _Answer(service, ctx, orders, tuple(settings.cds_quiet.get(service.hook, ())), now)
+    user = req.context.get("userId")
+    answer = _Answer(
+        service,
+        ctx,
+        orders,
+        tuple(settings.cds_quiet.get(service.hook, ())),
+        user[:256] if isinstance(user, str) else "",
+        timedelta(hours=settings.cds_quiet_repeat_hours),
+        now,
+    )
     evaluation, _ = await run_in_threadpool(
         partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit, cache=cache, respond=answer),
         engine,
@@ -339,22 +348,27 @@ async def call_hook(
 @dataclass
 class _Answer:
     """The cards of one hook call, decided in the transaction that stores the evaluation: the
-    quiet rule reads and moves the patient's last answer, and the cards returned are recorded."""
+    quiet rule reads and moves the last answer to this patient and user, and the cards returned
+    are recorded."""
 
     service: HookService
     ctx: CardContext
     orders: list[Order]
     quiet: tuple[str, ...]
+    user: str  # context.userId: the quiet rule is per user
+    repeat: timedelta  # an unchanged card is shown again to a user after this long
     now: datetime
     cards: list[dict[str, Any]] = field(default_factory=list)
 
     def __call__(self, session: Session, evaluation: Evaluation) -> None:
         hook, patient_id = self.service.hook, self.ctx.patient_id
-        shown = shown_grades(evaluation)
+        state = shown_grades(evaluation, self.orders)
         if self.quiet:
-            last = repository.last_answer(session, patient_id, hook)
-            repository.set_last_answer(session, patient_id, hook, shown, self.now)
-            if quiet_reason(self.quiet, evaluation, last) is not None:
+            found = repository.last_answer(session, patient_id, hook, self.user)
+            last = Last(*found) if found is not None else None
+            quiet = quiet_reason(self.quiet, evaluation, state, last, self.now, self.repeat)
+            repository.set_last_answer(session, patient_id, hook, self.user, state, self.now, shown=quiet is None)
+            if quiet is not None:
                 self.cards = []
                 return
         self.cards = self.service.cards(evaluation, self.ctx, self.orders)
@@ -368,6 +382,6 @@ class _Answer:
                     indicator=card["indicator"],
                     patient_id=patient_id,
                     issued=self.now,
-                    grades=shown,
+                    grades=state[:512],
                 )
             )

@@ -113,8 +113,12 @@ class Settings(BaseSettings):
 
     # CDS Hooks attention (cdshooks/attention.py), per hook: when its cards stay quiet.
     # "grade-0": ASTCT CRS and ICANS both graded 0 (an indeterminate grade is never quiet);
-    # "unchanged": no scale's grade changed since the last answer to the hook for the patient.
+    # "unchanged": nothing changed since the last answer to the hook for the patient and user,
+    # who saw the card less than `cds_quiet_repeat_hours` ago (never for a critical card).
     cds_quiet: dict[str, list[QuietRule]] = Field(default_factory=_default_quiet)
+    # "unchanged" keeps a card quiet for a user at most this long after it was last shown to them
+    # (a shift: the same clinician is reminded once per shift of what has not changed).
+    cds_quiet_repeat_hours: float = Field(default=8.0, gt=0, le=24 * 7)
 
     @field_validator("cds_quiet")
     @classmethod
@@ -157,7 +161,8 @@ class Settings(BaseSettings):
     # EHR authorization servers commonly sign user tokens RS256 or ES256 (never none or HMAC).
     app_algorithms: tuple[str, ...] = ("RS256", "RS384", "ES256", "ES384")
     app_scope: str = (
-        "openid fhirUser user/Patient.rs user/Observation.rs user/MedicationAdministration.rs user/RiskAssessment.rs"
+        "openid fhirUser user/Patient.rs user/Observation.rs user/MedicationAdministration.rs user/Condition.rs "
+        "user/Procedure.rs user/Medication.rs user/RiskAssessment.rs"
     )
     # CDS Hooks clients: iss -> {"jwks": {...}, "jwks_path": "...", "jwks_url": "...",
     # "jku_prefixes": ["https://ehr.example.org/jwks/"]} (validated at start-up).

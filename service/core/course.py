@@ -14,7 +14,7 @@ only indeterminate samples has no maximum.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .model import fmt_time
@@ -44,6 +44,8 @@ class Course:
     indeterminate_samples: int
     start_is_infusion: bool = True
     sampled_from: datetime | None = None  # set when the span was cut to `max_span` before `at`
+    # The grade at each sample time (sample_times), for views that draw the course.
+    grades: tuple[int | None, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def duration(self) -> timedelta | None:
@@ -157,4 +159,5 @@ def course_of(
         len(times) - len(known),
         start_is_infusion,
         sampled_from,
+        tuple(grades),
     )

@@ -43,7 +43,15 @@ def verify_access_token(token: str, settings: Settings, keys: IssuerKeys, now: d
 def verify_app_token(token: str, settings: Settings, keys: IssuerKeys, now: datetime) -> Principal:
     """The user of the clinician app: an access token the EHR issued to the app (SMART App
     Launch), signed by `app_issuer`, for the EHR's FHIR base `app_fhir_base`."""
-    return verify_jwt(token, settings.app_issuer, settings.app_fhir_base, keys, settings.app_algorithms, settings, now)
+    principal = verify_jwt(
+        token, settings.app_issuer, settings.app_fhir_base, keys, settings.app_algorithms, settings, now
+    )
+    # A token the EHR issued to another SMART app is not this app's: its client must be ours.
+    _, claims = peek(token)  # verified above
+    client = claims.get("client_id", claims.get("azp"))
+    if client is not None and client != settings.app_client_id:
+        raise unauthorized("token issued to another client (client_id)", "wrong client")
+    return principal
 
 
 def verify_jwt(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import BigInteger, Column, DateTime, LargeBinary, text
 from sqlmodel import Field, SQLModel
+
+
+def utc(t: datetime) -> datetime:
+    """Datetimes read back from SQLite are naive: they were written in UTC."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 class StoredResource(SQLModel, table=True):
@@ -140,15 +145,18 @@ class CdsCard(SQLModel, table=True):
 
 
 class CdsLastAnswer(SQLModel, table=True):
-    """The grades of the last answer to a hook for a patient, card or quiet: the quiet rule
-    "unchanged" compares with it (a quiet grade 0 between two grade 3 cards is a change)."""
+    """The last answer to a hook for a patient and user, card or quiet: the quiet rule
+    "unchanged" compares with its state (a quiet grade 0 between two grade 3 cards is a change)
+    and with when this user was last shown a card."""
 
     __tablename__ = "cds_last_answer"
 
     patient_id: str = Field(primary_key=True, max_length=64)
     hook: str = Field(primary_key=True, max_length=32)
-    grades: str = Field(max_length=512)
+    user_id: str = Field(primary_key=True, max_length=256)  # context.userId ("" when absent)
+    state: str = Field(max_length=1024)  # the grades (and, for order hooks, the orders) answered
     answered: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    shown: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
 
 
 class WatchedPatient(SQLModel, table=True):

@@ -15,7 +15,7 @@ over) changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -23,16 +23,11 @@ from sqlalchemy import Engine, and_, delete, func, or_, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from .models import OutboxRow
+from .models import OutboxRow, utc
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 CLAIM_ROUNDS = 3  # SQLite: reads again after losing rows to another worker
 STATUSES = (PENDING, DELIVERED, DEAD)
-
-
-def utc(t: datetime) -> datetime:
-    """Datetimes read back from SQLite are naive: they were written in UTC."""
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .models import (
     SeenToken,
     StoredResource,
     WatchedPatient,
+    utc,
 )
 
 T = TypeVar("T")
@@ -468,20 +469,30 @@ def add_watched(session: Session, target: str, patient_id: str, checkpoint: str,
     return session.execute(stmt).first() is not None  # RETURNING: rowcount is not reliable here
 
 
-def last_answer(session: Session, patient_id: str, hook: str) -> str | None:
-    """The grades of the last answer to this hook for the patient (None: none yet)."""
-    row = session.get(CdsLastAnswer, (patient_id, hook))
-    return row.grades if row is not None else None
+def last_answer(session: Session, patient_id: str, hook: str, user_id: str) -> tuple[str, datetime | None] | None:
+    """(state, when a card was last shown) of the last answer to this hook for the patient and
+    user (None: none yet)."""
+    row = session.get(CdsLastAnswer, (patient_id, hook, user_id))
+    if row is None:
+        return None
+    return row.state, None if row.shown is None else utc(row.shown)
 
 
-def set_last_answer(session: Session, patient_id: str, hook: str, grades: str, now: datetime) -> None:
-    """Record the grades of this answer (one statement: two concurrent answers never collide)."""
+def set_last_answer(
+    session: Session, patient_id: str, hook: str, user_id: str, state: str, now: datetime, *, shown: bool
+) -> None:
+    """Record this answer (one statement: two concurrent answers never collide); `shown`: a card
+    was returned (else the time the user was last shown one stays)."""
     ins = pg_insert(CdsLastAnswer) if _postgres(session) else sqlite_insert(CdsLastAnswer)
-    values = {"patient_id": patient_id, "hook": hook, "grades": grades, "answered": now}
-    stmt = ins.values(**values).on_conflict_do_update(
-        index_elements=["patient_id", "hook"], set_={"grades": grades, "answered": now}
+    now = utc(now)
+    values = {"patient_id": patient_id, "hook": hook, "user_id": user_id, "state": state, "answered": now}
+    stmt = ins.values(**values, shown=now if shown else None)
+    update = {"state": stmt.excluded.state, "answered": stmt.excluded.answered}
+    if shown:
+        update["shown"] = stmt.excluded.shown
+    session.connection().execute(
+        stmt.on_conflict_do_update(index_elements=["patient_id", "hook", "user_id"], set_=update)
     )
-    session.connection().execute(stmt)
 
 
 def cards_and_feedback(session: Session, since: datetime | None) -> tuple[list[CdsCard], list[CdsFeedback]]:

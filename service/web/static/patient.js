@@ -330,7 +330,8 @@ function headline(view) {
       // when and why the maximum was reached
       const day = view.day0 ? Math.floor((Date.parse(peak.at) - Date.parse(view.day0)) / 864e5) : null;
       const when = `${fmtTime(peak.at)}${day !== null ? ` (day ${day})` : ''}`;
-      const box = el('div', { class: 'peak' }, el('h4', {}, 'Maximum since day 0: ', gradeBadge(peak), ` first at ${when}`));
+      const span = s.course.sampled_from ? `Maximum since ${fmtTime(s.course.sampled_from)} (the course was sampled from there only)` : 'Maximum since day 0';
+      const box = el('div', { class: 'peak' }, el('h4', {}, `${span}: `, gradeBadge(peak), ` first at ${when}`));
       box.append(el('p', { class: 'verdict', text: peak.verdict }));
       if (peak.basis.length) {
         const list = el('ul', { class: 'refs' });

@@ -9,7 +9,8 @@ function peakCell(row) {
     const p = (row.peak || {})[method];
     if (!p) continue;
     const g = p.grade === null ? 'indeterminate' : `grade ${p.grade}`;
-    parts.push(`${name} ${g}${p.day !== null && p.grade ? ` (day ${p.day})` : ''}`);
+    const since = p.sampled_from ? ` since ${fmtTime(p.sampled_from)} only` : '';
+    parts.push(`${name} ${g}${p.day !== null && p.grade ? ` (day ${p.day})` : ''}${since}`);
   }
   return parts.join('; ');
 }

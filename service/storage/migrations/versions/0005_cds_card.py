@@ -1,5 +1,5 @@
 """Cards returned to CDS clients (counted by the feedback report) and the last answer to each
-hook per patient (compared by the quiet rule).
+hook per patient and user (compared by the quiet rule).
 
 Revision ID: 0005
 Revises: 0004
@@ -33,8 +33,10 @@ def upgrade() -> None:
         "cds_last_answer",
         sa.Column("patient_id", sa.String(64), primary_key=True),
         sa.Column("hook", sa.String(32), primary_key=True),
-        sa.Column("grades", sa.String(512), nullable=False),
+        sa.Column("user_id", sa.String(256), primary_key=True),
+        sa.Column("state", sa.String(1024), nullable=False),
         sa.Column("answered", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("shown", sa.DateTime(timezone=True), nullable=True),
     )
 
 
