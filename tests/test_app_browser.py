@@ -290,3 +290,18 @@ def test_scopes_are_checked_before_any_data_is_shown(
     finally:
         live.stop()
         engine.dispose()
+
+
+def test_readable_on_a_tablet(chromium: Browser, dev_server: LiveServer) -> None:
+    """A tablet in portrait (820 x 1180): no sideways scrolling; the charts fit the width."""
+    page = chromium.new_page(viewport={"width": 820, "height": 1180})
+    page.goto(f"{dev_server.base}/app/")
+    _ready(page)
+    page.locator("#worklist tbody tr a").first.click()
+    assert _ready(page) == "true"
+    widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], widths
+    canvas = page.locator('[data-panel="grades"] canvas').first.bounding_box()
+    assert canvas is not None and canvas["width"] <= 820
+    page.screenshot(path=ARTIFACTS / "patient-tablet.png", full_page=True)
+    page.close()
