@@ -1,5 +1,5 @@
 """The `iectox` command line: evaluate, compare, codebook [check], serve, migrate, synth, demo, worker, poll,
-report feedback."""
+report feedback, cohort grade."""
 
 from __future__ import annotations
 
@@ -156,10 +156,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .devtools.synth import generate_cohort, write_cohort
+    from .devtools.synth import generate_cohort, write_cohort, write_ndjson
 
     settings = _settings(args)
     patients = generate_cohort(args.patients, args.seed, days=args.days, base=settings.canonical_base)
+    if args.format == "ndjson":
+        paths = write_ndjson(patients, Path(args.out), gzip=args.gzip, max_lines=args.max_lines)
+        print(f"{len(patients)} patients, {sum(len(p.bundle['entry']) for p in patients)} resources:")
+        print("\n".join(f"{path}" for path in paths))
+        return 0
     paths = write_cohort(patients, Path(args.out))
     for p, path in zip(patients, paths, strict=True):
         print(f"{path}  {p.scenario}  {len(p.bundle['entry'])} resources")
@@ -243,6 +248,42 @@ def cmd_report_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cohort_grade(args: argparse.Namespace) -> int:
+    from .app.evaluate import parse_at
+    from .cohort.run import grade_cohort
+
+    settings = _settings(args)
+    try:
+        at = parse_at(args.at)
+    except FhirError as exc:
+        print(exc.issues[0].diagnostics, file=sys.stderr)
+        return 2
+    folder, out = Path(args.dir), Path(args.out)
+    if not folder.is_dir():
+        print(f"{folder} is not a folder (a Bulk FHIR export: Type.ndjson files)", file=sys.stderr)
+        return 2
+    try:
+        summary = grade_cohort(
+            folder,
+            out,
+            settings,
+            datetime.now(UTC),
+            at=at,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            partition_mb=args.partition_mb,
+        )
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(
+        f"{summary.patients} patients, {summary.resources} resources graded in {summary.seconds:.1f} s "
+        f"({summary.partitions} partitions); {summary.warnings} warnings (warnings.csv)"
+    )
+    print(f"tables, FHIR output and the report: {summary.out}/report.html")
+    return 0
+
+
 def _days(raw: str) -> int:
     from .devtools.synth import MIN_DAYS
 
@@ -320,11 +361,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--since", help="only cards and feedback from this time on (ISO 8601 with timezone)")
     r.set_defaults(func=cmd_report_feedback)
 
-    p = sub.add_parser("synth", help="write a synthetic cohort as FHIR Bundles")
+    p = sub.add_parser("cohort", help="grade whole cohorts from a Bulk FHIR export (Dask)")
+    cohort = p.add_subparsers(dest="cohort", required=True)
+    c = cohort.add_parser(
+        "grade",
+        help="grade every patient of a Bulk FHIR export (NDJSON folder) on every scale; tables, FHIR output, report",
+        description="Writes courses.csv/.parquet, daily.parquet, scores.parquet, registry.csv, warnings.csv, "
+        "RiskAssessment.ndjson, Provenance.ndjson and report.html to OUT (docs/cohort.md).",
+    )
+    c.add_argument("dir", help="the export: Patient.ndjson, Observation.ndjson, Observation.2.ndjson, ... (.gz too)")
+    c.add_argument("--out", required=True, help="the folder for the outputs")
+    c.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    c.add_argument("--scheduler", help="an existing Dask cluster, e.g. tcp://host:8786 (default: a local one)")
+    c.add_argument("--at", help="grade every patient at this time (ISO 8601 with timezone; default: its latest input)")
+    c.add_argument("--partition-mb", type=float, default=64.0, help="NDJSON per partition: bounds a worker's memory")
+    c.set_defaults(func=cmd_cohort_grade)
+
+    p = sub.add_parser("synth", help="write a synthetic cohort as FHIR Bundles, or as a Bulk FHIR export (NDJSON)")
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--days", type=_days, default=10)
     p.add_argument("--out", default="synthetic")
+    p.add_argument(
+        "--format",
+        choices=("bundle", "ndjson"),
+        default="bundle",
+        help="bundle: one transaction Bundle per patient (default); ndjson: a Bulk FHIR export, Type.ndjson per type",
+    )
+    p.add_argument("--gzip", action="store_true", help="ndjson: write .ndjson.gz files")
+    p.add_argument("--max-lines", type=int, default=100_000, help="ndjson: resources per file before Type.2.ndjson")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(

@@ -169,9 +169,10 @@ async def test_patient_view_to_writeback_end_to_end(
         assert current_crs["prediction"][0]["outcome"]["coding"][0]["code"] == f"grade-{crs}"
         assert_valid_fhir([*assessments, *provenances])
 
-        # 6) the hook again (a new jti): same data, same evaluation, nothing new to write back, and
-        # no card (the default quiet rule of patient-view: no grade changed since the last card)
-        assert await fire_hook(svc, pid, patient, server.base_url) == []
+        # 6) the hook again (a new jti): same data, same evaluation, nothing new to write back; the
+        # card again (nothing changed, but a critical card is never kept quiet)
+        (card2,) = await fire_hook(svc, pid, patient, server.base_url)
+        assert (card2["indicator"], card2["summary"]) == (card["indicator"], card["summary"])
         assert len(outbox_rows(clean_engine)) == len(first_rows)
         async with Worker(s, clean_engine) as worker:
             assert (await worker.drain()).delivered == 0

@@ -1114,6 +1114,48 @@ def write_cohort(patients: Iterable[SyntheticPatient], out_dir: Path) -> list[Pa
     return paths
 
 
+NDJSON_MAX_LINES = 100_000  # a Bulk FHIR export splits large types over several files
+
+
+def write_ndjson(
+    patients: Iterable[SyntheticPatient], out_dir: Path, *, gzip: bool = False, max_lines: int = NDJSON_MAX_LINES
+) -> list[Path]:
+    """The cohort as a Bulk FHIR export writes it: per resource type `Type.ndjson`, then
+    `Type.2.ndjson`, ... every `max_lines` resources (`.ndjson.gz` with `gzip`), every patient's
+    resources mixed in one file. A resource that several patients share (a Medication with the
+    same id) is written once. Returns the paths written."""
+    import gzip as gz
+    from contextlib import ExitStack
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    written: list[Path] = []
+    seen: set[tuple[str, str]] = set()
+    with ExitStack() as stack:
+
+        def sink(rtype: str) -> Any:
+            n = counts.get(rtype, 0)
+            if n % max_lines == 0:
+                part = n // max_lines + 1
+                path = out_dir / f"{rtype}{'' if part == 1 else f'.{part}'}.ndjson{'.gz' if gzip else ''}"
+                opened = gz.open(path, "wb") if gzip else path.open("wb")  # noqa: SIM115 (the ExitStack closes it)
+                files[rtype] = stack.enter_context(opened)
+                written.append(path)
+            counts[rtype] = n + 1
+            return files[rtype]
+
+        for p in patients:
+            for entry in p.bundle["entry"]:
+                res = entry["resource"]
+                key = (res["resourceType"], res.get("id", ""))
+                if key not in seen:
+                    seen.add(key)
+                    sink(res["resourceType"]).write(orjson.dumps(res) + b"\n")
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a synthetic CAR T cohort as FHIR R4 transaction Bundles.")
     parser.add_argument("out_dir", type=Path)

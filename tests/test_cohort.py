@@ -1,0 +1,170 @@
+"""Cohort grading from a Bulk FHIR export on a 2-worker local Dask cluster (service/cohort): the
+same grades and FHIR output as `$evaluate` of each patient's Bundle, patient by patient and scale
+by scale; a patient split across several files; gzip; a resource whose patient is not in the
+export and a bad line named in the warnings, the rest graded; valid FHIR out; the report."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import shutil
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from service.app.evaluate import evaluate_body
+from service.codebook import load_codebook
+from service.cohort.run import CohortSummary, grade_cohort
+from service.config.settings import Settings
+from service.devtools.synth import SyntheticPatient, generate_cohort, write_ndjson
+from tests.fhir_validators import assert_valid_fhir
+
+pytestmark = pytest.mark.integration  # a Dask cluster of worker processes
+
+NOW = datetime(2026, 11, 21, 12, tzinfo=UTC)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _ndjson(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def cohort() -> list[SyntheticPatient]:
+    return generate_cohort(8, 3, days=7)  # every scenario once
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory: pytest.TempPathFactory, cohort: list[SyntheticPatient]) -> tuple[Path, CohortSummary]:
+    export = tmp_path_factory.mktemp("export")
+    # 3,000 resources per file: Observation.ndjson ... Observation.4.ndjson, every patient across several
+    files = write_ndjson(cohort, export, max_lines=3000)
+    assert len([f for f in files if f.name.startswith("Observation")]) >= 3
+    out = tmp_path_factory.mktemp("out")
+    summary = grade_cohort(export, out, Settings(), NOW, workers=2, partition_mb=1.0, progress=False)
+    return out, summary
+
+
+def test_the_same_grades_and_output_as_evaluate(
+    graded: tuple[Path, CohortSummary], cohort: list[SyntheticPatient]
+) -> None:
+    out, summary = graded
+    assert summary.patients == len(cohort) and summary.warnings == 0 and summary.partitions >= 2
+    settings = Settings()
+    codebook = load_codebook(settings.canonical_base)
+    assessments = defaultdict(list)
+    for ra in _ndjson(out / "RiskAssessment.ndjson"):
+        assessments[ra["subject"]["reference"]].append(ra)
+    courses = {(r["patient"], r["method"]): r for r in _csv(out / "courses.csv")}
+    registry = {r["patient"]: r for r in _csv(out / "registry.csv")}
+    for p in cohort:
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": e["resource"]} for e in p.bundle["entry"]],
+        }
+        ev = evaluate_body(orjson.dumps(bundle), codebook, settings, None, NOW, strict=False)
+        # the very RiskAssessments $evaluate returns (same ids, grades, rationale, basis)
+        key = lambda ra: ra["id"]  # noqa: E731
+        assert sorted(assessments[f"Patient/{p.patient_id}"], key=key) == sorted(ev.assessments, key=key)
+        for c in ev.courses:
+            row = courses[(p.patient_id, c.method)]
+            assert row["max_grade"] == ("indeterminate" if c.peak_grade is None else str(c.peak_grade))
+            assert row["onset"] == (c.onset.isoformat() if c.onset else "")
+            assert row["resolved_at"] == (c.resolution.isoformat() if c.resolution else "")
+        # and the grades the synthetic scenario was built to have
+        assert registry[p.patient_id]["crs_max_grade"] == str(p.expected_peak_crs)
+        assert registry[p.patient_id]["icans_max_grade"] == str(p.expected_peak_icans)
+        assert registry[p.patient_id]["crs"] == ("yes" if p.expected_peak_crs else "no")
+
+
+def test_parquet_tables_hold_every_patient(graded: tuple[Path, CohortSummary], cohort: list[SyntheticPatient]) -> None:
+    import pyarrow.parquet as pq
+
+    out, _ = graded
+    courses = pq.read_table(out / "courses.parquet").to_pylist()
+    assert {r["patient"] for r in courses} == {p.patient_id for p in cohort}
+    assert len(courses) == 9 * len(cohort)  # every scale
+    daily = pq.read_table(out / "daily.parquet")
+    assert daily.column_names == ["patient", "method", "day", "max_grade"] and daily.num_rows > len(courses)
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    assert {s["method"] for s in scores} >= {"easix", "product-baseline"}
+
+
+def test_fhir_output_is_valid(graded: tuple[Path, CohortSummary]) -> None:
+    out, _ = graded
+    provenances = _ndjson(out / "Provenance.ndjson")
+    first = provenances[0]
+    targets = {t["reference"] for t in first["target"]}
+    ras = [ra for ra in _ndjson(out / "RiskAssessment.ndjson") if f"RiskAssessment/{ra['id']}" in targets]
+    assert ras and len(ras) == len(targets)
+    assert_valid_fhir([*ras, first])
+
+
+def test_report_is_one_page_without_outside_requests(graded: tuple[Path, CohortSummary]) -> None:
+    out, _ = graded
+    html = (out / "report.html").read_text()
+    for heading in ("Maximum grade since day 0", "ASTCT 2019 CRS against the older CRS scales", "Onset", "Duration"):
+        assert heading in html
+    assert "<script" not in html and "src=" not in html and "href=" not in html
+    assert "against lee2014-crs" in html and "against ctcae5-crs" in html
+
+
+def test_gzip_orphans_bad_lines_and_other_types(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    export = tmp_path / "export"
+    write_ndjson(cohort[:3], export, gzip=True, max_lines=2000)
+    kept = {p.patient_id for p in cohort[:2]}
+    # the third patient's Patient resource is missing: its resources are named, not graded
+    patients = [
+        r
+        for r in (orjson.loads(x) for x in gzip.decompress((export / "Patient.ndjson.gz").read_bytes()).splitlines())
+        if r["id"] in kept
+    ]
+    (export / "Patient.ndjson.gz").write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in patients)))
+    with gzip.open(export / "Observation.9.ndjson.gz", "wb") as f:
+        f.write(b'{"resourceType": "Observation", "status": "final"\n')  # line 1: not JSON
+        f.write(b"[1, 2]\n")  # line 2: not a resource
+        f.write(orjson.dumps({"resourceType": "Observation", "id": "x", "status": "final"}) + b"\n")  # no patient
+    (export / "Encounter.ndjson").write_bytes(orjson.dumps({"resourceType": "Encounter", "id": "e1"}) + b"\n")
+    (export / "README.txt").write_text("not part of the export")
+    out = tmp_path / "out"
+    summary = grade_cohort(export, out, Settings(), NOW, workers=2, progress=False)
+    assert summary.patients == 2
+    warnings = _csv(out / "warnings.csv")
+    orphan = cohort[2].patient_id
+    orphaned = [w for w in warnings if w["patient"] == orphan]
+    assert orphaned and all(f"Patient/{orphan} is not in the export" in w["reason"] for w in orphaned)
+    assert len(orphaned) == sum(1 for e in cohort[2].bundle["entry"] if e["resource"]["resourceType"] != "Patient")
+    named = {(w["where"], w["reason"].split(":")[0]) for w in warnings if w["where"].startswith("Observation.9")}
+    assert named == {
+        ("Observation.9.ndjson.gz:1", "not JSON"),
+        ("Observation.9.ndjson.gz:2", "not a FHIR resource (no resourceType)"),
+        ("Observation.9.ndjson.gz:3", "a Observation that names no patient (subject)"),
+    }
+    assert any(w["reason"] == "1 Encounter: a type grading does not read" for w in warnings)
+    assert {r["patient"] for r in _csv(out / "registry.csv")} == kept
+    assert not (out / ".work").exists()
+
+
+def test_cli_grades_an_export(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    from service.cli import main
+
+    export = tmp_path / "export"
+    assert main(["synth", "--format", "ndjson", "--patients", "2", "--days", "7", "--out", str(export)]) == 0
+    assert (export / "Patient.ndjson").exists()
+    assert main(["cohort", "grade", str(export), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert len(_csv(tmp_path / "out" / "registry.csv")) == 2
+    assert main(["cohort", "grade", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["cohort", "grade", str(empty), "--out", str(tmp_path / "o3")]) == 2
+    assert main(["cohort", "grade", str(export), "--out", str(tmp_path / "o4"), "--at", "yesterday"]) == 2
+    shutil.rmtree(tmp_path / "out")
