@@ -26,7 +26,7 @@ from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..storage.db import make_engine, migrate
 from ..storage.errors import StorageBusy
-from . import cds, clinician, fhir, health, metrics, subscriptions
+from . import bulk, cds, clinician, fhir, health, metrics, subscriptions
 from .auth import install_security
 from .responses import FhirResponse
 
@@ -138,6 +138,7 @@ def create_app(
     app.state.evaluations = EvaluationCache()  # known patients' unchanged inputs are not graded again
     install_security(app, settings, engine)  # refuses to start on unsafe settings (docs/security.md)
     app.include_router(health.router)
+    app.include_router(bulk.router)  # before fhir's /{type} routes: $export is not a resource type
     app.include_router(fhir.router)
     app.include_router(subscriptions.router)
     app.include_router(cds.router)

@@ -404,7 +404,7 @@ def store_evaluation(
     """Upsert the RiskAssessments and Provenance and enqueue their write-back, in `session`."""
     base = settings.canonical_base
     emitted = [repository.Emitted(r, *index_fields(r, base)) for r in evaluation.resources]
-    repository.save_emitted(session, patient_id, emitted)
+    repository.save_emitted(session, patient_id, emitted, recorded)
     enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded)  # same transaction
 
 

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown hooks {unknown}: patient-view, order-select or order-sign")
         return value
 
+    # A Bulk Data export not finished after this long reports an error (the process that ran it
+    # has gone); the client starts a new one.
+    export_max_minutes: float = Field(default=60.0, gt=0)
+
     host: str = "127.0.0.1"
     port: int = 8000
 

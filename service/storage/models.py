@@ -64,6 +64,36 @@ class EmittedResource(SQLModel, table=True):
     occurrence: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
     version_id: int = 1
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # when this version was stored (Bulk export `_since`); rows stored before 0006 carry its run
+    updated: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True, index=True))
+
+
+class ExportJob(SQLModel, table=True):
+    """A FHIR Bulk Data export of stored results (`GET /fhir/$export`), run in the background."""
+
+    __tablename__ = "export_job"
+
+    id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(max_length=16)  # in-progress | complete | error
+    types: str = Field(max_length=256)  # comma-separated resource types
+    since: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    request: str = Field(max_length=2048)  # the kick-off URL, for the manifest
+    actor: str = Field(max_length=256)
+    created: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    finished: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    error: str = Field(default="", max_length=200)  # an error class; never clinical text
+
+
+class ExportFile(SQLModel, table=True):
+    """One NDJSON file of an export job."""
+
+    __tablename__ = "export_file"
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=128)
+    resource_type: str = Field(max_length=64)
+    count: int
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 # --- EHR integration (issue 5) -------------------------------------------------------------

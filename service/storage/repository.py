@@ -330,7 +330,7 @@ class Emitted:
     code: str | None = None
 
 
-def save_emitted(session: Session, patient_id: str, emitted: list[Emitted]) -> None:
+def save_emitted(session: Session, patient_id: str, emitted: list[Emitted], now: datetime) -> None:
     """Upsert RiskAssessments and their Provenance by their deterministic ids (never duplicates),
     in one statement: concurrent evaluations of a patient queue on the rows, never collide. Each
     resource gets its stored version in meta.versionId (the body is stored without it)."""
@@ -346,13 +346,14 @@ def save_emitted(session: Session, patient_id: str, emitted: list[Emitted]) -> N
             "occurrence": item.occurrence,
             "version_id": 1,
             "body": orjson.dumps(_unversioned(item.resource)),
+            "updated": utc(now),
         }
         for item in emitted
     }
     ins = _insert(session, _EMITTED)
     stmt = ins.on_conflict_do_update(
         index_elements=[_EMITTED.c.resource_type, _EMITTED.c.id],
-        set_={"body": ins.excluded.body, "version_id": _EMITTED.c.version_id + 1},
+        set_={"body": ins.excluded.body, "version_id": _EMITTED.c.version_id + 1, "updated": ins.excluded.updated},
     ).returning(_EMITTED.c.resource_type, _EMITTED.c.id, _EMITTED.c.version_id)
     conn = session.connection()
     versions: dict[tuple[str, str], int] = {}
@@ -510,3 +511,22 @@ def stored_patient_ids(session: Session) -> list[str]:
     c = _STORED.c
     rows = session.connection().execute(select(c.id).where(c.resource_type == "Patient").order_by(c.id))
     return [r.id for r in rows]
+
+
+def emitted_for_export(
+    session: Session, rtype: str, since: datetime | None, batch: int = CHUNK
+) -> Iterator[list[dict[str, Any]]]:
+    """The stored RiskAssessments or Provenances (with their versions), stored at or after `since`,
+    in id order, a batch at a time (an export never holds them all)."""
+    c = _EMITTED.c
+    last = ""
+    conn = session.connection()
+    while True:
+        query = select(c.id, c.body, c.version_id).where(c.resource_type == rtype, c.id > last)
+        if since is not None:
+            query = query.where(c.updated >= utc(since))
+        rows = conn.execute(query.order_by(c.id).limit(batch)).all()
+        if not rows:
+            return
+        yield [_versioned(r.body, r.version_id) for r in rows]
+        last = rows[-1].id

@@ -1,0 +1,132 @@
+"""FHIR Bulk Data export of stored results under /fhir: kick-off, status, files, cancel.
+Parse, call, respond: the job is service/app/bulk.py."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
+from fastapi.responses import Response
+from sqlmodel import Session
+
+from ..app.bulk import (
+    COMPLETE,
+    EXPORT_TYPES,
+    IN_PROGRESS,
+    delete_export,
+    export_file,
+    export_status,
+    parse_since,
+    requested_types,
+    run_export,
+    start_export,
+)
+from ..config.settings import Settings
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..security.scopes import READ
+from ..storage.models import ExportJob
+from .auth import PrincipalDep, requires
+from .deps import ClockDep, EngineDep, ReadSessionDep, SessionDep, SettingsDep
+from .responses import FhirResponse
+from .schemas import ERRORS
+
+router = APIRouter(prefix="/fhir", tags=["FHIR Bulk Data"], responses=ERRORS)
+NDJSON = "application/fhir+ndjson"
+OUTPUT_FORMATS = (None, NDJSON, "application/ndjson", "ndjson")
+AUTH = requires(READ, *EXPORT_TYPES)["responses"]
+
+
+def _base(request: Request, settings: Settings) -> str:
+    return (settings.auth_public_base_url or str(request.base_url)).rstrip("/") + "/fhir"
+
+
+def _job_types(session: Session, job_id: str) -> tuple[str, ...]:
+    job = session.get(ExportJob, job_id)
+    if job is None:
+        raise FhirError.one(404, "not-found", "no such export job", "job")
+    return tuple(job.types.split(","))
+
+
+@router.get(
+    "/$export",
+    summary="Bulk Data export of the stored RiskAssessments and Provenance (asynchronous kick-off)",
+    description="FHIR Bulk Data Access (system level). Needs `Prefer: respond-async`; `_type` "
+    "(RiskAssessment, Provenance; default both), `_since` (an instant: versions stored at or after it), "
+    "`_outputFormat` (NDJSON only). Answers 202 with `Content-Location`: the status URL to poll. Needs read on "
+    "each type exported.",
+    status_code=202,
+    response_class=Response,
+    responses={202: {"description": "Accepted: poll the URL in Content-Location"}, **AUTH},
+)
+def kickoff(
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    clock: ClockDep,
+    background: BackgroundTasks,
+    type_: Annotated[str | None, Query(alias="_type", description="RiskAssessment,Provenance")] = None,
+    since: Annotated[str | None, Query(alias="_since", description="FHIR instant")] = None,
+    output_format: Annotated[str | None, Query(alias="_outputFormat")] = None,
+    prefer: Annotated[str | None, Header(description="must be `respond-async`")] = None,
+) -> Response:
+    if "respond-async" not in (prefer or "").lower():
+        raise FhirError.one(400, "required", "a Bulk Data kick-off needs the header Prefer: respond-async", "Prefer")
+    if output_format not in OUTPUT_FORMATS:
+        raise FhirError.one(400, "not-supported", f"_outputFormat: this server writes {NDJSON}", "_outputFormat")
+    types = requested_types(type_)
+    principal.require(READ, *types)
+    job_id = start_export(session, types, parse_since(since), str(request.url), principal.actor, clock())
+    background.add_task(run_export, engine, job_id, clock())  # after the job row is committed
+    return Response(
+        status_code=202, headers={"Content-Location": f"{_base(request, settings)}/$export-status/{job_id}"}
+    )
+
+
+@router.get(
+    "/$export-status/{job_id}",
+    summary="Bulk Data export status: 202 while it runs, 200 with the manifest when complete",
+    response_class=Response,
+    responses={200: {"description": "The manifest (JSON)"}, 202: {"description": "In progress"}, **AUTH},
+)
+def status(
+    job_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    session: ReadSessionDep,
+    settings: SettingsDep,
+    clock: ClockDep,
+) -> Response:
+    principal.require(READ, *_job_types(session, job_id))
+    found = export_status(session, job_id, _base(request, settings), clock(), settings.export_max_minutes)
+    if found.status == IN_PROGRESS:
+        return Response(status_code=202, headers={"X-Progress": "in-progress", "Retry-After": "2"})
+    if found.status == COMPLETE:
+        return FhirResponse(found.manifest, media_type="application/json")
+    return FhirResponse(operation_outcome([Issue("exception", f"the export failed: {found.error}")]), status_code=500)
+
+
+@router.delete(
+    "/$export-status/{job_id}",
+    summary="Cancel a Bulk Data export, or delete its files",
+    status_code=202,
+    response_class=Response,
+    responses=AUTH,
+)
+def cancel(job_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
+    principal.require(READ, *_job_types(session, job_id))
+    delete_export(session, job_id)
+    return Response(status_code=202)
+
+
+@router.get(
+    "/$export-file/{job_id}/{name}",
+    summary="One NDJSON file of a completed Bulk Data export",
+    response_class=Response,
+    responses={200: {"content": {NDJSON: {}}, "description": "NDJSON, one resource per line"}, **AUTH},
+)
+def file(job_id: str, name: str, principal: PrincipalDep, session: ReadSessionDep) -> Response:
+    found = export_file(session, job_id, name)
+    principal.require(READ, found.resource_type)
+    return Response(found.body, media_type=NDJSON)
