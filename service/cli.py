@@ -276,9 +276,10 @@ def cmd_cohort_grade(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    memory = f"; largest worker peak {summary.worker_peak_mib:.0f} MiB" if summary.worker_peak_mib else ""
     print(
         f"{summary.patients} patients, {summary.resources} resources graded in {summary.seconds:.1f} s "
-        f"({summary.partitions} partitions); {summary.warnings} warnings (warnings.csv)"
+        f"({summary.partitions} partitions{memory}); {summary.warnings} warnings (warnings.csv)"
     )
     print(f"tables, FHIR output and the report: {summary.out}/report.html")
     return 0

@@ -168,3 +168,18 @@ def test_cli_grades_an_export(tmp_path: Path, cohort: list[SyntheticPatient]) ->
     assert main(["cohort", "grade", str(empty), "--out", str(tmp_path / "o3")]) == 2
     assert main(["cohort", "grade", str(export), "--out", str(tmp_path / "o4"), "--at", "yesterday"]) == 2
     shutil.rmtree(tmp_path / "out")
+
+
+def test_report_opens_in_a_browser(graded: tuple[Path, CohortSummary], chromium: Any) -> None:
+    out, summary = graded
+    page = chromium.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((out / "report.html").resolve().as_uri())
+    assert page.inner_text("h1").startswith("Cohort report")
+    assert f"{summary.patients} patients graded" in page.inner_text("body")
+    assert page.locator("svg").count() >= 9 + 4  # one chart per scale, two onset and two duration charts
+    assert page.locator("table").count() >= 6  # the cross-tables against the older scales
+    assert all(u.startswith("file://") for u in requests), requests  # self-contained
+    page.close()
+    assert summary.worker_peak_mib is None or summary.worker_peak_mib > 0

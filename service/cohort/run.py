@@ -85,6 +85,18 @@ class CohortSummary:
     partitions: int
     seconds: float
     out: Path
+    worker_peak_mib: float | None = None  # the largest worker's peak resident memory (Linux), when known
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory (VmHWM), in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager
@@ -187,9 +199,11 @@ def grade_cohort(
                         {"patient": None, "where": s.file, "reason": f"{n} {rtype}: a type grading does not read"}
                     )
             summary = _grade(client, work, partitions, settings, now, at, known, out, warnings, progress)
+            peaks = [p for p in client.run(_peak_rss_mib).values() if p is not None]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return CohortSummary(summary[0], summary[1], summary[2], partitions, time.monotonic() - started, out)
+    peak = max(peaks, default=None)
+    return CohortSummary(summary[0], summary[1], summary[2], partitions, time.monotonic() - started, out, peak)
 
 
 def _grade(
