@@ -250,6 +250,7 @@ def cmd_report_feedback(args: argparse.Namespace) -> int:
 
 def cmd_cohort_grade(args: argparse.Namespace) -> int:
     from .app.evaluate import parse_at
+    from .cohort.export import ExportError
     from .cohort.run import grade_cohort
 
     settings = _settings(args)
@@ -273,7 +274,7 @@ def cmd_cohort_grade(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             partition_mb=args.partition_mb,
         )
-    except ValueError as exc:
+    except ExportError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     memory = f"; largest worker peak {summary.worker_peak_mib:.0f} MiB" if summary.worker_peak_mib else ""

@@ -70,7 +70,7 @@ async def test_export_of_stored_results(bulk_client: httpx.AsyncClient) -> None:
     pid, n_ras = await _stored_evaluation(bulk_client)
     manifest = await _export(bulk_client)
     assert manifest["requiresAccessToken"] is True and manifest["error"] == []
-    assert manifest["transactionTime"] == FIXED_NOW.isoformat()
+    assert manifest["transactionTime"] == (FIXED_NOW - timedelta(minutes=5)).isoformat()  # the overlap
     assert manifest["request"].endswith("/fhir/$export")
     by_type = {o["type"]: o for o in manifest["output"]}
     assert set(by_type) == {"RiskAssessment", "Provenance"}
@@ -91,6 +91,8 @@ async def test_export_of_stored_results(bulk_client: httpx.AsyncClient) -> None:
     only = await _export(bulk_client, "?_type=Provenance")
     assert [o["type"] for o in only["output"]] == ["Provenance"]
     assert (await _export(bulk_client, "?_since=2026-11-21T11:59:00Z"))["output"]  # stored at FIXED_NOW
+    spaced = await _export(bulk_client, "?_outputFormat=application/fhir+ndjson")  # an unencoded +
+    assert spaced["output"]
     assert (await _export(bulk_client, "?_since=2026-11-21T12:00:01%2B00:00"))["output"] == []
     # cancel / delete: the job and its files are gone
     status = manifest["_status"].removeprefix("http://iectox.test")
@@ -106,11 +108,15 @@ async def test_kick_off_errors_are_named(bulk_client: httpx.AsyncClient) -> None
         ("?_since=yesterday", ASYNC, "_since"),
         ("?_since=2026-01-01T00:00:00", ASYNC, "_since"),
         ("?_outputFormat=text/csv", ASYNC, "_outputFormat"),
+        ("?_typeFilter=RiskAssessment%3Fstatus%3Dfinal", ASYNC, "_typeFilter"),
+        ("?patient=Patient/p1", ASYNC, "patient"),
     ]
     for query, headers, where in cases:
         r = await bulk_client.get(f"/fhir/$export{query}", headers=headers)
         assert r.status_code == 400, (query, r.text)
         assert r.json()["issue"][0]["expression"] == [where]
+    lenient = {"Prefer": "respond-async, handling=lenient"}
+    assert (await bulk_client.get("/fhir/$export?_elements=id", headers=lenient)).status_code == 202
     assert (await bulk_client.get("/fhir/$export-status/nope")).status_code == 404
     assert (await bulk_client.get("/fhir/$export-file/nope/RiskAssessment-1.ndjson")).status_code == 404
 
@@ -126,24 +132,28 @@ async def test_export_needs_read_on_what_it_exports(bulk_client: httpx.AsyncClie
 
 
 async def test_a_job_that_never_finished_reports_an_error(bulk_client: httpx.AsyncClient, clean_engine: Engine) -> None:
+    mine = "https://idp.iectox.test test-client"  # the actor of the client's token (tests/auth.py)
     with Session(clean_engine) as s:
-        s.add(
-            ExportJob(
-                id="gone",
-                status="in-progress",
-                types="RiskAssessment",
-                request="x",
-                actor="a",
-                created=FIXED_NOW - timedelta(hours=2),
+        for job_id, created in (("gone", FIXED_NOW - timedelta(hours=2)), ("running", FIXED_NOW)):
+            s.add(
+                ExportJob(
+                    id=job_id, status="in-progress", types="RiskAssessment", request="x", actor=mine, created=created
+                )
             )
-        )
-        s.add(
-            ExportJob(
-                id="running", status="in-progress", types="RiskAssessment", request="x", actor="a", created=FIXED_NOW
-            )
-        )
         s.commit()
     r = await bulk_client.get("/fhir/$export-status/gone")
     assert r.status_code == 500 and "start a new one" in r.json()["issue"][0]["diagnostics"]
     r = await bulk_client.get("/fhir/$export-status/running")
     assert r.status_code == 202 and r.headers["x-progress"] == "in-progress"
+
+
+async def test_only_the_client_that_started_a_job_sees_it(bulk_client: httpx.AsyncClient) -> None:
+    await _stored_evaluation(bulk_client)
+    manifest = await _export(bulk_client)
+    status = manifest["_status"].removeprefix("http://iectox.test")
+    file_url = manifest["output"][0]["url"].removeprefix("http://iectox.test")
+    other = bearer(sub="another-client")
+    for method, url in (("GET", status), ("GET", file_url), ("DELETE", status)):
+        r = await bulk_client.request(method, url, headers=other)
+        assert r.status_code == 404, (method, url, r.text)
+    assert (await bulk_client.get(file_url)).status_code == 200  # still there for its owner

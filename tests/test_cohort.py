@@ -5,6 +5,7 @@ export and a bad line named in the warnings, the rest graded; valid FHIR out; th
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import shutil
@@ -18,6 +19,8 @@ import pytest
 
 from service.app.evaluate import evaluate_body
 from service.codebook import load_codebook
+from service.cohort.export import ExportError
+from service.cohort.grade import MAX_ORPHAN_NAMED, max_grade
 from service.cohort.run import CohortSummary, grade_cohort
 from service.config.settings import Settings
 from service.devtools.synth import SyntheticPatient, generate_cohort, write_ndjson
@@ -57,7 +60,7 @@ def test_the_same_grades_and_output_as_evaluate(
     graded: tuple[Path, CohortSummary], cohort: list[SyntheticPatient]
 ) -> None:
     out, summary = graded
-    assert summary.patients == len(cohort) and summary.warnings == 0 and summary.partitions >= 2
+    assert summary.patients == len(cohort) and summary.partitions >= 2
     settings = Settings()
     codebook = load_codebook(settings.canonical_base)
     assessments = defaultdict(list)
@@ -65,6 +68,9 @@ def test_the_same_grades_and_output_as_evaluate(
         assessments[ra["subject"]["reference"]].append(ra)
     courses = {(r["patient"], r["method"]): r for r in _csv(out / "courses.csv")}
     registry = {r["patient"]: r for r in _csv(out / "registry.csv")}
+    warnings = defaultdict(list)
+    for w in _csv(out / "warnings.csv"):
+        warnings[w["patient"]].append((w["where"], w["reason"]))
     for p in cohort:
         bundle = {
             "resourceType": "Bundle",
@@ -75,9 +81,14 @@ def test_the_same_grades_and_output_as_evaluate(
         # the very RiskAssessments $evaluate returns (same ids, grades, rationale, basis)
         key = lambda ra: ra["id"]  # noqa: E731
         assert sorted(assessments[f"Patient/{p.patient_id}"], key=key) == sorted(ev.assessments, key=key)
+        # the warnings $evaluate returns with it (codes not mapped, inputs left out)
+        issues = [("; ".join(i.get("expression") or ()), i["diagnostics"]) for i in (ev.outcome or {}).get("issue", ())]
+        assert sorted(warnings[p.patient_id]) == sorted(issues)
         for c in ev.courses:
             row = courses[(p.patient_id, c.method)]
-            assert row["max_grade"] == ("indeterminate" if c.peak_grade is None else str(c.peak_grade))
+            assert row["max_grade"] == max_grade(c) and row["max_grade_at_least"] == (
+                "" if c.peak_grade is None else str(c.peak_grade)
+            )
             assert row["onset"] == (c.onset.isoformat() if c.onset else "")
             assert row["resolved_at"] == (c.resolution.isoformat() if c.resolution else "")
         # and the grades the synthetic scenario was built to have
@@ -141,15 +152,18 @@ def test_gzip_orphans_bad_lines_and_other_types(tmp_path: Path, cohort: list[Syn
     warnings = _csv(out / "warnings.csv")
     orphan = cohort[2].patient_id
     orphaned = [w for w in warnings if w["patient"] == orphan]
-    assert orphaned and all(f"Patient/{orphan} is not in the export" in w["reason"] for w in orphaned)
-    assert len(orphaned) == sum(1 for e in cohort[2].bundle["entry"] if e["resource"]["resourceType"] != "Patient")
+    assert orphaned and all(f"Patient/{orphan}" in w["reason"] and "not graded" in w["reason"] for w in orphaned)
+    n_orphaned = sum(1 for e in cohort[2].bundle["entry"] if e["resource"]["resourceType"] != "Patient")
+    assert len(orphaned) == MAX_ORPHAN_NAMED + 1  # the first ones named, then how many more
+    assert orphaned[-1]["reason"].startswith(f"{n_orphaned - MAX_ORPHAN_NAMED} more resources")
     named = {(w["where"], w["reason"].split(":")[0]) for w in warnings if w["where"].startswith("Observation.9")}
     assert named == {
         ("Observation.9.ndjson.gz:1", "not JSON"),
         ("Observation.9.ndjson.gz:2", "not a FHIR resource (no resourceType)"),
-        ("Observation.9.ndjson.gz:3", "a Observation that names no patient (subject)"),
+        ("Observation.9.ndjson.gz:3", "a Observation that names no patient"),
     }
     assert any(w["reason"] == "1 Encounter: a type grading does not read" for w in warnings)
+    assert {"where": "README.txt", "reason": "not an NDJSON file of the export: skipped", "patient": ""} in warnings
     assert {r["patient"] for r in _csv(out / "registry.csv")} == kept
     assert not (out / ".work").exists()
 
@@ -183,3 +197,113 @@ def test_report_opens_in_a_browser(graded: tuple[Path, CohortSummary], chromium:
     assert all(u.startswith("file://") for u in requests), requests  # self-contained
     page.close()
     assert summary.worker_peak_mib is None or summary.worker_peak_mib > 0
+
+
+def _write(path: Path, resources: list[dict[str, Any]], prefix: bytes = b"") -> None:
+    path.write_bytes(prefix + b"".join(orjson.dumps(r) + b"\n" for r in resources))
+
+
+def _one_patient(
+    tmp_path: Path, cohort: list[SyntheticPatient], index: int = 1
+) -> tuple[Path, SyntheticPatient, list[dict[str, Any]]]:
+    p = copy.deepcopy(cohort[index])  # the cohort is shared by the module's tests: never changed
+    export = tmp_path / "export"
+    export.mkdir()
+    return export, p, [e["resource"] for e in p.bundle["entry"]]
+
+
+def test_repeated_ids_keep_the_newest_version_as_evaluate_does(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    export, _, resources = _one_patient(tmp_path, cohort)
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    others = [r for r in resources if r["resourceType"] != "Patient"]
+    # an afebrile newer version of an Observation in one file, a febrile older one in another
+    temp = next(r for r in others if r["resourceType"] == "Observation" and r["code"]["coding"][0]["code"] == "8310-5")
+    newer = temp | {
+        "meta": {"versionId": "2"},
+        "valueQuantity": {"value": 36.5, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
+    }
+    older = temp | {
+        "meta": {"versionId": "1"},
+        "valueQuantity": {"value": 40.1, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
+    }
+    rest = [r for r in others if r is not temp]
+    _write(export / "Patient.ndjson", [patient])
+    _write(export / "Patient.2.ndjson", [patient])  # the same Patient twice (a re-export)
+    _write(export / "Observation.ndjson", [*[r for r in rest if r["resourceType"] == "Observation"], newer])
+    _write(export / "Observation.2.ndjson", [older])
+    _write(
+        export / "MedicationAdministration.ndjson", [r for r in rest if r["resourceType"] == "MedicationAdministration"]
+    )
+    _write(export / "Condition.ndjson", [r for r in rest if r["resourceType"] == "Condition"])
+    out = tmp_path / "out"
+    assert grade_cohort(export, out, Settings(), NOW, workers=1, progress=False).patients == 1
+    settings = Settings()
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in [patient, *rest, older, newer]],
+    }
+    ev = evaluate_body(orjson.dumps(bundle), load_codebook(settings.canonical_base), settings, None, NOW, strict=False)
+    assert sorted(_ndjson(out / "RiskAssessment.ndjson"), key=lambda r: r["id"]) == sorted(
+        ev.assessments, key=lambda r: r["id"]
+    )
+
+
+@pytest.mark.parametrize("reference", ["Patient/{id}/_history/1", "https://ehr.example/fhir/Patient/{id}"])
+def test_a_resource_the_grading_cannot_place_stops_its_patient(
+    tmp_path: Path, cohort: list[SyntheticPatient], reference: str
+) -> None:
+    """As `$evaluate` refuses (422) a Bundle whose subject it cannot place, the patient is not
+    graded on the rest of its data: it is named."""
+    export, p, resources = _one_patient(tmp_path, cohort)
+    obs = next(r for r in resources if r["resourceType"] == "Observation")
+    obs["subject"] = {"reference": reference.format(id=p.patient_id)}
+    write_ndjson([p], export)
+    out = tmp_path / "out"
+    summary = grade_cohort(export, out, Settings(), NOW, workers=1, progress=False)
+    assert summary.patients == 0
+    (w,) = [w for w in _csv(out / "warnings.csv") if w["patient"] == p.patient_id]
+    assert w["reason"].startswith("patient not graded")
+
+
+def test_partly_ungraded_hours_are_never_a_maximum_of_0(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    """No temperature from day 2 on: those hours cannot be graded, so the maximum since day 0 is
+    not 0 but indeterminate (at least 0), and the registry says unknown, not no."""
+    from datetime import timedelta
+
+    export, p, resources = _one_patient(tmp_path, cohort, 0)  # no-crs
+    cut = p.day0 + timedelta(days=2)
+
+    def late_temperature(r: dict[str, Any]) -> bool:
+        is_temp = r["resourceType"] == "Observation" and r["code"]["coding"][0]["code"] == "8310-5"
+        return is_temp and datetime.fromisoformat(r["effectiveDateTime"]) > cut
+
+    kept = [r for r in resources if not late_temperature(r)]
+    p.bundle["entry"] = [{"resource": r} for r in kept]
+    write_ndjson([p], export)
+    out = tmp_path / "out"
+    grade_cohort(export, out, Settings(), NOW, workers=1, progress=False)
+    crs = next(r for r in _csv(out / "courses.csv") if r["method"] == "astct-crs")
+    assert float(crs["indeterminate_hours"]) > 0
+    assert crs["max_grade"] == "indeterminate" and crs["max_grade_at_least"] == "0"
+    reg = _csv(out / "registry.csv")[0]
+    assert reg["crs"] == "unknown" and reg["crs_max_grade"] == "indeterminate"
+    assert "at least 0" in (out / "report.html").read_text()
+
+
+def test_an_unreadable_file_stops_the_job_and_names_it(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    export, p, _ = _one_patient(tmp_path, cohort)
+    write_ndjson([p], export)
+    (export / "Observation.2.ndjson.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ExportError, match=r"Observation\.2\.ndjson\.gz cannot be read"):
+        grade_cohort(export, tmp_path / "out", Settings(), NOW, workers=1, progress=False)
+    assert not (tmp_path / "out" / "courses.csv").exists()
+
+
+def test_a_byte_order_mark_is_not_a_bad_line(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    export, p, resources = _one_patient(tmp_path, cohort)
+    write_ndjson([p], export)
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    _write(export / "Patient.ndjson", [patient], prefix=b"\xef\xbb\xbf")
+    out = tmp_path / "out"
+    assert grade_cohort(export, out, Settings(), NOW, workers=1, progress=False).patients == 1

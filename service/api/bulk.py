@@ -16,6 +16,7 @@ from ..app.bulk import (
     delete_export,
     export_file,
     export_status,
+    owned_job,
     parse_since,
     requested_types,
     run_export,
@@ -23,7 +24,7 @@ from ..app.bulk import (
 )
 from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..security.scopes import READ
+from ..security.scopes import READ, Principal
 from ..storage.models import ExportJob
 from .auth import PrincipalDep, requires
 from .deps import ClockDep, EngineDep, ReadSessionDep, SessionDep, SettingsDep
@@ -40,11 +41,16 @@ def _base(request: Request, settings: Settings) -> str:
     return (settings.auth_public_base_url or str(request.base_url)).rstrip("/") + "/fhir"
 
 
-def _job_types(session: Session, job_id: str) -> tuple[str, ...]:
-    job = session.get(ExportJob, job_id)
-    if job is None:
-        raise FhirError.one(404, "not-found", "no such export job", "job")
-    return tuple(job.types.split(","))
+def _job(session: Session, job_id: str, principal: Principal) -> ExportJob:
+    """The caller's own job, with read on what it exports."""
+    job = owned_job(session, job_id, principal.actor)
+    principal.require(READ, *job.types.split(","))
+    return job
+
+
+# Bulk Data kick-off parameters this server does not support: a 400 unless the client accepts
+# lenient handling (Bulk Data Access v2).
+UNSUPPORTED = ("_typeFilter", "patient", "_elements", "includeAssociatedData", "_until")
 
 
 @router.get(
@@ -73,12 +79,17 @@ def kickoff(
 ) -> Response:
     if "respond-async" not in (prefer or "").lower():
         raise FhirError.one(400, "required", "a Bulk Data kick-off needs the header Prefer: respond-async", "Prefer")
+    given = [p for p in UNSUPPORTED if p in request.query_params]
+    if given and "handling=lenient" not in (prefer or "").replace(" ", "").lower():
+        raise FhirError.one(400, "not-supported", f"{given[0]} is not supported by this server", given[0])
+    if output_format is not None:
+        output_format = output_format.replace(" ", "+")  # an unencoded + in the query reads as a space
     if output_format not in OUTPUT_FORMATS:
         raise FhirError.one(400, "not-supported", f"_outputFormat: this server writes {NDJSON}", "_outputFormat")
     types = requested_types(type_)
     principal.require(READ, *types)
     job_id = start_export(session, types, parse_since(since), str(request.url), principal.actor, clock())
-    background.add_task(run_export, engine, job_id, clock())  # after the job row is committed
+    background.add_task(run_export, engine, job_id, clock)  # after the job row is committed
     return Response(
         status_code=202, headers={"Content-Location": f"{_base(request, settings)}/$export-status/{job_id}"}
     )
@@ -98,8 +109,8 @@ def status(
     settings: SettingsDep,
     clock: ClockDep,
 ) -> Response:
-    principal.require(READ, *_job_types(session, job_id))
-    found = export_status(session, job_id, _base(request, settings), clock(), settings.export_max_minutes)
+    job = _job(session, job_id, principal)
+    found = export_status(session, job, _base(request, settings), clock(), settings.export_max_minutes)
     if found.status == IN_PROGRESS:
         return Response(status_code=202, headers={"X-Progress": "in-progress", "Retry-After": "2"})
     if found.status == COMPLETE:
@@ -115,8 +126,7 @@ def status(
     responses=AUTH,
 )
 def cancel(job_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
-    principal.require(READ, *_job_types(session, job_id))
-    delete_export(session, job_id)
+    delete_export(session, _job(session, job_id, principal))
     return Response(status_code=202)
 
 
@@ -127,6 +137,5 @@ def cancel(job_id: str, principal: PrincipalDep, session: SessionDep) -> Respons
     responses={200: {"content": {NDJSON: {}}, "description": "NDJSON, one resource per line"}, **AUTH},
 )
 def file(job_id: str, name: str, principal: PrincipalDep, session: ReadSessionDep) -> Response:
-    found = export_file(session, job_id, name)
-    principal.require(READ, found.resource_type)
+    found = export_file(session, _job(session, job_id, principal), name)
     return Response(found.body, media_type=NDJSON)

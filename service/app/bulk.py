@@ -1,17 +1,18 @@
 """FHIR Bulk Data export of stored results (https://hl7.org/fhir/uv/bulkdata/export.html), for
 registries that pull from the running service: the asynchronous kick-off, the job, the manifest.
 
-Exportable types: RiskAssessment and Provenance (what iectox produces). A job writes one NDJSON
-file per type and per `FILE_MAX` resources, kept in the database (so every replica serves them),
-and reads the stored results a batch at a time. `_since` holds the versions stored at or after
-that instant. A job the process did not finish (a restart) reports an error once
-`max_minutes` have passed; the client starts a new one.
+Exportable types: RiskAssessment and Provenance (what iectox produces). A job writes NDJSON files
+of at most `FILE_MAX` resources or about `FILE_MAX_BYTES`, kept in the database (so every replica
+serves them), reading the stored results a batch at a time. `_since` holds the versions stored at
+or after that instant. Only the client that started a job sees it. A job the process did not
+finish (a restart) reports an error once `max_minutes` have passed; the client starts a new one.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,12 +23,18 @@ from sqlmodel import Session, col, select
 
 from ..fhir.errors import FhirError
 from ..storage import repository
+from ..storage.db import read_only
 from ..storage.models import ExportFile, ExportJob, utc
 
 log = logging.getLogger("iectox.export")
 
 EXPORT_TYPES = ("RiskAssessment", "Provenance")
-FILE_MAX = 50_000  # resources per NDJSON file
+FILE_MAX = 50_000  # resources per NDJSON file ...
+FILE_MAX_BYTES = 16 * 2**20  # ... and bytes (a file is kept, and served, whole)
+# The manifest's transactionTime is this much before the kick-off: an evaluation that began before
+# it and committed after the export read its rows is in the next `_since=transactionTime` export
+# (a repeat is harmless: the same id and version; a gap would lose a result).
+OVERLAP = timedelta(minutes=5)
 IN_PROGRESS, COMPLETE, ERROR = "in-progress", "complete", "error"
 
 
@@ -78,53 +85,53 @@ def start_export(
     return job_id
 
 
-def run_export(engine: Engine, job_id: str, now: datetime) -> None:
-    """Write the job's files, then mark it complete (or error, with the error's class only)."""
+def run_export(engine: Engine, job_id: str, clock: Callable[[], datetime]) -> None:
+    """Write the job's files, then mark it complete (or error, with the error's class only). The
+    stored results are read in a read-only session (on SQLite it holds no write lock: evaluations
+    go on) and each file is written in its own short transaction."""
     try:
-        with Session(engine) as session:
-            job = session.get(ExportJob, job_id)
+        with Session(read_only(engine)) as reader:
+            job = reader.get(ExportJob, job_id)
             if job is None:  # deleted before it ran
                 return
-            for rtype in job.types.split(","):
-                _write_files(session, job_id, rtype, job.since)
-            job.status, job.finished = COMPLETE, now
-            session.add(job)
-            session.commit()
+            types, since = job.types.split(","), job.since
+            for rtype in types:
+                for name, count, body in _files(reader, rtype, since):
+                    with Session(engine) as writer:
+                        writer.add(ExportFile(job_id=job_id, name=name, resource_type=rtype, count=count, body=body))
+                        writer.commit()
+        _finish(engine, job_id, COMPLETE, "", clock())
     except Exception as exc:  # recorded on the job (its class only); the client reads it
         log.error("export failed: %s", type(exc).__name__)
-        with Session(engine) as session:
-            job = session.get(ExportJob, job_id)
-            if job is not None:
+        _finish(engine, job_id, ERROR, type(exc).__name__, clock())
+
+
+def _finish(engine: Engine, job_id: str, status: str, error: str, now: datetime) -> None:
+    with Session(engine) as session:
+        job = session.get(ExportJob, job_id)
+        if job is None:  # cancelled meanwhile: its files go too
+            session.exec(delete(ExportFile).where(col(ExportFile.job_id) == job_id))
+        else:
+            if status == ERROR:
                 session.exec(delete(ExportFile).where(col(ExportFile.job_id) == job_id))
-                job.status, job.error, job.finished = ERROR, type(exc).__name__, now
-                session.add(job)
-                session.commit()
+            job.status, job.error, job.finished = status, error, now
+            session.add(job)
+        session.commit()
 
 
-def _write_files(session: Session, job_id: str, rtype: str, since: datetime | None) -> None:
+def _files(session: Session, rtype: str, since: datetime | None) -> Iterator[tuple[str, int, bytes]]:
+    """(name, count, NDJSON) of each file of one type: at most FILE_MAX resources and about
+    FILE_MAX_BYTES each; no empty file (the manifest lists only files with resources)."""
     part, lines, count = 1, bytearray(), 0
     for batch in repository.emitted_for_export(session, rtype, since):
         for res in batch:
             lines += orjson.dumps(res) + b"\n"
             count += 1
-            if count == FILE_MAX:
-                session.add(
-                    ExportFile(
-                        job_id=job_id,
-                        name=f"{rtype}-{part}.ndjson",
-                        resource_type=rtype,
-                        count=count,
-                        body=bytes(lines),
-                    )
-                )
-                session.flush()
+            if count == FILE_MAX or len(lines) >= FILE_MAX_BYTES:
+                yield f"{rtype}-{part}.ndjson", count, bytes(lines)
                 part, lines, count = part + 1, bytearray(), 0
-    if count:  # the manifest lists only files with resources (Bulk Data: no empty files)
-        session.add(
-            ExportFile(
-                job_id=job_id, name=f"{rtype}-{part}.ndjson", resource_type=rtype, count=count, body=bytes(lines)
-            )
-        )
+    if count:
+        yield f"{rtype}-{part}.ndjson", count, bytes(lines)
 
 
 @dataclass(frozen=True)
@@ -134,11 +141,17 @@ class Status:
     error: str = ""
 
 
-def export_status(session: Session, job_id: str, base_url: str, now: datetime, max_minutes: float) -> Status:
-    """The job's state, and its manifest once complete; 404 for an unknown job."""
+def owned_job(session: Session, job_id: str, actor: str) -> ExportJob:
+    """The job, when the caller started it (404 otherwise: another client's job is not revealed)."""
     job = session.get(ExportJob, job_id)
-    if job is None:
+    if job is None or job.actor != actor[:256]:
         raise FhirError.one(404, "not-found", "no such export job", "job")
+    return job
+
+
+def export_status(session: Session, job: ExportJob, base_url: str, now: datetime, max_minutes: float) -> Status:
+    """The job's state, and its manifest once complete."""
+    job_id = job.id
     if job.status == IN_PROGRESS and utc(now) - utc(job.created) > timedelta(minutes=max_minutes):
         return Status(ERROR, error="the export did not finish (the server may have restarted): start a new one")
     if job.status != COMPLETE:
@@ -149,7 +162,7 @@ def export_status(session: Session, job_id: str, base_url: str, now: datetime, m
         .order_by(col(ExportFile.name))
     ).all()
     manifest = {
-        "transactionTime": utc(job.created).isoformat(),
+        "transactionTime": (utc(job.created) - OVERLAP).isoformat(),
         "request": job.request,
         "requiresAccessToken": True,
         "output": [
@@ -161,17 +174,14 @@ def export_status(session: Session, job_id: str, base_url: str, now: datetime, m
     return Status(COMPLETE, manifest)
 
 
-def export_file(session: Session, job_id: str, name: str) -> ExportFile:
-    found = session.get(ExportFile, (job_id, name))
+def export_file(session: Session, job: ExportJob, name: str) -> ExportFile:
+    found = session.get(ExportFile, (job.id, name))
     if found is None:
         raise FhirError.one(404, "not-found", "no such export file", "file")
     return found
 
 
-def delete_export(session: Session, job_id: str) -> None:
-    """Cancel or clean up a job: the job and its files are deleted (404 for an unknown job)."""
-    job = session.get(ExportJob, job_id)
-    if job is None:
-        raise FhirError.one(404, "not-found", "no such export job", "job")
-    session.exec(delete(ExportFile).where(col(ExportFile.job_id) == job_id))
+def delete_export(session: Session, job: ExportJob) -> None:
+    """Cancel or clean up a job: the job and its files are deleted."""
+    session.exec(delete(ExportFile).where(col(ExportFile.job_id) == job.id))
     session.delete(job)

@@ -32,17 +32,34 @@ PATIENT_TYPES = ("Patient", "Observation", "MedicationAdministration", "Conditio
 SHARED = "Medication"
 MAX_NAMED = 1000  # per file: bad lines named one by one; the rest counted
 _FILE = re.compile(r"^([A-Z][A-Za-z]+)(?:\.[^/]*)?\.ndjson(?:\.gz)?$")
-_PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})$")
+# Patient/<id>, an absolute URL ending so, or a version-specific reference (/_history/<v>): the
+# resource goes to that patient, and the grading decides what it accepts (as `$evaluate` does).
+_PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+BOM = b"\xef\xbb\xbf"
 
 
-def export_files(folder: Path) -> list[tuple[Path, str]]:
-    """(path, resource type) of every NDJSON file of the export, in name order."""
-    found = []
+class ExportError(ValueError):
+    """The export cannot be graded as a whole (no files; a file that cannot be read)."""
+
+
+def export_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The export's NDJSON files, in name order, and every other entry of the folder (named in
+    the warnings: a file not named `Type[.n].ndjson[.gz]`, a subfolder)."""
+    found, other = [], []
     for path in sorted(Path(folder).iterdir()):
-        m = _FILE.match(path.name)
-        if m and path.is_file():
-            found.append((path, m.group(1)))
-    return found
+        if path.is_file() and _FILE.match(path.name):
+            found.append(path)
+        else:
+            other.append(shown_name(path.name))
+    return found, other
+
+
+def shown_name(name: str) -> str:
+    """A file name as the warnings show it (no control characters: a TAB or newline in a name
+    cannot break a shard line or a CSV row)."""
+    return _CONTROL.sub("?", name)
 
 
 def open_lines(path: Path) -> IO[bytes]:
@@ -60,7 +77,7 @@ def patient_of(res: dict[str, Any]) -> str | None:
     """The id of the patient a resource is about (None: it names none)."""
     if res.get("resourceType") == "Patient":
         rid = res.get("id")
-        return rid if isinstance(rid, str) and rid else None
+        return rid if isinstance(rid, str) and _FHIR_ID.fullmatch(rid) else None
     for key in ("subject", "patient"):
         holder = res.get(key)
         ref = holder.get("reference") if isinstance(holder, dict) else None
@@ -72,11 +89,10 @@ def patient_of(res: dict[str, Any]) -> str | None:
 
 @dataclass
 class Warning_:
-    """One named problem of the export (file:line, or a type, and why)."""
+    """One named problem of the export (file:line, or a file, and why)."""
 
     where: str
     reason: str
-    patient: str | None = None
 
 
 @dataclass
@@ -97,10 +113,20 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(f, start=1)
 
 
-def split_file(path: Path, work: Path, partitions: int) -> SplitResult:
-    """Sort one export file's lines into `work/part-<k>/<file>.tsv` and `work/shared/<file>.tsv`."""
-    out = SplitResult(path.name)
-    name = path.name.replace("\t", " ")
+def split_file(path: Path, index: int, work: Path, partitions: int) -> SplitResult:
+    """Sort one export file's lines into `work/part-<k>/<index>.tsv` and `work/shared/<index>.tsv`.
+    ExportError naming the file when it cannot be read whole (a corrupt gzip, an I/O error): the
+    job stops rather than grade patients on part of their data."""
+    name = shown_name(path.name)
+    out = SplitResult(name)
+    try:
+        _split(path, name, index, work, partitions, out)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise ExportError(f"{name} cannot be read ({type(exc).__name__}): fix or remove it and run again") from None
+    return out
+
+
+def _split(path: Path, name: str, index: int, work: Path, partitions: int, out: SplitResult) -> None:
     with ExitStack() as stack:
         shards: dict[int, IO[bytes]] = {}
 
@@ -109,7 +135,7 @@ def split_file(path: Path, work: Path, partitions: int) -> SplitResult:
             if k not in shards:
                 folder = work / ("shared" if key is None else f"part-{key}")
                 folder.mkdir(parents=True, exist_ok=True)
-                shards[k] = stack.enter_context((folder / f"{name}.tsv").open("wb"))
+                shards[k] = stack.enter_context((folder / f"{index:05d}.tsv").open("wb"))
             return shards[k]
 
         def bad(where: str, reason: str) -> None:
@@ -121,6 +147,8 @@ def split_file(path: Path, work: Path, partitions: int) -> SplitResult:
         for n, line in _iter_lines(path):
             out.lines += 1
             raw = line.strip()
+            if n == 1 and raw.startswith(BOM):  # a byte order mark is not JSON
+                raw = raw[len(BOM) :]
             if not raw:
                 continue
             where = f"{name}:{n}"
@@ -142,12 +170,14 @@ def split_file(path: Path, work: Path, partitions: int) -> SplitResult:
                 continue
             pid = patient_of(res)
             if pid is None:
-                bad(where, f"a {rtype} that names no patient (subject): not graded")
+                what = (
+                    "a Patient whose id is not a FHIR id" if rtype == "Patient" else f"a {rtype} that names no patient"
+                )
+                bad(where, f"{what}: not graded")
                 continue
             if rtype == "Patient":
                 out.patients.add(pid)
             shard(partition_of(pid, partitions)).write(b"\t".join((pid.encode(), where.encode(), raw)) + b"\n")
-    return out
 
 
 def read_shards(folder: Path) -> Iterator[tuple[str, str, bytes]]:

@@ -125,18 +125,18 @@ def render_report(
         _row(
             r["patient"],
             r["method"],
-            r["max_grade"],
+            "?" if r["max_grade_at_least"] is None else f"at least {r['max_grade_at_least']}",
             r["current_grade"],
             r["missing_now"] or "-",
             r["indeterminate_hours"],
         )
         for r in indeterminate
     )
-    reasons = Counter(str(w["reason"]).split(":")[0] for w in warnings)
+    reasons = Counter(str(w["reason"]).split(":")[0].split("(")[0].strip() for w in warnings)
     warn_rows = "".join(_row(k, n) for k, n in reasons.most_common())
     crs_yes = sum(1 for r in registry if r["crs"] == "yes")
     icans_yes = sum(1 for r in registry if r["icans"] == "yes")
-    ind_head = _row("patient", "scale", "maximum", "now", "missing now", "indeterminate hours", cell="th")
+    ind_head = _row("patient", "scale", "maximum", "now", "missing now", "hours not graded", cell="th")
     none = "<tr><td class=l>none</td></tr>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.settings import Settings
-from .export import SplitResult, export_files, split_file
+from .export import ExportError, SplitResult, export_files, split_file
 from .grade import PartitionResult, grade_partition
 from .report import render_report
 
@@ -36,6 +36,7 @@ COURSE_COLUMNS = (
     "patient",
     "method",
     "max_grade",
+    "max_grade_at_least",
     "onset",
     "peak_at",
     "resolved_at",
@@ -62,6 +63,7 @@ REGISTRY_COLUMNS = (
     "corticosteroids_first",
 )
 WARNING_COLUMNS = ("patient", "where", "reason")
+DAILY_COLUMNS = ("patient", "method", "day", "max_grade")
 SCORE_COLUMNS = (
     "patient",
     "method",
@@ -118,9 +120,26 @@ def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
         yield client
 
 
-def _partitions(files: list[tuple[Path, str]], workers: int, partition_mb: float) -> int:
-    size = sum(p.stat().st_size * (GZIP_RATIO if p.name.endswith(".gz") else 1) for p, _ in files)
+def _partitions(files: list[Path], workers: int, partition_mb: float) -> int:
+    size = sum(p.stat().st_size * (GZIP_RATIO if p.name.endswith(".gz") else 1) for p in files)
     return max(workers, math.ceil(size / (partition_mb * 2**20)))
+
+
+def for_workers(settings: Settings) -> Settings:
+    """The settings grading reads, without what a worker has no business holding (the database
+    URL, EHR credentials, keys): they travel to the cluster's workers."""
+    return settings.model_copy(
+        update={
+            "database_url": "sqlite://",
+            "ehr_servers": {},
+            "auth_jwks": None,
+            "auth_cds_clients": {},
+            "app_client_id": None,
+            "app_issuer": None,
+            "app_fhir_base": None,
+            "app_jwks_url": None,
+        }
+    )
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -130,12 +149,34 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         w.writerows(rows)
 
 
-def _write_parquet(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class _Parquet:
+    """A Parquet file written a partition at a time (the driver never holds the whole table)."""
 
-    table = pa.Table.from_pylist(rows) if rows else pa.table({n: pa.array([], pa.string()) for n in columns})
-    pq.write_table(table.select(list(columns)), path)
+    def __init__(self, path: Path, columns: tuple[str, ...]) -> None:
+        self.path, self.columns = path, columns
+        self.writer: Any = None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows).select(list(self.columns))
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        else:
+            table = table.cast(self.writer.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.writer is None:  # no rows: an empty table with the columns
+            pq.write_table(pa.table({n: pa.array([], pa.string()) for n in self.columns}), self.path)
+        else:
+            self.writer.close()
 
 
 class _Progress:
@@ -174,10 +215,14 @@ def grade_cohort(
     partition_mb: float = 64.0,
     progress: bool | None = None,
 ) -> CohortSummary:
+    """Grade every patient of the export in `folder` into `out` (see the module docstring).
+    ExportError when the export cannot be graded (no files, a file that cannot be read, data
+    the workers could not find); nothing is written to `out` then."""
     started = time.monotonic()
-    files = export_files(folder)
+    folder, out = folder.resolve(), out.resolve()  # the same paths on every worker
+    files, other = export_files(folder)
     if not files:
-        raise ValueError(f"no NDJSON files (Type.ndjson or Type.ndjson.gz) in {folder}")
+        raise ExportError(f"no NDJSON files (Type.ndjson or Type.ndjson.gz) in {folder}")
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
     shutil.rmtree(work, ignore_errors=True)
@@ -186,19 +231,24 @@ def grade_cohort(
         with _client(workers, scheduler) as client:
             n_workers = max(1, len(client.scheduler_info()["workers"]))
             partitions = _partitions(files, n_workers, partition_mb)
-            split: list[SplitResult] = client.gather(
-                client.map(split_file, [p for p, _ in files], work=work, partitions=partitions, pure=False)
-            )
+            tasks = client.map(split_file, files, range(len(files)), work=work, partitions=partitions, pure=False)
+            split: list[SplitResult] = client.gather(tasks)
             known = frozenset().union(*(s.patients for s in split))
-            warnings = [{"patient": w.patient, "where": w.where, "reason": w.reason} for s in split for w in s.warnings]
+            warnings = [
+                {"patient": None, "where": name, "reason": "not an NDJSON file of the export: skipped"}
+                for name in other
+            ]
             for s in split:
+                warnings += [{"patient": None, "where": w.where, "reason": w.reason} for w in s.warnings]
                 if s.unnamed:
-                    warnings.append({"patient": None, "where": s.file, "reason": f"{s.unnamed} more bad lines"})
-                for rtype, n in sorted(s.not_read.items()):
                     warnings.append(
-                        {"patient": None, "where": s.file, "reason": f"{n} {rtype}: a type grading does not read"}
+                        {"patient": None, "where": s.file, "reason": f"{s.unnamed} more bad lines, skipped"}
                     )
-            summary = _grade(client, work, partitions, settings, now, at, known, out, warnings, progress)
+                for rtype, n in sorted(s.not_read.items()):
+                    reason = f"{n} {rtype}: a type grading does not read"
+                    warnings.append({"patient": None, "where": s.file, "reason": reason})
+            job = _Job(client, work, out, partitions, for_workers(settings), now, at, known)
+            summary = job.run(warnings, progress)
             peaks = [p for p in client.run(_peak_rss_mib).values() if p is not None]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -206,54 +256,72 @@ def grade_cohort(
     return CohortSummary(summary[0], summary[1], summary[2], partitions, time.monotonic() - started, out, peak)
 
 
-def _grade(
-    client: Any,
-    work: Path,
-    partitions: int,
-    settings: Settings,
-    now: datetime,
-    at: datetime | None,
-    known: frozenset[str],
-    out: Path,
-    warnings: list[dict[str, Any]],
-    progress: bool | None,
-) -> tuple[int, int, int]:
-    from dask.distributed import as_completed
+@dataclass
+class _Job:
+    client: Any
+    work: Path
+    out: Path
+    partitions: int
+    settings: Settings
+    now: datetime
+    at: datetime | None
+    known: frozenset[str]
 
-    (known_f,) = client.scatter([known], broadcast=True)  # one object (a bare set would scatter its items)
-    futures = [
-        client.submit(grade_partition, work, k, settings, at, now, known_f, pure=False) for k in range(partitions)
-    ]
-    bar = _Progress(len(known), sys.stderr.isatty() if progress is None else progress)
-    courses: list[dict[str, Any]] = []
-    daily: list[dict[str, Any]] = []
-    scores: list[dict[str, Any]] = []
-    registry: list[dict[str, Any]] = []
-    patients = resources = 0
-    with (out / "RiskAssessment.ndjson").open("wb") as ras, (out / "Provenance.ndjson").open("wb") as provs:
-        for future in as_completed(futures):
-            result: PartitionResult = future.result()
-            future.release()
-            ras.write(result.risk_assessments)
-            provs.write(result.provenances)
-            courses += result.courses
-            daily += result.daily
-            scores += result.scores
-            registry += result.registry
-            warnings += result.warnings
-            patients += result.patients
-            resources += result.resources
-            bar.update(result)
-    bar.close()
-    courses.sort(key=lambda r: (r["patient"], r["method"]))
-    daily.sort(key=lambda r: (r["patient"], r["method"], r["day"]))
-    scores.sort(key=lambda r: (r["patient"], r["method"], r["at"] or ""))
-    registry.sort(key=lambda r: r["patient"])
-    _write_csv(out / "courses.csv", COURSE_COLUMNS, courses)
-    _write_parquet(out / "courses.parquet", COURSE_COLUMNS, courses)
-    _write_parquet(out / "daily.parquet", ("patient", "method", "day", "max_grade"), daily)
-    _write_parquet(out / "scores.parquet", SCORE_COLUMNS, scores)
-    _write_csv(out / "registry.csv", REGISTRY_COLUMNS, registry)
-    _write_csv(out / "warnings.csv", WARNING_COLUMNS, warnings)
-    (out / "report.html").write_text(render_report(courses, registry, warnings, patients, resources, now))
-    return patients, resources, len(warnings)
+    def run(self, warnings: list[dict[str, Any]], progress: bool | None) -> tuple[int, int, int]:
+        """Pass 2: grade the partitions; the outputs are written under temporary names and
+        renamed once every partition is graded (a failed job leaves no half output)."""
+        from dask.distributed import as_completed
+
+        client = self.client
+        (known_f,) = client.scatter([self.known], broadcast=True)  # one object (a bare set would scatter its items)
+        futures = [
+            client.submit(grade_partition, self.work, k, self.settings, self.at, self.now, known_f, pure=False)
+            for k in range(self.partitions)
+        ]
+        part = self.work / "out"
+        part.mkdir()
+        bar = _Progress(len(self.known), sys.stderr.isatty() if progress is None else progress)
+        courses: list[dict[str, Any]] = []
+        registry: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        patients = resources = 0
+        daily, scores = (
+            _Parquet(part / "daily.parquet", DAILY_COLUMNS),
+            _Parquet(part / "scores.parquet", SCORE_COLUMNS),
+        )
+        with (part / "RiskAssessment.ndjson").open("wb") as ras, (part / "Provenance.ndjson").open("wb") as provs:
+            for future in as_completed(futures):
+                result: PartitionResult = future.result()
+                future.release()
+                ras.write(result.risk_assessments)
+                provs.write(result.provenances)
+                daily.write(result.daily)
+                scores.write(result.scores)
+                courses += result.courses
+                registry += result.registry
+                warnings += result.warnings
+                seen |= result.seen
+                patients += result.patients
+                resources += result.resources
+                bar.update(result)
+        bar.close()
+        daily.close()
+        scores.close()
+        lost = len(self.known - seen)
+        if lost:  # every patient is graded or named: else the workers did not see the shards
+            raise ExportError(
+                f"{lost} patients' data were not found by the workers: with --scheduler, the export and --out must be "
+                "on a file system every worker shares, at the same path"
+            )
+        courses.sort(key=lambda r: (r["patient"], r["method"]))
+        registry.sort(key=lambda r: r["patient"])
+        _write_csv(part / "courses.csv", COURSE_COLUMNS, courses)
+        courses_parquet = _Parquet(part / "courses.parquet", COURSE_COLUMNS)
+        courses_parquet.write(courses)
+        courses_parquet.close()
+        _write_csv(part / "registry.csv", REGISTRY_COLUMNS, registry)
+        _write_csv(part / "warnings.csv", WARNING_COLUMNS, warnings)
+        (part / "report.html").write_text(render_report(courses, registry, warnings, patients, resources, self.now))
+        for f in part.iterdir():
+            f.replace(self.out / f.name)
+        return patients, resources, len(warnings)

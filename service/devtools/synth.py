@@ -1122,17 +1122,19 @@ def write_ndjson(
 ) -> list[Path]:
     """The cohort as a Bulk FHIR export writes it: per resource type `Type.ndjson`, then
     `Type.2.ndjson`, ... every `max_lines` resources (`.ndjson.gz` with `gzip`), every patient's
-    resources mixed in one file. A resource that several patients share (a Medication with the
-    same id) is written once. Returns the paths written."""
+    resources mixed in one file. A Medication that several patients share is written once. The
+    export files of an earlier run in `out_dir` are replaced. Returns the paths written."""
     import gzip as gz
     from contextlib import ExitStack
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.ndjson*"):  # an earlier run's files would mix with these
+        old.unlink()
     files: dict[str, Any] = {}
     counts: dict[str, int] = {}
     written: list[Path] = []
-    seen: set[tuple[str, str]] = set()
+    shared: set[str] = set()  # Medication ids written
     with ExitStack() as stack:
 
         def sink(rtype: str) -> Any:
@@ -1149,10 +1151,11 @@ def write_ndjson(
         for p in patients:
             for entry in p.bundle["entry"]:
                 res = entry["resource"]
-                key = (res["resourceType"], res.get("id", ""))
-                if key not in seen:
-                    seen.add(key)
-                    sink(res["resourceType"]).write(orjson.dumps(res) + b"\n")
+                if res["resourceType"] == "Medication":
+                    if res.get("id") in shared:
+                        continue
+                    shared.add(res.get("id", ""))
+                sink(res["resourceType"]).write(orjson.dumps(res) + b"\n")
     return written
 
 

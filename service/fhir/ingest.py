@@ -129,7 +129,7 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
         raise FhirError.one(400, "structure", "expected a JSON object (a FHIR resource)")
     rtype = doc.get("resourceType")
     if rtype != "Bundle":
-        return _newest([Entry(doc, str(rtype))])
+        return newest_versions([Entry(doc, str(rtype))])
     _check_bundle_type(doc.get("type"), bundle_types)
     raw = doc.get("entry") or []
     if not isinstance(raw, list):
@@ -139,7 +139,7 @@ def split_entries(doc: Any, *, max_entries: int, bundle_types: frozenset[str]) -
     entries = [en for i, e in enumerate(raw) if (en := _bundle_entry(i, e, issues)) is not None]
     if issues:
         raise FhirError(422, issues[:MAX_ISSUES])
-    return _newest(entries)
+    return newest_versions(entries)
 
 
 def stream_entries(body: bytes, *, max_entries: int, bundle_types: frozenset[str]) -> list[Entry]:
@@ -181,7 +181,7 @@ def stream_entries(body: bytes, *, max_entries: int, bundle_types: frozenset[str
     _check_count(len(raws), max_entries)  # after the JSON of every entry, as the whole parse
     if issues:
         raise FhirError(422, issues[:MAX_ISSUES])
-    return _newest(entries)
+    return newest_versions(entries)
 
 
 def _check_bundle_type(btype: Any, bundle_types: frozenset[str]) -> None:
@@ -207,7 +207,7 @@ def _bundle_entry(i: int, e: Any, issues: list[Issue]) -> Entry | None:
     return Entry(res, f"Bundle.entry[{i}].resource", full_url)
 
 
-def _newest(entries: list[Entry]) -> list[Entry]:
+def newest_versions(entries: list[Entry]) -> list[Entry]:
     """The entries' resources checked (resourceType, id), newest version per id."""
     issues: list[Issue] = []
     # The same id seen twice keeps the newest meta.versionId (else meta.lastUpdated).
