@@ -99,7 +99,8 @@ def render_report(
     resources: int,
     now: datetime,
 ) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in courses))
+    order = {m: i for i, m in enumerate((CRS_METHOD, ICANS_METHOD, *OLDER_CRS))}  # ASTCT first, as the app
+    methods = sorted(dict.fromkeys(r["method"] for r in courses), key=lambda m: (order.get(m, len(order)), m))
     dist = "".join(
         _bars(
             m,
