@@ -307,3 +307,17 @@ def test_a_byte_order_mark_is_not_a_bad_line(tmp_path: Path, cohort: list[Synthe
     _write(export / "Patient.ndjson", [patient], prefix=b"\xef\xbb\xbf")
     out = tmp_path / "out"
     assert grade_cohort(export, out, Settings(), NOW, workers=1, progress=False).patients == 1
+
+
+def test_runs_on_an_existing_cluster(tmp_path: Path, cohort: list[SyntheticPatient]) -> None:
+    """--scheduler: the same job on a cluster started elsewhere (here: another local cluster,
+    reached by its scheduler address as a remote one would be)."""
+    from dask.distributed import LocalCluster
+
+    export = tmp_path / "export"
+    write_ndjson(cohort[:3], export)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = grade_cohort(
+            export, tmp_path / "out", Settings(), NOW, scheduler=cluster.scheduler_address, progress=False
+        )
+    assert summary.patients == 3 and len(_csv(tmp_path / "out" / "registry.csv")) == 3
