@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from .codebook import CodebookError, load_codebook
 from .config.runtime import tune_gc
 from .config.settings import Settings
 from .fhir.errors import FhirError, operation_outcome
+from .observe.logs import configure_logging
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -130,6 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Several processes: each builds its app from the environment (settings are env-first), with
     # this command's overrides; the schema is already migrated above, so no worker races to it.
     os.environ.update({"IECTOX_HOST": host, "IECTOX_PORT": str(port), "IECTOX_AUTO_MIGRATE": "false"})
+    # Metrics of every process in one place, aggregated by whichever process /metrics reaches.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="iectox-metrics-"))
     if getattr(args, "database_url", None):
         os.environ["IECTOX_DATABASE_URL"] = args.database_url
     run("service.api.app:create_app", factory=True, workers=args.workers)
@@ -412,8 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("iectox").setLevel(logging.INFO)
+    configure_logging()  # JSON lines without a terminal, readable lines on one (IECTOX_LOG_FORMAT)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

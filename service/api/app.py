@@ -24,6 +24,8 @@ from ..config.clock import utc_now
 from ..config.runtime import tune_gc
 from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..observe.logs import REQUEST_ID_HEADER, request_context, request_id_from
+from ..observe.metrics import HTTP_DURATION
 from ..storage.db import make_engine, migrate
 from ..storage.errors import StorageBusy
 from . import bulk, cds, clinician, fhir, health, metrics, subscriptions
@@ -151,10 +153,15 @@ def create_app(
     @app.middleware("http")
     async def access_log(request: Request, call_next):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        response = await call_next(request)
-        # The route template, never the concrete path: ids in paths are patient identifiers.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        log.info("%s %s %s %.1fms", request.method, route, response.status_code, (time.perf_counter() - start) * 1e3)
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        with request_context(request_id):  # every log line of the request, and its outbox rows
+            response = await call_next(request)
+            response.headers[REQUEST_ID_HEADER] = request_id
+            # The route template, never the concrete path: ids in paths are patient identifiers.
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - start
+            HTTP_DURATION.labels(request.method, route, str(response.status_code)).observe(elapsed)
+            log.info("%s %s %s %.1fms", request.method, route, response.status_code, elapsed * 1e3)
         return response
 
     @app.exception_handler(FhirError)

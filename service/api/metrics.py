@@ -1,4 +1,5 @@
-"""`GET /metrics`: write-back outbox gauges in the Prometheus text format (counts only, no ids)."""
+"""`GET /metrics`: the Prometheus metrics (service/observe/metrics.py) and the write-back outbox
+gauges read from the database at each scrape (counts only, no ids)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from sqlmodel import Session
 
+from ..observe.metrics import exposition
 from ..storage import outbox
 from ..storage.db import read_only
 from .deps import ClockDep, EngineDep
@@ -34,13 +36,16 @@ def render(stats: outbox.OutboxStats) -> str:
 
 @router.get(
     "/metrics",
-    summary="Write-back outbox metrics (Prometheus text format)",
-    description="Gauges: outbox rows by status (pending, delivered, dead), rows being delivered, and the age of "
-    "the oldest pending row in seconds. Counts only: no patient identifiers.",
+    summary="Metrics (Prometheus text format)",
+    description="HTTP request durations (by method, route template and status), evaluation time by stage, "
+    "write-back deliveries by outcome, the reconciliation poll's last pass, CDS cards by type and indicator and "
+    "quiet answers, and, read from the database at each scrape, outbox rows by status, rows being delivered and "
+    "the age of the oldest pending row. Aggregated over every server process (PROMETHEUS_MULTIPROC_DIR). Labels "
+    "are route templates and kinds: no patient identifiers, paths or values.",
     response_class=PlainTextResponse,
     responses={200: {"content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}},
 )
 def metrics(engine: EngineDep, clock: ClockDep) -> PlainTextResponse:
     with Session(read_only(engine)) as session:
         stats = outbox.stats(session, clock())
-    return PlainTextResponse(render(stats), media_type=PROMETHEUS_TEXT)
+    return PlainTextResponse(exposition().decode() + render(stats), media_type=PROMETHEUS_TEXT)

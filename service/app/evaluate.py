@@ -27,7 +27,16 @@ from ..fhir.emit import (
     validate_emitted,
 )
 from ..fhir.errors import FhirError
-from ..fhir.ingest import Entry, load_json, parse_patient_entries, split_entries, stream_entries, year_out_of_range
+from ..fhir.ingest import (
+    Entry,
+    Parsed,
+    load_json,
+    parse_patient_entries,
+    split_entries,
+    stream_entries,
+    year_out_of_range,
+)
+from ..observe.metrics import stage
 
 EVALUATE_BUNDLE_TYPES = frozenset({"collection", "batch", "transaction", "searchset"})
 
@@ -192,13 +201,14 @@ def _evaluate(
     strict: bool | None,
 ) -> tuple[Evaluation, Grader]:
     strict = settings.input_handling == "strict" if strict is None else strict
-    parsed = parse_patient_entries(
-        entries,
-        codebook,
-        strict=strict,
-        site_tz=settings.site_tz(),
-        infusion_event_max_hours=settings.infusion_event_max_hours,
-    )
+    with stage("parse"):
+        parsed = parse_patient_entries(
+            entries,
+            codebook,
+            strict=strict,
+            site_tz=settings.site_tz(),
+            infusion_event_max_hours=settings.infusion_event_max_hours,
+        )
     data = parsed.data
     at = at or data.latest_time()
     untimed = at is None and fallback_at is not None
@@ -207,10 +217,31 @@ def _evaluate(
         raise FhirError.one(422, "required", "no timed input: give the evaluation time `at`", "at")
     _check_birth_date(data, f"{parsed.patient.path}.birthDate", at, strict)
     grader = Grader(data, grading_config(settings))
-    results = [grader.grade(method, at) for method, _ in SCALES]
+    with stage("grade"):
+        results = [grader.grade(method, at) for method, _ in SCALES]
     ccfg = course_config(settings)
-    course_results = courses(grader, at, ccfg)
-    scores = all_scores(data, at, score_config(settings))
+    with stage("course"):
+        course_results = courses(grader, at, ccfg)
+    with stage("scores"):
+        scores = all_scores(data, at, score_config(settings))
+    with stage("emit"):
+        return _emit(parsed, data, grader, results, course_results, scores, settings, at, recorded, untimed)
+
+
+def _emit(
+    parsed: Parsed,
+    data: PatientData,
+    grader: Grader,
+    results: list[GradeResult],
+    course_results: list[tuple[Course, GradeResult | None]],
+    scores: list[ScoreResult],
+    settings: Settings,
+    at: datetime,
+    recorded: datetime,
+    untimed: bool,
+) -> tuple[Evaluation, Grader]:
+    """The FHIR resources of an evaluation, validated, and the Evaluation that carries them."""
+    ccfg = course_config(settings)
     base = settings.canonical_base
     assessments = [risk_assessment(r, data.patient_ref, base) for r in results]
     assessments += [course_assessment(c, peak, data.patient_ref, base, ccfg) for c, peak in course_results]

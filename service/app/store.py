@@ -32,6 +32,7 @@ from ..fhir.ingest import (
     version_key_of,
 )
 from ..fhir.writeback import Mode, transaction_bundles
+from ..observe.logs import current_request_id
 from ..storage import outbox, repository
 from .evaluate import Evaluation, evaluate_entries
 
@@ -419,6 +420,7 @@ def enqueue_writeback(
     bundles = transaction_bundles(
         resources, settings.canonical_base, mode=mode, max_entries=settings.writeback_max_bundle_entries
     )
+    request_id = current_request_id() or ""  # the worker's log lines for these rows carry it
     for bundle in bundles:
-        outbox.enqueue(session, patient_id, settings.writeback_target, bundle, now)
+        outbox.enqueue(session, patient_id, settings.writeback_target, bundle, now, request_id)
     return len(bundles)

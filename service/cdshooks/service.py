@@ -29,6 +29,7 @@ from ..ehr.errors import EhrError
 from ..ehr.sync import names_patient, observation_codes, store_and_evaluate
 from ..fhir.errors import FhirError
 from ..fhir.ingest import FHIR_ID
+from ..observe.metrics import CDS_CARDS, CDS_QUIET
 from ..storage import repository
 from ..storage.models import AuditEvent, CdsCard
 from .attention import Last, override_reasons, quiet_reason, shown_grades
@@ -369,10 +370,12 @@ class _Answer:
             quiet = quiet_reason(self.quiet, evaluation, state, last, self.now, self.repeat)
             repository.set_last_answer(session, patient_id, hook, self.user, state, self.now, shown=quiet is None)
             if quiet is not None:
+                CDS_QUIET.labels(hook, quiet).inc()
                 self.cards = []
                 return
         self.cards = self.service.cards(evaluation, self.ctx, self.orders)
         for card in self.cards:
+            CDS_CARDS.labels(self.service.card_type, card["indicator"]).inc()
             session.add(
                 CdsCard(
                     uuid=card["uuid"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 
@@ -19,6 +20,8 @@ from sqlmodel import Session, select
 
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..observe.logs import request_context
+from ..observe.metrics import POLL_CHANGED, POLL_LAST_PASS
 from ..storage.models import WatchedPatient
 from . import server_config
 from .client import EhrError, FhirClient
@@ -54,6 +57,8 @@ async def reconcile_once(
     if changed:
         await sync_patients(client, engine, target, changed, codebook, settings, clock)
     log.info("reconcile %s: %d watched patients changed", target, len(changed))
+    POLL_CHANGED.inc(len(changed))
+    POLL_LAST_PASS.set(clock().timestamp())
     return len(changed)
 
 
@@ -70,7 +75,8 @@ async def run_poll(
     async with FhirClient(server) as client:
         while True:
             try:
-                await reconcile_once(client, engine, target, codebook, settings, clock)
+                with request_context(f"poll-{uuid.uuid4().hex}"):  # its evaluations' outbox rows carry it
+                    await reconcile_once(client, engine, target, codebook, settings, clock)
             except EhrError as exc:  # the EHR is down: try again next pass
                 log.warning("poll: EHR read failed (%s)", type(exc).__name__)
                 if once:

@@ -33,6 +33,8 @@ from sqlmodel import Session
 
 from ..config.clock import utc_now
 from ..config.settings import Settings
+from ..observe.logs import request_context
+from ..observe.metrics import DELIVERIES
 from ..storage import outbox
 from .errors import FhirAuthError, FhirHttpError
 
@@ -182,6 +184,7 @@ class Worker:
         for result in await asyncio.gather(*(self._deliver(c) for c in claims)):
             kind, error = result
             setattr(totals, kind, getattr(totals, kind) + 1)
+            DELIVERIES.labels(kind).inc()
             if error:
                 totals.errors.append(error)
         if claims:
@@ -189,6 +192,10 @@ class Worker:
         return totals
 
     async def _deliver(self, c: outbox.Claim) -> tuple[str, str]:
+        with request_context(c.request_id or f"outbox-{c.id}"):
+            return await self._deliver_row(c)
+
+    async def _deliver_row(self, c: outbox.Claim) -> tuple[str, str]:
         try:
             bundle = orjson.loads(c.body)
             response = await self.clients[c.target].transaction(bundle)

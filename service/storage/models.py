@@ -111,6 +111,7 @@ class OutboxRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     patient_id: str = Field(index=True, max_length=64)
     target: str = Field(default="default", max_length=64)  # FHIR server name (settings)
+    request_id: str = Field(default="", max_length=128)  # the request whose evaluation it delivers (logs)
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # transaction Bundle JSON
     status: str = Field(default="pending", index=True, max_length=16)  # pending | delivered | dead
     attempts: int = 0

@@ -37,6 +37,7 @@ class Claim:
     body: bytes
     attempts: int  # failed deliveries before this one
     lease: datetime  # claimed_until as written: the fencing token for marking
+    request_id: str = ""  # the request (or poll pass) whose evaluation this row delivers
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,14 @@ class OutboxStats:
     oldest_pending_age_s: float  # 0 when nothing is pending
 
 
-def enqueue(session: Session, patient_id: str, target: str, bundle: dict[str, Any], now: datetime) -> None:
+def enqueue(
+    session: Session, patient_id: str, target: str, bundle: dict[str, Any], now: datetime, request_id: str = ""
+) -> None:
     """Add a pending row in the caller's transaction (no commit: the request commits)."""
     now = utc(now)
     session.add(
         OutboxRow(
+            request_id=request_id[:128],
             patient_id=patient_id,
             target=target,
             body=orjson.dumps(bundle),
@@ -116,7 +120,7 @@ def claim(engine: Engine, now: datetime, lease_s: float, limit: int, targets: li
                     continue
                 row = session.get(OutboxRow, rid)
                 assert row is not None
-                claimed.append(Claim(rid, row.target, row.body, row.attempts, until))
+                claimed.append(Claim(rid, row.target, row.body, row.attempts, until, row.request_id))
             session.commit()
         if not lost or len(claimed) >= limit:
             break  # else read again: rows another worker took may have hidden others that are due

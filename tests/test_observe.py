@@ -1,0 +1,165 @@
+"""Operating iectox: Prometheus metrics (labels are route templates and kinds, never ids or
+values; correct across several server processes), structured logs with a request id carried
+from the request to the outbox rows it enqueues, and the log rule (no patient identifiers or
+clinical values)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from service.api.app import create_app
+from service.config.settings import Settings
+from service.observe.logs import configure_logging
+from service.storage import outbox
+from service.storage.models import OutboxRow
+from tests import factories as f
+from tests.auth import bearer
+from tests.browser import free_port
+from tests.conftest import FIXED_NOW
+
+PID = "p-metrics-7731"  # a patient id that must never appear in /metrics or in the logs
+T = "2026-01-06T10:00:00+00:00"
+
+
+def _resources() -> list[dict[str, Any]]:
+    ref = f"Patient/{PID}"
+    return [
+        f.patient(PID),
+        f.administration(
+            f.local("cart-infusion"), at="2026-01-03T10:00:00+00:00", status="completed", id=f"{PID}-cart", subject=ref
+        ),
+        f.temperature(39.4567, T, id=f"{PID}-t1", subject=ref),
+        f.bp_panel(85, 60, T, id=f"{PID}-bp1", subject=ref),
+    ]
+
+
+async def _store_and_evaluate(client: httpx.AsyncClient, **headers: str) -> httpx.Response:
+    entries = [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in _resources()
+    ]
+    body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    r = await client.post("/fhir", content=body, headers={"Content-Type": "application/fhir+json", **headers})
+    assert r.status_code == 200, r.text
+    return await client.post(f"/fhir/Patient/{PID}/$evaluate", headers=headers)
+
+
+@pytest.mark.asyncio
+async def test_metrics_name_routes_and_kinds_never_ids_or_values(client: httpx.AsyncClient) -> None:
+    r = await _store_and_evaluate(client)
+    assert r.status_code == 200
+    assert (await client.get(f"/fhir/Patient/{PID}")).status_code == 200
+    text = (await client.get("/metrics")).text
+    assert re.search(
+        r'iectox_http_request_duration_seconds_count\{method="GET",route="/fhir/Patient/\{rid\}",status="200"\} [1-9]',
+        text,
+    )
+    assert 'route="/fhir/Patient/{patient_id}/$evaluate"' in text
+    for stage in ("parse", "grade", "course", "scores", "emit"):
+        assert f'iectox_evaluation_stage_seconds_count{{stage="{stage}"}}' in text
+    assert 'iectox_outbox_rows{status="pending"}' in text  # the outbox gauges, read at the scrape
+    assert PID not in text and "39.45" not in text and "Patient/p" not in text
+
+
+@pytest.mark.asyncio
+async def test_the_request_id_is_returned_and_carried_to_the_outbox(clean_engine: Engine, settings: Settings) -> None:
+    app = create_app(
+        settings.model_copy(update={"writeback_target": "ehr"}), engine=clean_engine, clock=lambda: FIXED_NOW
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+    ) as c:
+        r = await _store_and_evaluate(c, **{"X-Request-ID": "ehr-req-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "ehr-req-42"
+        generated = (await c.get("/fhir/metadata")).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", generated)
+        odd = (await c.get("/fhir/metadata", headers={"X-Request-ID": "a b\nc" * 50})).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", odd)  # not a plain token: replaced, never echoed
+    with Session(clean_engine) as s:
+        rows = list(s.exec(select(OutboxRow)).all())
+    assert rows and {row.request_id for row in rows} == {"ehr-req-42"}
+    claims = outbox.claim(clean_engine, FIXED_NOW, 60, 10, ["ehr"])
+    assert {c.request_id for c in claims} == {"ehr-req-42"}  # what the worker binds to its log lines
+
+
+@pytest.mark.asyncio
+async def test_logs_are_json_lines_with_the_request_id_and_no_patient_data(
+    clean_engine: Engine, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("iectox").level)
+    configure_logging(fmt="json")
+    try:
+        app = create_app(settings, engine=clean_engine, clock=lambda: FIXED_NOW)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+        ) as c:
+            await _store_and_evaluate(c, **{"X-Request-ID": "log-req-1"})
+            await c.get(f"/fhir/Patient/{PID}", headers={"Authorization": "Bearer nope"})  # a 401, logged
+    finally:
+        root.handlers[:], level, service = saved[0], saved[1], saved[2]
+        root.setLevel(level)
+        logging.getLogger("iectox").setLevel(service)
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert lines and all({"event", "level", "timestamp"} <= set(x) for x in lines)
+    mine = [x for x in lines if x.get("request_id") == "log-req-1"]
+    assert any("/fhir/Patient/{patient_id}/$evaluate" in x["event"] for x in mine), mine
+    assert PID not in err and "39.45" not in err
+
+
+@pytest.mark.integration  # a server of two processes
+def test_metrics_count_every_server_process(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "IECTOX_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}",
+        "IECTOX_AUTH_MODE": "dev",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+    }
+    (tmp_path / "metrics").mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        for _ in range(30):
+            with httpx.Client(base_url=base, timeout=10) as fresh:  # new connections: any process answers
+                assert fresh.get("/readyz").status_code == 200
+        counts = set()
+        for _ in range(4):
+            with httpx.Client(base_url=base, timeout=10) as fresh:
+                text = fresh.get("/metrics").text
+            m = re.search(
+                r'iectox_http_request_duration_seconds_count\{method="GET",route="/readyz",status="200"\} ([0-9.]+)',
+                text,
+            )
+            assert m, text[:2000]
+            counts.add(float(m.group(1)))
+        assert counts == {30.0}  # whichever process answers, it counts every process's requests
+        assert len(list((tmp_path / "metrics").glob("*.db"))) >= 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
