@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -12,6 +14,7 @@ from ..app.evaluate import evaluate_body, parse_at
 from ..app.store import evaluate_stored, store_bundle, store_one
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..fhir.audit import audit_event_resource
 from ..fhir.capability import capability_statement
 from ..fhir.errors import FhirError
 from ..fhir.ingest import load_json
@@ -182,6 +185,66 @@ def search_assessments(
             ],
         }
     )
+
+
+AUDIT_DATE = re.compile(r"^(ge|gt|le|lt)?(.+)$")
+
+
+def _audit_bounds(dates: list[str]) -> list[tuple[str, datetime]]:
+    bounds = []
+    for raw in dates:
+        m = AUDIT_DATE.match(raw)
+        op, value = (m.group(1) or "eq", m.group(2)) if m else ("eq", raw)
+        try:
+            t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise FhirError.one(400, "value", "date must be [ge|gt|le|lt]<dateTime with timezone>", "date") from None
+        if t.tzinfo is None or op == "eq":
+            raise FhirError.one(400, "value", "date must be [ge|gt|le|lt]<dateTime with timezone>", "date")
+        bounds.append((op, t))
+    return bounds
+
+
+@router.get(
+    "/AuditEvent",
+    summary="Search the audit trail as FHIR AuditEvents (IHE Basic Audit Log Patterns)",
+    description="Every access (read, write, evaluate, hook, app view, rejected call) as an AuditEvent: who (the "
+    "client or user), what (the patient and the resource), the outcome. `patient` (Patient/<id> or <id>), `date` "
+    "(repeatable, with ge, gt, le or lt and a timezone), `_count` (at most 1000). Newest first. Needs read on "
+    "AuditEvent (its own scope, e.g. system/AuditEvent.rs).",
+    response_model=FhirBundle,
+    **requires(READ, "AuditEvent"),
+)
+def search_audit_events(
+    session: ReadSessionDep,
+    settings: SettingsDep,
+    patient: Annotated[str | None, Query(description="Patient/<id> or <id>")] = None,
+    date: Annotated[list[str] | None, Query(description="ge2026-01-01T00:00:00Z, lt...")] = None,
+    count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
+) -> FhirResponse:
+    patient_id = patient.removeprefix("Patient/") if patient else None
+    rows = repository.audit_events(session, patient_id, count, _audit_bounds(date or []))
+    observer = f"iectox ({settings.canonical_base})"
+    entries = [
+        {
+            "fullUrl": f"AuditEvent/{row.id}",
+            "resource": audit_event_resource(
+                row_id=row.id or 0,
+                recorded=row.recorded,
+                actor=row.actor,
+                action=row.action,
+                route=row.route,
+                resource_type=row.resource_type,
+                resource_id=row.resource_id,
+                patient_id=row.patient_id,
+                status=row.status,
+                observer=observer,
+            ),
+            "search": {"mode": "match"},
+        }
+        for row in rows
+    ]
+    return FhirResponse({"resourceType": "Bundle", "type": "searchset", "entry": entries})
 
 
 def _store_one(

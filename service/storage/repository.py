@@ -436,11 +436,21 @@ def add_audit_event(session: Session, event: AuditEvent) -> None:
     session.add(event)
 
 
-def audit_events(session: Session, patient_id: str | None = None, limit: int = 100) -> list[AuditEvent]:
-    """The newest audit rows first, optionally those of one patient."""
+def audit_events(
+    session: Session,
+    patient_id: str | None = None,
+    limit: int = 100,
+    recorded: Sequence[tuple[str, datetime]] = (),
+) -> list[AuditEvent]:
+    """The newest audit rows first, optionally those of one patient; `recorded`: bounds as
+    (operator, time) with operator ge, gt, le or lt."""
     query = sm_select(AuditEvent)
     if patient_id is not None:
         query = query.where(col(AuditEvent.patient_id) == patient_id)
+    column = col(AuditEvent.recorded)
+    ops = {"ge": column.__ge__, "gt": column.__gt__, "le": column.__le__, "lt": column.__lt__}
+    for op, t in recorded:
+        query = query.where(ops[op](utc(t)))
     return list(session.exec(query.order_by(col(AuditEvent.id).desc()).limit(limit)).all())
 
 
