@@ -43,8 +43,9 @@ def test_openapi_declares_bearer_security(repo_root: Path) -> None:
             secured = op.get("security") == [{"bearer": []}]
             # /cds-services/{id}[/feedback]: the CDS client JWT (discovery stays open); /app/api/*: the
             # app user's token (the pages and /app/config.json stay open)
+            open_fhir = ("/fhir/metadata", "/fhir/CodeSystem/{cs_id}", "/fhir/OperationDefinition/{op_id}")
             expected = (
-                (path.startswith("/fhir") and path != "/fhir/metadata")
+                (path.startswith("/fhir") and path not in open_fhir)
                 or path.startswith("/cds-services/")
                 or path.startswith("/app/api/")
             )

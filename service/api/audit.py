@@ -27,7 +27,8 @@ from ..storage.models import AuditEvent
 log = logging.getLogger("iectox.audit")
 
 PREFIX = "/fhir"
-NOT_AUDITED = frozenset({"/fhir/metadata"})  # public, no patient data
+# public, no patient data
+NOT_AUDITED = frozenset({"/fhir/metadata", "/fhir/CodeSystem/{cs_id}", "/fhir/OperationDefinition/{op_id}"})
 CDS_HOOK = "/cds-services/{service_id}"
 APP_API = "/app/api/"  # the clinician app's data: every view of a patient is an access
 

@@ -18,6 +18,7 @@ from ..fhir.audit import audit_event_resource
 from ..fhir.capability import capability_statement
 from ..fhir.errors import FhirError
 from ..fhir.ingest import load_json
+from ..fhir.terminology import code_systems, operation_definitions
 from ..security.scopes import READ, WRITE
 from ..storage import repository
 from .auth import PrincipalDep, bundle_types, requires
@@ -185,6 +186,28 @@ def search_assessments(
             ],
         }
     )
+
+
+@router.get(
+    "/CodeSystem/{cs_id}", summary="A CodeSystem of iectox, at its canonical URL (open)", response_model=FhirResource
+)
+def read_code_system(cs_id: str, settings: SettingsDep, codebook: CodebookDep) -> FhirResponse:
+    found = code_systems(settings.canonical_base, codebook).get(cs_id)
+    if found is None:
+        raise FhirError.one(404, "not-found", "no such CodeSystem", "CodeSystem.id")
+    return FhirResponse(found)
+
+
+@router.get(
+    "/OperationDefinition/{op_id}",
+    summary="An OperationDefinition of iectox, at its canonical URL (open)",
+    response_model=FhirResource,
+)
+def read_operation_definition(op_id: str, settings: SettingsDep) -> FhirResponse:
+    found = operation_definitions(settings.canonical_base).get(op_id)
+    if found is None:
+        raise FhirError.one(404, "not-found", "no such OperationDefinition", "OperationDefinition.id")
+    return FhirResponse(found)
 
 
 AUDIT_DATE = re.compile(r"^(ge|gt|le|lt)?(.+)$")

@@ -23,18 +23,10 @@ from typing import Any
 from ..app.evaluate import Evaluation
 from ..core.astct import CRS_METHOD, ICANS_METHOD
 from ..core.model import GradeResult
+from ..fhir.terminology import OVERRIDE_REASONS  # Card.overrideReasons: a CodeSystem of its own
 from .cards import Order, indicator
 
 GRADE_0, UNCHANGED = "grade-0", "unchanged"
-
-# Card.overrideReasons (CDS Hooks 2.0): why a clinician dismissed a card; counted by
-# `iectox report feedback`. Codes of this service's own CodeSystem.
-OVERRIDE_REASONS: tuple[tuple[str, str], ...] = (
-    ("already-managed", "Already aware; being managed"),
-    ("not-applicable", "Not applicable to this patient"),
-    ("data-wrong", "The inputs are wrong or out of date"),
-    ("too-frequent", "Shown too often"),
-)
 
 
 def override_reasons(canonical_base: str) -> list[dict[str, Any]]:

@@ -29,7 +29,18 @@ def capability_statement(base: str) -> dict[str, Any]:
             ],
         }
     )
-    resources[2]["operation"] = [{"name": "evaluate", "definition": f"{base}/OperationDefinition/Patient-evaluate"}]
+    resources[2]["operation"] = [
+        {"name": "evaluate", "definition": f"{base}/OperationDefinition/Patient-evaluate"},
+        {"name": "course", "definition": f"{base}/OperationDefinition/Patient-course"},
+    ]
+    resources.append(
+        {
+            "type": "AuditEvent",
+            "interaction": [{"code": "search-type"}],
+            "searchParam": [{"name": "patient", "type": "reference"}, {"name": "date", "type": "date"}],
+        }
+    )
+    resources += [{"type": t, "interaction": [{"code": "read"}]} for t in ("CodeSystem", "OperationDefinition")]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -42,9 +53,31 @@ def capability_statement(base: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
+                "security": {
+                    "cors": True,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                    "display": "SMART-on-FHIR",
+                                }
+                            ],
+                            "text": "OAuth 2.0 bearer tokens with SMART scopes",
+                        }
+                    ],
+                    "description": "Bearer JWTs from the configured issuer (SMART Backend Services) with system/ or "
+                    "user/ scopes (v1 or v2), read or write per resource type; AuditEvent has its own scope. The "
+                    "clinician app uses the EHR's SMART App Launch tokens. CDS Hooks calls carry a CDS client JWT. "
+                    "Open: this CapabilityStatement, CodeSystems and OperationDefinitions. docs/security.md.",
+                },
                 "resource": resources,
                 "interaction": [{"code": "transaction"}, {"code": "batch"}],
-                "operation": [{"name": "evaluate", "definition": f"{base}/OperationDefinition/evaluate"}],
+                "operation": [
+                    {"name": "evaluate", "definition": f"{base}/OperationDefinition/evaluate"},
+                    {"name": "export", "definition": f"{base}/OperationDefinition/export"},
+                ],
             }
         ],
     }
