@@ -20,6 +20,7 @@ from .config.runtime import tune_gc
 from .config.settings import Settings
 from .fhir.errors import FhirError, operation_outcome
 from .observe.logs import configure_logging
+from .observe.traces import configure as configure_traces
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -192,6 +193,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .storage import outbox
     from .storage.db import make_engine
 
+    configure_traces()  # opt-in by the OTEL_* environment
     settings = _settings(args)
     engine = make_engine(settings.database_url)
     try:
@@ -212,6 +214,7 @@ def cmd_poll(args: argparse.Namespace) -> int:
     from .ehr.poll import run_poll
     from .storage.db import make_engine, migrate
 
+    configure_traces()  # opt-in by the OTEL_* environment
     settings = _settings(args)
     engine = make_engine(settings.database_url)
     try:

@@ -163,3 +163,33 @@ def test_metrics_count_every_server_process(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.asyncio
+async def test_traces_when_asked_for_with_no_ids_and_nothing_when_off(tmp_path: Path, settings: Settings) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.observe import traces
+    from service.storage.db import make_engine, migrate
+
+    assert traces.span("off") is traces.span("also off")  # off: one shared no-op, nothing made
+    exporter = InMemorySpanExporter()
+    traces.configure(exporter)
+    try:
+        engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")  # made while traces are on: statements traced
+        migrate(engine)
+        app = create_app(settings, engine=engine, clock=lambda: FIXED_NOW)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+        ) as c:
+            assert (await _store_and_evaluate(c)).status_code == 200
+    finally:
+        traces.disable()
+    spans = exporter.get_finished_spans()
+    names = {s.name for s in spans}
+    assert "POST /fhir/Patient/{patient_id}/$evaluate" in names and "POST /fhir" in names
+    assert {"evaluate parse", "evaluate grade", "evaluate course", "evaluate scores", "evaluate emit"} <= names
+    assert any(n.startswith("db INSERT") for n in names) and any(n.startswith("db SELECT") for n in names)
+    shown = repr([(s.name, dict(s.attributes or {})) for s in spans])
+    assert PID not in shown and "39.45" not in shown
+    assert traces.scrub("/fhir/Patient/p-1/$course?at=x") == "/fhir/Patient/{id}/$course"

@@ -26,6 +26,8 @@ from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..observe.logs import REQUEST_ID_HEADER, request_context, request_id_from
 from ..observe.metrics import HTTP_DURATION
+from ..observe.traces import configure as configure_traces
+from ..observe.traces import scrub, span
 from ..storage.db import make_engine, migrate
 from ..storage.errors import StorageBusy
 from . import bulk, cds, clinician, fhir, health, metrics, subscriptions
@@ -115,6 +117,7 @@ def create_app(
     clock: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
     settings = settings or Settings()
+    configure_traces()  # opt-in by the standard OTEL_* environment; off costs nothing
     engine = engine or make_engine(settings.database_url)
     if settings.auto_migrate:
         migrate(engine)
@@ -154,11 +157,17 @@ def create_app(
     async def access_log(request: Request, call_next):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
-        with request_context(request_id):  # every log line of the request, and its outbox rows
+        with (
+            request_context(request_id),  # every log line of the request, and its outbox rows
+            span(f"{request.method} {scrub(request.url.path)}", **{"http.method": request.method}) as traced,
+        ):
             response = await call_next(request)
             response.headers[REQUEST_ID_HEADER] = request_id
             # The route template, never the concrete path: ids in paths are patient identifiers.
             route = getattr(request.scope.get("route"), "path", "unmatched")
+            if traced is not None:
+                traced.update_name(f"{request.method} {route}")
+                traced.set_attributes({"http.route": route, "http.status_code": response.status_code})
             elapsed = time.perf_counter() - start
             HTTP_DURATION.labels(request.method, route, str(response.status_code)).observe(elapsed)
             log.info("%s %s %s %.1fms", request.method, route, response.status_code, elapsed * 1e3)

@@ -35,6 +35,7 @@ import orjson
 
 from ..config.ehr import DEFAULT_SCOPE, FhirServerConfig
 from ..fhir.ingest import FHIR_ID
+from ..observe.traces import span
 from .errors import EhrError, FhirAuthError, FhirConfigError, FhirHttpError, FhirUnavailable
 from .smart import SmartBackendAuth, TokenCache
 
@@ -120,6 +121,11 @@ def _query_items(params: Mapping[str, str | list[str]]) -> list[tuple[str, str]]
         for v in [value] if isinstance(value, str) else value:
             items.append((key, v))
     return items
+
+
+def _ehr_attributes(method: str, rtype: str, attempt: int) -> dict[str, str | int]:
+    """An EHR call's span attributes: the method and resource type, never its URL (ids)."""
+    return {"http.method": method, "fhir.type": rtype, "attempt": attempt}
 
 
 class FhirClient:
@@ -381,15 +387,16 @@ class FhirClient:
             if content is not None:
                 headers["Content-Type"] = "application/fhir+json"
             try:
-                resp = await self._http.request(
-                    method,
-                    url,
-                    params=params,
-                    content=content,
-                    data=form() if form is not None else None,
-                    headers=headers,
-                    timeout=self._timeout,
-                )
+                with span(f"EHR {method} {rtype}", **_ehr_attributes(method, rtype, attempt)):
+                    resp = await self._http.request(
+                        method,
+                        url,
+                        params=params,
+                        content=content,
+                        data=form() if form is not None else None,
+                        headers=headers,
+                        timeout=self._timeout,
+                    )
             except _RETRYABLE_EXC as exc:
                 if attempt >= cfg.max_retries:
                     log.warning(

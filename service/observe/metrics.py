@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from .traces import span
+
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 HTTP_DURATION = Histogram(
@@ -49,10 +51,11 @@ CDS_QUIET = Counter("iectox_cds_quiet_total", "CDS hook answers kept quiet, by h
 
 @contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Time one evaluation stage."""
+    """Time one evaluation stage (and trace it, when traces are on)."""
     start = time.perf_counter()
     try:
-        yield
+        with span(f"evaluate {name}", stage=name):
+            yield
     finally:
         EVALUATION_STAGE.labels(name).observe(time.perf_counter() - start)
 

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlmodel import Session
 
+from ..observe import traces
 from .errors import StorageBusy
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -56,7 +57,20 @@ def make_engine(url: str, *, lock_wait_s: float = LOCK_WAIT_S) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
         event.listen(engine, "connect", partial(_postgres_connect, lock_wait_s))
     event.listen(engine, "handle_error", _translate_error)
+    if traces.on():  # statements are traced when traces were on before the engine was made
+        event.listen(engine, "before_cursor_execute", _trace_start)
+        event.listen(engine, "after_cursor_execute", _trace_end)
     return engine
+
+
+def _trace_start(conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
+    # The statement's first word and table only: parameters (patient data) are never recorded.
+    verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
+    context._iectox_span = traces.start(f"db {verb}", **{"db.system": conn.dialect.name, "db.operation": verb})
+
+
+def _trace_end(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool) -> None:
+    traces.end(getattr(context, "_iectox_span", None))
 
 
 def read_only(engine: Engine) -> Engine:
