@@ -44,3 +44,38 @@ async def test_audit_events_of_a_patient(client: httpx.AsyncClient) -> None:
     assert r.status_code == 403
     r = await client.get("/fhir/AuditEvent", headers=bearer("system/AuditEvent.rs"))
     assert r.status_code == 200 and r.json()["entry"]
+
+
+async def test_audit_events_are_forwarded_to_an_audit_repository(
+    settings,
+    clean_engine,
+    fhir_server_clean,  # type: ignore[no-untyped-def]
+) -> None:
+    """IECTOX_AUDIT_FORWARD_TARGET: each access is queued as a FHIR AuditEvent in the same
+    transaction as the audit row, and the write-back worker delivers it (the test FHIR server
+    validates what it stores)."""
+    from service.api.app import create_app
+    from service.ehr.worker import Worker
+    from tests.conftest import FIXED_NOW
+
+    srv = fhir_server_clean
+    s = settings.model_copy(
+        update={
+            "ehr_servers": {"audit": srv.server_config(srv.client_es384, scope="system/AuditEvent.c")},
+            "audit_forward_target": "audit",
+        }
+    )
+    app = create_app(s, engine=clean_engine, clock=lambda: FIXED_NOW)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+    ) as c:
+        assert (await c.get("/fhir/Observation/not-there")).status_code == 404
+        assert (await c.get("/fhir/Patient/p9", headers={"Authorization": "Bearer bad"})).status_code == 401
+    async with Worker(s, clean_engine) as worker:
+        totals = await worker.drain()
+    assert totals.delivered == 2 and totals.dead == 0, totals
+    found = httpx.get(f"{srv.base_url}/AuditEvent", headers=srv.headers(), params={"_count": "100"}).json()
+    events = [e["resource"] for e in found.get("entry", [])]
+    assert sorted(e["outcome"] for e in events) == ["4", "4"]  # the 404 and the 401
+    assert {e["subtype"][0]["code"] for e in events} == {"read"}
+    assert any(x.get("what", {}).get("reference") == "Observation/not-there" for e in events for x in e["entity"])

@@ -19,9 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..app.audit import record_access
 from ..config.clock import utc_now
+from ..config.settings import Settings
 from ..security.scopes import ANONYMOUS
-from ..storage import repository
 from ..storage.models import AuditEvent
 
 log = logging.getLogger("iectox.audit")
@@ -104,8 +105,10 @@ def audit_event(scope: Scope, status: int, location: str | None, now: datetime) 
 class AuditTrail:
     """ASGI middleware writing `audit_event` rows (see audit_event)."""
 
-    def __init__(self, app: ASGIApp, engine: Engine, clock: Callable[[], datetime] = utc_now) -> None:
-        self.app, self.engine, self.clock = app, engine, clock
+    def __init__(
+        self, app: ASGIApp, engine: Engine, settings: Settings, clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        self.app, self.engine, self.settings, self.clock = app, engine, settings, clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope.get("path", "").startswith((PREFIX, "/cds-services/", APP_API)):
@@ -138,5 +141,5 @@ class AuditTrail:
 
     def _write(self, event: AuditEvent) -> None:
         with Session(self.engine) as session:
-            repository.add_audit_event(session, event)
+            record_access(session, event, self.settings)
             session.commit()

@@ -135,7 +135,7 @@ def install_security(app: FastAPI, settings: Settings, engine: Engine, fetch: Fe
     """Check the security settings (SecurityConfigError), keep the key stores, add the audit trail
     and render AuthError as an OperationOutcome with WWW-Authenticate."""
     app.state.security = load_security(settings, fetch)
-    app.add_middleware(AuditTrail, engine=engine)
+    app.add_middleware(AuditTrail, engine=engine, settings=settings)
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, exc: AuthError) -> FhirResponse:

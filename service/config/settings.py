@@ -128,6 +128,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown hooks {unknown}: patient-view, order-select or order-sign")
         return value
 
+    # Forward every audit event, as a FHIR AuditEvent, to this audit repository (a name in
+    # IECTOX_EHR_SERVERS) through the outbox (at least once); None: kept in the service only.
+    audit_forward_target: str | None = None
     # A Bulk Data export not finished after this long reports an error (the process that ran it
     # has gone); the client starts a new one.
     export_max_minutes: float = Field(default=60.0, gt=0)

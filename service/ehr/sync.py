@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from ..app.audit import record_access
 from ..app.cache import EvaluationCache
 from ..app.evaluate import Evaluation
 from ..app.store import evaluate_stored, store_evaluation, store_resources
@@ -147,7 +148,7 @@ def store_and_evaluate(
     its cards there), whether the evaluation is new or cached."""
     received = _received_digest(resources, base) if cache is not None and target is None else None
     if cache is not None and received is not None:
-        again = _same_call_again(engine, patient_id, cache, received, audit, respond)
+        again = _same_call_again(engine, patient_id, cache, received, audit, respond, settings)
         if again is not None:
             return again, False
     with Session(engine, expire_on_commit=False) as session:
@@ -176,7 +177,7 @@ def store_and_evaluate(
             if respond is not None:
                 respond(session, evaluation)
         if audit is not None:
-            repository.add_audit_event(session, audit)
+            record_access(session, audit, settings)
         session.commit()
     if cache is not None and fingerprint and evaluation is not None and not evaluation.untimed:
         cache.put(patient_id, fingerprint, evaluation, received)  # after the commit: it is what is stored
@@ -190,6 +191,7 @@ def _same_call_again(
     received: str,
     audit: AuditEvent | None,
     respond: Callable[[Session, Evaluation], None] | None,
+    settings: Settings,
 ) -> Evaluation | None:
     """The cached evaluation when the EHR sent what it sent last time and the stored inputs kept
     the fingerprint that call left (the access is still audited, `respond` still called); else None."""
@@ -203,7 +205,7 @@ def _same_call_again(
         if respond is not None:
             respond(session, evaluation)
         if audit is not None:
-            repository.add_audit_event(session, audit)
+            record_access(session, audit, settings)
         session.commit()
     return evaluation
 
