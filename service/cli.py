@@ -7,6 +7,7 @@ import argparse
 import functools
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from .config.runtime import tune_gc
 from .config.settings import Settings
 from .fhir.errors import FhirError, operation_outcome
 from .observe.logs import configure_logging
+from .observe.metrics import serve as serve_metrics
 from .observe.traces import configure as configure_traces
 
 
@@ -134,10 +136,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # this command's overrides; the schema is already migrated above, so no worker races to it.
     os.environ.update({"IECTOX_HOST": host, "IECTOX_PORT": str(port), "IECTOX_AUTO_MIGRATE": "false"})
     # Metrics of every process in one place, aggregated by whichever process /metrics reaches.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="iectox-metrics-"))
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="iectox-metrics-")
     if getattr(args, "database_url", None):
         os.environ["IECTOX_DATABASE_URL"] = args.database_url
-    run("service.api.app:create_app", factory=True, workers=args.workers)
+    try:
+        run("service.api.app:create_served_app", factory=True, workers=args.workers)
+    finally:
+        if made:  # ours: gone with the server
+            shutil.rmtree(made, ignore_errors=True)
     return 0
 
 
@@ -195,6 +203,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     configure_traces()  # opt-in by the OTEL_* environment
     settings = _settings(args)
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port)  # its deliveries / passes, for Prometheus
     engine = make_engine(settings.database_url)
     try:
         if args.requeue_dead:
@@ -216,6 +226,8 @@ def cmd_poll(args: argparse.Namespace) -> int:
 
     configure_traces()  # opt-in by the OTEL_* environment
     settings = _settings(args)
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port)  # its deliveries / passes, for Prometheus
     engine = make_engine(settings.database_url)
     try:
         if settings.auto_migrate:

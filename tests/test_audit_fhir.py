@@ -38,12 +38,28 @@ async def test_audit_events_of_a_patient(client: httpx.AsyncClient) -> None:
     # by date, and its own scope
     r = await client.get("/fhir/AuditEvent", params=[("patient", "p1"), ("date", "ge2100-01-01T00:00:00Z")])
     assert r.json()["entry"] == []
-    r = await client.get("/fhir/AuditEvent", params={"date": "2026-01-01"})
-    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["date"]
+    for bad in ("2026-01-01", "ge9999-12-31T23:59:59-05:00", "ge0001-01-01T00:00:00+05:00", "ge2026-01-01T10:00"):
+        r = await client.get("/fhir/AuditEvent", params={"date": bad})
+        assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["date"], bad
+    # a date alone is its day (UTC)
+    today = read["recorded"][:10]
+    day = [("patient", "p1"), ("date", f"ge{today}"), ("date", f"le{today}")]
+    assert (await client.get("/fhir/AuditEvent", params=day)).json()["entry"]
+    after = [("patient", "p1"), ("date", f"gt{today}")]
+    assert (await client.get("/fhir/AuditEvent", params=after)).json()["entry"] == []
+    # BALP: the server agent, and the request id as the transaction entity
+    assert {a["type"]["coding"][0]["code"] for a in read["agent"]} == {"110153", "110152"}
+    assert any(
+        x.get("type", {}).get("code") == "XrequestId" and x["what"]["identifier"]["value"] for x in read["entity"]
+    )
     r = await client.get("/fhir/AuditEvent", headers=bearer("system/Observation.read system/Patient.read"))
     assert r.status_code == 403
     r = await client.get("/fhir/AuditEvent", headers=bearer("system/AuditEvent.rs"))
     assert r.status_code == 200 and r.json()["entry"]
+    # reading a patient's audit trail is itself an access to that patient's data
+    r = await client.get("/fhir/AuditEvent", params={"patient": "Patient/p1", "date": "ge2026-01-01T00:00:00Z"})
+    newest = r.json()["entry"][0]["resource"]
+    assert newest["entity"][0]["what"]["reference"] == "Patient/p1" and "/fhir/AuditEvent" in repr(newest)
 
 
 async def test_audit_events_are_forwarded_to_an_audit_repository(
@@ -71,6 +87,15 @@ async def test_audit_events_are_forwarded_to_an_audit_repository(
     ) as c:
         assert (await c.get("/fhir/Observation/not-there")).status_code == 404
         assert (await c.get("/fhir/Patient/p9", headers={"Authorization": "Bearer bad"})).status_code == 401
+    from datetime import UTC, datetime
+
+    from service.storage import outbox
+
+    now = datetime.now(UTC)  # the audit trail's clock is the real one
+    claims = outbox.claim(clean_engine, now, 1, 10, ["audit"])
+    assert len(claims) == 2  # each forwarded row on its own: none waits behind another
+    for c in claims:
+        outbox.mark_failed(clean_engine, c, "test", now)  # back to pending, due now
     async with Worker(s, clean_engine) as worker:
         totals = await worker.drain()
     assert totals.delivered == 2 and totals.dead == 0, totals
@@ -79,3 +104,11 @@ async def test_audit_events_are_forwarded_to_an_audit_repository(
     assert sorted(e["outcome"] for e in events) == ["4", "4"]  # the 404 and the 401
     assert {e["subtype"][0]["code"] for e in events} == {"read"}
     assert any(x.get("what", {}).get("reference") == "Observation/not-there" for e in events for x in e["entity"])
+
+
+async def test_an_unknown_forward_target_stops_the_start(settings) -> None:  # type: ignore[no-untyped-def]
+    from service.api.app import create_app
+    from service.security.errors import SecurityConfigError
+
+    with pytest.raises(SecurityConfigError, match="IECTOX_AUDIT_FORWARD_TARGET"):
+        create_app(settings.model_copy(update={"audit_forward_target": "nowhere", "auto_migrate": False}))

@@ -82,17 +82,20 @@ async def test_the_request_id_is_returned_and_carried_to_the_outbox(clean_engine
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
     ) as c:
-        r = await _store_and_evaluate(c, **{"X-Request-ID": "ehr-req-42"})
-        assert r.status_code == 200 and r.headers["x-request-id"] == "ehr-req-42"
+        r = await _store_and_evaluate(c, **{"X-Request-ID": "6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10"
         generated = (await c.get("/fhir/metadata")).headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", generated)
-        odd = (await c.get("/fhir/metadata", headers={"X-Request-ID": "a b\nc" * 50})).headers["x-request-id"]
-        assert re.fullmatch(r"[0-9a-f]{32}", odd)  # not a plain token: replaced, never echoed
+        for odd in ("a b\nc" * 50, "MRN-00123456", "123456789"):  # anything but a UUID or a hex trace id
+            kept = (await c.get("/fhir/metadata", headers={"X-Request-ID": odd})).headers["x-request-id"]
+            assert re.fullmatch(r"[0-9a-f]{32}", kept)  # replaced, never echoed
     with Session(clean_engine) as s:
         rows = list(s.exec(select(OutboxRow)).all())
-    assert rows and {row.request_id for row in rows} == {"ehr-req-42"}
+    assert rows and {row.request_id for row in rows} == {"6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10"}
     claims = outbox.claim(clean_engine, FIXED_NOW, 60, 10, ["ehr"])
-    assert {c.request_id for c in claims} == {"ehr-req-42"}  # what the worker binds to its log lines
+    assert {c.request_id for c in claims} == {
+        "6f1c1f52-3b0e-4c1e-9d55-2f3c8e0a7a10"
+    }  # what the worker binds to its log lines
 
 
 @pytest.mark.asyncio
@@ -107,7 +110,7 @@ async def test_logs_are_json_lines_with_the_request_id_and_no_patient_data(
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
         ) as c:
-            await _store_and_evaluate(c, **{"X-Request-ID": "log-req-1"})
+            await _store_and_evaluate(c, **{"X-Request-ID": "0123456789abcdef0123456789abcdef"})
             await c.get(f"/fhir/Patient/{PID}", headers={"Authorization": "Bearer nope"})  # a 401, logged
     finally:
         root.handlers[:], level, service = saved[0], saved[1], saved[2]
@@ -116,7 +119,7 @@ async def test_logs_are_json_lines_with_the_request_id_and_no_patient_data(
     err = capsys.readouterr().err
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert lines and all({"event", "level", "timestamp"} <= set(x) for x in lines)
-    mine = [x for x in lines if x.get("request_id") == "log-req-1"]
+    mine = [x for x in lines if x.get("request_id") == "0123456789abcdef0123456789abcdef"]
     assert any("/fhir/Patient/{patient_id}/$evaluate" in x["event"] for x in mine), mine
     assert PID not in err and "39.45" not in err
 
@@ -179,10 +182,20 @@ async def test_traces_when_asked_for_with_no_ids_and_nothing_when_off(tmp_path: 
         engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")  # made while traces are on: statements traced
         migrate(engine)
         app = create_app(settings, engine=engine, clock=lambda: FIXED_NOW)
+        from fastapi import APIRouter
+
+        boom = APIRouter()
+
+        @boom.get("/fhir/Patient/{patient_id}/$boom")
+        def fail(patient_id: str) -> None:
+            raise RuntimeError(f"a message with {patient_id}")  # never in a span: its class only
+
+        app.include_router(boom)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
         ) as c:
             assert (await _store_and_evaluate(c)).status_code == 200
+            assert (await c.get(f"/fhir/Patient/{PID}/$boom")).status_code == 500
     finally:
         traces.disable()
     spans = exporter.get_finished_spans()
@@ -190,6 +203,43 @@ async def test_traces_when_asked_for_with_no_ids_and_nothing_when_off(tmp_path: 
     assert "POST /fhir/Patient/{patient_id}/$evaluate" in names and "POST /fhir" in names
     assert {"evaluate parse", "evaluate grade", "evaluate course", "evaluate scores", "evaluate emit"} <= names
     assert any(n.startswith("db INSERT") for n in names) and any(n.startswith("db SELECT") for n in names)
-    shown = repr([(s.name, dict(s.attributes or {})) for s in spans])
+    assert "GET /fhir/Patient/{patient_id}/$boom" in names
+    shown = repr(
+        [(s.name, dict(s.attributes or {}), s.status.description, [e.attributes for e in s.events]) for s in spans]
+    )
     assert PID not in shown and "39.45" not in shown
-    assert traces.scrub("/fhir/Patient/p-1/$course?at=x") == "/fhir/Patient/{id}/$course"
+
+
+@pytest.mark.asyncio
+async def test_a_500_is_counted_logged_and_carries_its_request_id(clean_engine: Engine, settings: Settings) -> None:
+    from fastapi import APIRouter
+
+    app = create_app(settings, engine=clean_engine, clock=lambda: FIXED_NOW)
+    boom = APIRouter()
+
+    @boom.get("/fhir/Patient/{patient_id}/$boom")
+    def fail(patient_id: str) -> None:
+        raise RuntimeError(f"a message with {patient_id}")
+
+    app.include_router(boom)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()
+    ) as c:
+        rid = "aaaabbbbccccdddd1111222233334444"
+        r = await c.get(f"/fhir/Patient/{PID}/$boom", headers={"X-Request-ID": rid})
+        assert r.status_code == 500 and r.headers["x-request-id"] == rid
+        r = await c.request("FOOBAR123", "/fhir/metadata")
+        text = (await c.get("/metrics")).text
+    assert 'route="/fhir/Patient/{patient_id}/$boom",status="500"' in text
+    assert 'method="OTHER"' in text and "FOOBAR123" not in text  # a bounded method label
+    assert PID not in text
+
+
+def test_the_worker_and_the_poll_serve_their_metrics() -> None:
+    from service.observe.metrics import DELIVERIES, serve
+
+    port = free_port()
+    serve(port)
+    DELIVERIES.labels("delivered").inc()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'iectox_writeback_deliveries_total{outcome="delivered"}' in text

@@ -24,10 +24,10 @@ from ..config.clock import utc_now
 from ..config.runtime import tune_gc
 from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..observe.logs import REQUEST_ID_HEADER, request_context, request_id_from
+from ..observe.logs import REQUEST_ID_HEADER, configure_logging, request_context, request_id_from
 from ..observe.metrics import HTTP_DURATION
 from ..observe.traces import configure as configure_traces
-from ..observe.traces import scrub, span
+from ..observe.traces import span
 from ..storage.db import make_engine, migrate
 from ..storage.errors import StorageBusy
 from . import bulk, cds, clinician, fhir, health, metrics, subscriptions
@@ -110,6 +110,47 @@ class ContainErrors:
                 await _outcome(500, [Issue("exception", "internal error", None, "fatal")])(scope, receive, send)
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class Observe:
+    """Each request's id (X-Request-ID, kept or made, returned), its log line, its duration metric
+    and its span, named by the route template, never the concrete path (ids are patient data).
+    Outermost, so a 500 answered by ContainErrors is counted and logged with its id too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        method = scope.get("method", "") if scope.get("method") in METHODS else "OTHER"  # a bounded label
+        sent = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER.lower().encode())
+        request_id = request_id_from(sent.decode("latin-1") if sent else None)
+        status = 500
+
+        async def with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with request_context(request_id), span(f"HTTP {method}", **{"http.method": method}) as traced:
+            try:
+                await self.app(scope, receive, with_id)
+            finally:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                elapsed = time.perf_counter() - start
+                HTTP_DURATION.labels(method, route, str(status)).observe(elapsed)
+                log.info("%s %s %s %.1fms", method, route, status, elapsed * 1e3)
+                if traced is not None:
+                    traced.update_name(f"{method} {route}")
+                    traced.set_attributes({"http.route": route, "http.status_code": status})
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -153,26 +194,6 @@ def create_app(
     clinician.mount_static(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
-        with (
-            request_context(request_id),  # every log line of the request, and its outbox rows
-            span(f"{request.method} {scrub(request.url.path)}", **{"http.method": request.method}) as traced,
-        ):
-            response = await call_next(request)
-            response.headers[REQUEST_ID_HEADER] = request_id
-            # The route template, never the concrete path: ids in paths are patient identifiers.
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            if traced is not None:
-                traced.update_name(f"{request.method} {route}")
-                traced.set_attributes({"http.route": route, "http.status_code": response.status_code})
-            elapsed = time.perf_counter() - start
-            HTTP_DURATION.labels(request.method, route, str(response.status_code)).observe(elapsed)
-            log.info("%s %s %s %.1fms", request.method, route, response.status_code, elapsed * 1e3)
-        return response
-
     @app.exception_handler(FhirError)
     async def fhir_error(_: Request, exc: FhirError) -> FhirResponse:
         return _outcome(exc.status, exc.issues)
@@ -207,5 +228,13 @@ def create_app(
         log.warning("storage busy: %s", exc.reason)
         return _retry_later("the database is busy with other writes; retry later")
 
-    app.add_middleware(ContainErrors)  # outermost of ours: no exception reaches the server's log
+    app.add_middleware(ContainErrors)  # no exception reaches the server's log
+    app.add_middleware(Observe)  # outermost: a 500 from ContainErrors is timed, logged and carries its id
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The app of one `iectox serve --workers N` process (a fresh interpreter: its logs are
+    configured here, as `iectox` configures its own)."""
+    configure_logging()
+    return create_app()

@@ -87,8 +87,9 @@ def audit_event(scope: Scope, status: int, location: str | None, now: datetime) 
     if rid is None and location and action == "create" and location.startswith(f"{rtype}/"):
         rid = location.split("/")[1]  # the id the server gave (Location: Type/id/_history/n)
     patient = params.get("patient_id")
-    if action == "search" and rtype == "RiskAssessment":
-        subject = QueryParams(scope.get("query_string", b"")).get("subject")
+    if action == "search" and rtype in ("RiskAssessment", "AuditEvent"):  # a search of one patient's data
+        query = QueryParams(scope.get("query_string", b""))
+        subject = query.get("subject" if rtype == "RiskAssessment" else "patient")
         patient = subject.removeprefix("Patient/") if subject else None
     return AuditEvent(
         recorded=now,

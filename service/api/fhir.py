@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -210,20 +210,33 @@ def read_operation_definition(op_id: str, settings: SettingsDep) -> FhirResponse
     return FhirResponse(found)
 
 
-AUDIT_DATE = re.compile(r"^(ge|gt|le|lt)?(.+)$")
+AUDIT_DATE = re.compile(r"^(ge|gt|le|lt)(.+)$")
+DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _audit_bounds(dates: list[str]) -> list[tuple[str, datetime]]:
+    """`date` search values: ge, gt, le or lt and a dateTime with a timezone, or a date (its day
+    in UTC: ge2026-01-02 is from its start, le2026-01-02 to its end)."""
+    why = "date must be ge, gt, le or lt and a date (YYYY-MM-DD) or a dateTime with a timezone"
     bounds = []
     for raw in dates:
         m = AUDIT_DATE.match(raw)
-        op, value = (m.group(1) or "eq", m.group(2)) if m else ("eq", raw)
+        if not m:
+            raise FhirError.one(400, "value", why, "date")
+        op, value = m.groups()
         try:
+            if DATE_ONLY.match(value):
+                day = datetime.fromisoformat(value).replace(tzinfo=UTC)
+                # after the day: from the next day on; up to its end: before the next day
+                next_day = {"gt": "ge", "le": "lt"}
+                bounds.append((next_day[op], day + timedelta(days=1)) if op in next_day else (op, day))
+                continue
             t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise FhirError.one(400, "value", "date must be [ge|gt|le|lt]<dateTime with timezone>", "date") from None
-        if t.tzinfo is None or op == "eq":
-            raise FhirError.one(400, "value", "date must be [ge|gt|le|lt]<dateTime with timezone>", "date")
+            if t.tzinfo is None:
+                raise ValueError
+            t.astimezone(UTC)  # an instant beyond the representable range is a 400, not a 500
+        except (ValueError, OverflowError):
+            raise FhirError.one(400, "value", why, "date") from None
         bounds.append((op, t))
     return bounds
 
@@ -262,6 +275,7 @@ def search_audit_events(
                 patient_id=row.patient_id,
                 status=row.status,
                 observer=observer,
+                request_id=row.request_id,
             ),
             "search": {"mode": "match"},
         }

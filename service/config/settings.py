@@ -128,6 +128,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown hooks {unknown}: patient-view, order-select or order-sign")
         return value
 
+    # `iectox worker` and `iectox poll` serve their Prometheus metrics on this port (None: not
+    # served; the API serves its own at /metrics).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Forward every audit event, as a FHIR AuditEvent, to this audit repository (a name in
     # IECTOX_EHR_SERVERS) through the outbox (at least once); None: kept in the service only.
     audit_forward_target: str | None = None

@@ -19,6 +19,7 @@ INTERACTION = "http://hl7.org/fhir/restful-interaction"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 OBJECT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 SECURITY_SOURCE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+BALP_ENTITY = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
 
 # audit_event.action -> (RESTful interaction, AuditEvent.action C/R/U/D/E)
 ACTIONS: dict[str, tuple[str, str]] = {
@@ -53,8 +54,10 @@ def audit_event_resource(
     patient_id: str | None,
     status: int,
     observer: str,
+    request_id: str = "",
 ) -> dict[str, Any]:
-    """One AuditEvent of an access; `observer`: this service's name (the source)."""
+    """One AuditEvent of an access; `observer`: this service's name (the source); `request_id`:
+    the request's X-Request-ID (a transaction entity, as BALP records it)."""
     interaction, code = ACTIONS.get(action, ("operation", "E"))
     entities: list[dict[str, Any]] = []
     if patient_id:
@@ -74,6 +77,13 @@ def audit_event_resource(
             }
         )
     entities.append({"type": {"system": OBJECT_TYPE, "code": "2"}, "name": "route", "description": route})
+    if request_id:
+        entities.append(
+            {
+                "what": {"identifier": {"value": request_id}},
+                "type": {"system": BALP_ENTITY, "code": "XrequestId", "display": "X-Request-Id"},
+            }
+        )
     res: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": str(row_id),
@@ -88,7 +98,12 @@ def audit_event_resource(
                 "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
                 "who": {"display": actor},
                 "requestor": True,
-            }
+            },
+            {  # BALP: the server that answered
+                "type": {"coding": [{"system": DCM, "code": "110152", "display": "Destination Role ID"}]},
+                "who": {"display": observer},
+                "requestor": False,
+            },
         ],
         "source": {
             "observer": {"display": observer},

@@ -54,7 +54,6 @@ def capability_statement(base: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "security": {
-                    "cors": True,
                     "service": [
                         {
                             "coding": [

@@ -20,12 +20,14 @@ from contextlib import contextmanager
 import structlog
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A UUID, or 16 to 64 hex digits (trace ids): a caller's id is kept only when it cannot be an
+# identifier of a person (an integration engine could put a record number there).
+_GOOD_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,64}")
 
 
 def request_id_from(header: str | None) -> str:
-    """The caller's X-Request-ID when it is a plain token (at most 128 characters), else a new one
-    (a header is never logged as sent: it could carry anything)."""
+    """The caller's X-Request-ID when it is a UUID or a hex trace id, else a new one (a header is
+    never logged as sent: it could carry anything)."""
     return header if header is not None and _GOOD_ID.fullmatch(header) else uuid.uuid4().hex
 
 

@@ -74,3 +74,15 @@ def exposition() -> bytes:
     """The metrics in the Prometheus text format."""
     reg = registry()
     return generate_latest(reg) if reg is not None else generate_latest()
+
+
+def serve(port: int) -> None:
+    """Serve `/metrics` on `port` in a background thread (the worker and the poll have no HTTP
+    server of their own)."""
+    from prometheus_client import start_http_server
+
+    reg = registry()
+    if reg is not None:
+        start_http_server(port, registry=reg)
+    else:
+        start_http_server(port)

@@ -5,22 +5,20 @@
 allocated or exported.
 
 Spans: the HTTP request (named by its route template), the evaluation stages (parse, grade,
-course, scores, emit), database statements and EHR calls. Attributes are route templates,
-resource types, statuses and counts: ids are scrubbed from every path (`/Patient/{id}`), and no
-statement parameter, header or body is recorded.
+course, scores, emit), database statements and EHR calls. Names and attributes are route
+templates, methods, resource types, statuses and counts: never a concrete path, a statement
+parameter, a header, a body or an exception's message (its class only).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 _TRACER: Any = None
 _OFF: AbstractContextManager[None] = nullcontext()
-_ID_SEGMENT = re.compile(r"(/[A-Z][A-Za-z]+)/[^/?#]+")
 
 
 def enabled_by_environment() -> bool:
@@ -62,11 +60,6 @@ def on() -> bool:
     return _TRACER is not None
 
 
-def scrub(path: str) -> str:
-    """A URL path without ids: /fhir/Patient/123/$course -> /fhir/Patient/{id}/$course."""
-    return _ID_SEGMENT.sub(r"\1/{id}", path.split("?", 1)[0])
-
-
 def span(name: str, **attributes: str | int | float | bool) -> AbstractContextManager[Any]:
     """A span when traces are on, else a shared no-op."""
     if _TRACER is None:
@@ -76,8 +69,17 @@ def span(name: str, **attributes: str | int | float | bool) -> AbstractContextMa
 
 @contextmanager
 def _span(name: str, attributes: dict[str, Any]) -> Iterator[Any]:
-    with _TRACER.start_as_current_span(name, attributes=attributes) as s:
-        yield s
+    # An exception's message may carry ids or values: the span records its class only.
+    with _TRACER.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as s:
+        try:
+            yield s
+        except BaseException as exc:
+            from opentelemetry.trace import Status, StatusCode
+
+            s.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
 
 
 def start(name: str, **attributes: str | int | float | bool) -> Any:
@@ -89,6 +91,14 @@ def start(name: str, **attributes: str | int | float | bool) -> Any:
 def end(s: Any) -> None:
     if s is not None:
         s.end()
+
+
+def fail(s: Any, error: str) -> None:
+    """End a span started by `start` as failed, naming the error's class only."""
+    from opentelemetry.trace import Status, StatusCode
+
+    s.set_status(Status(StatusCode.ERROR, error))
+    s.end()
 
 
 def disable() -> None:

@@ -109,6 +109,12 @@ def _bearer_keys(settings: Settings, cache: KeyCache) -> IssuerKeys:
 
 def load_security(settings: Settings, fetch: Fetch = http_fetch) -> SecurityConfig:
     """Check the settings (SecurityConfigError with a clear message) and build the key stores."""
+    target = settings.audit_forward_target
+    if target is not None and target not in settings.ehr_servers:
+        raise SecurityConfigError(
+            f"IECTOX_AUDIT_FORWARD_TARGET={target!r} is not a server of IECTOX_EHR_SERVERS: the audit trail would "
+            "never leave"
+        )
     cache = KeyCache(settings.auth_jwks_cache_seconds, fetch)
     cds = CdsTrust.from_settings(settings, cache)
     app = _app_keys(settings, cache)

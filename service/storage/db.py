@@ -60,6 +60,7 @@ def make_engine(url: str, *, lock_wait_s: float = LOCK_WAIT_S) -> Engine:
     if traces.on():  # statements are traced when traces were on before the engine was made
         event.listen(engine, "before_cursor_execute", _trace_start)
         event.listen(engine, "after_cursor_execute", _trace_end)
+        event.listen(engine, "handle_error", _trace_error)  # a failed statement's span ends too
     return engine
 
 
@@ -71,6 +72,14 @@ def _trace_start(conn: Any, _cursor: Any, statement: str, _params: Any, context:
 
 def _trace_end(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool) -> None:
     traces.end(getattr(context, "_iectox_span", None))
+    context._iectox_span = None
+
+
+def _trace_error(ctx: ExceptionContext) -> None:
+    span = getattr(ctx.execution_context, "_iectox_span", None)
+    if span is not None:
+        traces.fail(span, type(ctx.original_exception).__name__)
+        ctx.execution_context._iectox_span = None  # type: ignore[union-attr]
 
 
 def read_only(engine: Engine) -> Engine:

@@ -137,6 +137,7 @@ class AuditEvent(SQLModel, table=True):
     resource_id: str | None = Field(default=None, max_length=64)
     patient_id: str | None = Field(default=None, index=True, max_length=64)
     status: int = 0
+    request_id: str = Field(default="", max_length=128)  # the request's X-Request-ID (BALP transaction entity)
 
 
 class SeenToken(SQLModel, table=True):
