@@ -10,11 +10,11 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session
 
+from ..app.audit import audit_event_of
 from ..app.evaluate import evaluate_body, parse_at
 from ..app.store import evaluate_stored, store_bundle, store_one
 from ..codebook import Codebook
 from ..config.settings import Settings
-from ..fhir.audit import audit_event_resource
 from ..fhir.capability import capability_statement
 from ..fhir.errors import FhirError
 from ..fhir.ingest import load_json
@@ -260,25 +260,8 @@ def search_audit_events(
 ) -> FhirResponse:
     patient_id = patient.removeprefix("Patient/") if patient else None
     rows = repository.audit_events(session, patient_id, count, _audit_bounds(date or []))
-    observer = f"iectox ({settings.canonical_base})"
     entries = [
-        {
-            "fullUrl": f"AuditEvent/{row.id}",
-            "resource": audit_event_resource(
-                row_id=row.id or 0,
-                recorded=row.recorded,
-                actor=row.actor,
-                action=row.action,
-                route=row.route,
-                resource_type=row.resource_type,
-                resource_id=row.resource_id,
-                patient_id=row.patient_id,
-                status=row.status,
-                observer=observer,
-                request_id=row.request_id,
-            ),
-            "search": {"mode": "match"},
-        }
+        {"fullUrl": f"AuditEvent/{row.id}", "resource": audit_event_of(row, settings), "search": {"mode": "match"}}
         for row in rows
     ]
     return FhirResponse({"resourceType": "Bundle", "type": "searchset", "entry": entries})

@@ -9,6 +9,7 @@ key, so audit rows never queue behind each other or behind a patient's write-bac
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlmodel import Session
 
@@ -21,6 +22,23 @@ from ..storage.models import AuditEvent
 log = logging.getLogger("iectox.audit")
 
 
+def audit_event_of(event: AuditEvent, settings: Settings) -> dict[str, Any]:
+    """The FHIR AuditEvent of an audit row."""
+    return audit_event_resource(
+        row_id=event.id or 0,
+        recorded=event.recorded,
+        actor=event.actor,
+        action=event.action,
+        route=event.route,
+        resource_type=event.resource_type,
+        resource_id=event.resource_id,
+        patient_id=event.patient_id,
+        status=event.status,
+        observer=f"iectox ({settings.canonical_base})",
+        request_id=event.request_id,
+    )
+
+
 def record_access(session: Session, event: AuditEvent, settings: Settings) -> None:
     event.request_id = event.request_id or current_request_id() or ""
     repository.add_audit_event(session, event)
@@ -30,19 +48,7 @@ def record_access(session: Session, event: AuditEvent, settings: Settings) -> No
     try:
         with session.begin_nested():
             session.flush()  # the row's id names the AuditEvent and its ordering key
-            resource = audit_event_resource(
-                row_id=event.id or 0,
-                recorded=event.recorded,
-                actor=event.actor,
-                action=event.action,
-                route=event.route,
-                resource_type=event.resource_type,
-                resource_id=event.resource_id,
-                patient_id=event.patient_id,
-                status=event.status,
-                observer=f"iectox ({settings.canonical_base})",
-                request_id=event.request_id,
-            )
+            resource = audit_event_of(event, settings)
             resource.pop("id")  # the repository assigns its own
             bundle = {
                 "resourceType": "Bundle",
