@@ -243,3 +243,24 @@ def test_the_worker_and_the_poll_serve_their_metrics() -> None:
     DELIVERIES.labels("delivered").inc()
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert 'iectox_writeback_deliveries_total{outcome="delivered"}' in text
+
+
+@pytest.mark.asyncio
+async def test_ehr_calls_are_traced_by_method_and_type(fhir_server_clean) -> None:  # type: ignore[no-untyped-def]
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.ehr.client import FhirClient
+    from service.observe import traces
+
+    srv = fhir_server_clean
+    srv.seed(f.patient(PID))
+    exporter = InMemorySpanExporter()
+    traces.configure(exporter)
+    try:
+        async with FhirClient(srv.server_config(srv.client_es384)) as client:
+            assert (await client.read("Patient", PID))["id"] == PID
+    finally:
+        traces.disable()
+    spans = exporter.get_finished_spans()
+    assert "EHR GET Patient" in {s.name for s in spans}
+    assert PID not in repr([(s.name, dict(s.attributes or {})) for s in spans])  # never the URL
