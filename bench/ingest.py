@@ -87,7 +87,7 @@ def run(name: str, engine: Engine, doc: dict[str, Any], settings: Settings, repe
         for e in d["entry"]:
             patient_id, issues = check_for_storage(Entry(e["resource"], "bench"), codebook, site_tz)
             assert not issues, issues
-            items.append(new_version(e["resource"], patient_id))
+            items.append(new_version(e["resource"], patient_id, ""))
         versions[label] = items
     n = len(versions["v1"])
 
@@ -98,7 +98,7 @@ def run(name: str, engine: Engine, doc: dict[str, Any], settings: Settings, repe
 
     def store(d: dict[str, Any]) -> None:
         with Session(engine) as session:
-            store_bundle(session, d, codebook, settings)
+            store_bundle(session, d, codebook, settings, server="")
             session.commit()
 
     inserts, updates, unchanged, e2e = [], [], [], []
@@ -125,7 +125,7 @@ def _read_loop(url: str, read_only_engine: bool, pid: str, out: Any, ready: Any,
     while not stop.is_set():
         t0 = time.perf_counter()
         with Session(reader) as session:
-            repository.read_resource(session, "Patient", pid)
+            repository.read_resource(session, "Patient", pid, server="")
         t1 = time.perf_counter()
         times.append((t1, t1 - t0))
         ready.set()
@@ -140,11 +140,11 @@ def readers(url: str, engine: Engine, doc: dict[str, Any], settings: Settings) -
     items = []
     for e in newer(doc)["entry"]:
         patient_id, _ = check_for_storage(Entry(e["resource"], "bench"), codebook, site_tz)
-        items.append(new_version(e["resource"], patient_id))
+        items.append(new_version(e["resource"], patient_id, ""))
     for label, deferred in (("read_only(engine)", True), ("engine (BEGIN IMMEDIATE)", False)):
         empty(engine)
         with Session(engine) as session:
-            store_bundle(session, doc, codebook, settings)
+            store_bundle(session, doc, codebook, settings, server="")
             session.commit()
         ctx = multiprocessing.get_context("spawn")
         out, ready, stop = ctx.Queue(), ctx.Event(), ctx.Event()

@@ -69,7 +69,7 @@ def stored_count(engine: Engine) -> int:
 
 def stored_name(engine: Engine, pid: str) -> str:
     with Session(engine) as session:
-        res = repository.read_resource(session, "Patient", pid) or {}
+        res = repository.read_resource(session, "Patient", pid, server="") or {}
     return str(res["name"][0]["text"])
 
 
@@ -128,7 +128,7 @@ def written(conn, cursor, statement, *args):
 
 resources = [f.patient("p1")] + [f.temperature(38.0, "2026-11-21T08:00:00+00:00", id=f"k{i}") for i in range(n)]
 with Session(engine) as session:
-    store_bundle(session, transaction(resources), load_codebook(settings.canonical_base), settings)
+    store_bundle(session, transaction(resources), load_codebook(settings.canonical_base), settings, server="")
     session.commit()
 print("committed", flush=True)
 """
@@ -191,14 +191,14 @@ def test_a_transaction_that_fails_while_writing_leaves_nothing(clean_engine: Eng
     try:
         with pytest.raises(RuntimeError, match="injected"):
             try:
-                store_bundle(session, doc, codebook, SETTINGS)
+                store_bundle(session, doc, codebook, SETTINGS, server="")
             except RuntimeError as exc:
                 request.throw(exc)
     finally:
         undo()
     assert stored_count(clean_engine) == 0
     with Session(clean_engine) as session:
-        store_bundle(session, doc, codebook, SETTINGS)
+        store_bundle(session, doc, codebook, SETTINGS, server="")
         session.commit()
     assert stored_count(clean_engine) == 2501
 
@@ -207,7 +207,7 @@ def test_a_released_savepoint_commits_nothing(clean_engine: Engine) -> None:
     # pysqlite used to open the real transaction at the first SAVEPOINT and commit it at RELEASE.
     with Session(clean_engine) as session:
         with session.begin_nested():
-            store_one(session, f.patient(), "Patient", "p1", load_codebook(SETTINGS.canonical_base), None)
+            store_one(session, f.patient(), "Patient", "p1", load_codebook(SETTINGS.canonical_base), None, server="")
         session.rollback()
     assert stored_count(clean_engine) == 0
 
@@ -235,14 +235,14 @@ def test_an_older_version_written_while_a_newer_one_commits_changes_nothing(
     the stored row before A committed, in the old code). B must wait for A and leave version 3."""
     if stored_before:
         with Session(clean_engine) as session:
-            store_one(session, patient("p1", "1", "one"), "Patient", "p1", codebook, None)
+            store_one(session, patient("p1", "1", "one"), "Patient", "p1", codebook, None, server="")
             session.commit()
     a_wrote, b_started = threading.Event(), threading.Event()
     outcomes: dict[str, Any] = {}
 
     def writer_a() -> None:
         with Session(clean_engine) as session:
-            store_one(session, patient("p1", "3", "three"), "Patient", "p1", codebook, None)
+            store_one(session, patient("p1", "3", "three"), "Patient", "p1", codebook, None, server="")
             a_wrote.set()
             b_started.wait(WAIT_S)
             if clean_engine.dialect.name == "postgresql":
@@ -257,7 +257,7 @@ def test_an_older_version_written_while_a_newer_one_commits_changes_nothing(
         a_wrote.wait(WAIT_S)
         with Session(clean_engine) as session:
             b_started.set()
-            outcomes["b"] = store_one(session, patient("p1", "2", "two"), "Patient", "p1", codebook, None)
+            outcomes["b"] = store_one(session, patient("p1", "2", "two"), "Patient", "p1", codebook, None, server="")
             session.commit()
 
     threads = [threading.Thread(target=writer_a), threading.Thread(target=writer_b)]
@@ -405,7 +405,7 @@ def test_concurrent_transactions_of_one_patient_queue_and_keep_the_newest(
         barrier.wait(WAIT_S)
         try:
             with Session(clean_engine) as session:
-                store_bundle(session, transaction(resources), codebook, SETTINGS)
+                store_bundle(session, transaction(resources), codebook, SETTINGS, server="")
                 session.commit()
         except BaseException as exc:
             errors.append(exc)
@@ -427,9 +427,9 @@ def test_a_writer_that_waits_too_long_gets_storage_busy(clean_engine: Engine, co
     impatient = make_engine(url_of(clean_engine), lock_wait_s=0.2)
     try:
         with Session(clean_engine) as holder:
-            store_one(holder, patient("p1", "1", "one"), "Patient", "p1", codebook, None)  # holds the lock
+            store_one(holder, patient("p1", "1", "one"), "Patient", "p1", codebook, None, server="")  # holds the lock
             with Session(impatient) as session, pytest.raises(StorageBusy):
-                store_one(session, patient("p1", "2", "two"), "Patient", "p1", codebook, None)
+                store_one(session, patient("p1", "2", "two"), "Patient", "p1", codebook, None, server="")
             holder.rollback()
     finally:
         impatient.dispose()
@@ -438,14 +438,14 @@ def test_a_writer_that_waits_too_long_gets_storage_busy(clean_engine: Engine, co
 
 def test_readers_see_the_last_commit_while_a_writer_works(clean_engine: Engine, codebook: Codebook) -> None:
     with Session(clean_engine) as session:
-        store_one(session, patient("p1", "1", "one"), "Patient", "p1", codebook, None)
+        store_one(session, patient("p1", "1", "one"), "Patient", "p1", codebook, None, server="")
         session.commit()
     impatient = make_engine(url_of(clean_engine), lock_wait_s=0.2)  # a wait would be StorageBusy
     try:
         with Session(clean_engine) as writer:
-            store_one(writer, patient("p1", "2", "two"), "Patient", "p1", codebook, None)
+            store_one(writer, patient("p1", "2", "two"), "Patient", "p1", codebook, None, server="")
             with Session(read_only(impatient)) as reader:
-                assert (repository.read_resource(reader, "Patient", "p1") or {})["name"] == [{"text": "one"}]
+                assert (repository.read_resource(reader, "Patient", "p1", server="") or {})["name"] == [{"text": "one"}]
             writer.commit()
     finally:
         impatient.dispose()
@@ -489,7 +489,7 @@ def test_values_storage_cannot_keep_are_rejected_not_a_500(clean_engine: Engine,
     bad = [long_version, long_updated, bad_meta, long_subject]
     with Session(clean_engine) as session:
         with pytest.raises(FhirError) as caught:
-            store_bundle(session, transaction([f.patient(), *bad]), codebook, SETTINGS)
+            store_bundle(session, transaction([f.patient(), *bad]), codebook, SETTINGS, server="")
         assert caught.value.status == 422
         assert [i.expression for i in caught.value.issues] == [
             "Bundle.entry[1].resource.meta.versionId",
@@ -497,7 +497,7 @@ def test_values_storage_cannot_keep_are_rejected_not_a_500(clean_engine: Engine,
             "Bundle.entry[3].resource.meta",
             "Bundle.entry[4].resource.subject.reference",
         ]
-        stored = store_resources(session, [f.patient(), *bad], codebook)  # as read from an EHR
+        stored = store_resources(session, [f.patient(), *bad], codebook, server="")  # as read from an EHR
         session.commit()
     assert [r.outcome for r in stored.results] == ["stored", "rejected", "rejected", "rejected", "rejected"]
     assert stored_count(clean_engine) == 1

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from service.api.app import create_app
+from service.config.ehr import FhirServerConfig
 from service.config.settings import Settings
 from service.observe.logs import configure_logging
 from service.storage import outbox
@@ -77,7 +78,14 @@ async def test_metrics_name_routes_and_kinds_never_ids_or_values(client: httpx.A
 @pytest.mark.asyncio
 async def test_the_request_id_is_returned_and_carried_to_the_outbox(clean_engine: Engine, settings: Settings) -> None:
     app = create_app(
-        settings.model_copy(update={"writeback_target": "ehr"}), engine=clean_engine, clock=lambda: FIXED_NOW
+        settings.model_copy(
+            update={
+                "writeback_target": "ehr",
+                "ehr_servers": {"ehr": FhirServerConfig(base_url="https://ehr.iectox.test/fhir")},
+            }
+        ),
+        engine=clean_engine,
+        clock=lambda: FIXED_NOW,
     )
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://iectox.test", headers=bearer()

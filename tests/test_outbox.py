@@ -20,6 +20,7 @@ from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from service.config.ehr import FhirServerConfig
 from service.config.settings import Settings
 from service.fhir.writeback import conditional_url, search_escape, transaction_bundles, writeback_id_system
 from service.storage import outbox
@@ -35,7 +36,13 @@ BASE = f.BASE
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"writeback_target": "ehr"})
+    # a configured target (never called here: the worker tests deliver)
+    return settings.model_copy(
+        update={
+            "writeback_target": "ehr",
+            "ehr_servers": {"ehr": FhirServerConfig(base_url="https://ehr.iectox.test/fhir")},
+        }
+    )
 
 
 def resources(pid: str = "p1") -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ def test_store_resources_gives_a_typed_outcome_per_resource(clean_engine: Engine
     fever = f.temperature(39.0, T0, id="t1")
     orphan = f.temperature(38.0, T0, id="t2", subject="Group/g1")
     with Session(clean_engine) as session:
-        first = store_resources(session, [f.patient(), fever, orphan], codebook)
+        first = store_resources(session, [f.patient(), fever, orphan], codebook, server="")
         session.commit()
     assert [(r.resource_type, r.id, r.outcome) for r in first.results] == [
         ("Patient", "p1", "stored"),
@@ -50,12 +50,12 @@ def test_store_resources_gives_a_typed_outcome_per_resource(clean_engine: Engine
 
     newer = {**fever, "meta": {"versionId": "2"}, "valueQuantity": f.quantity(39.5, "Cel")}
     with Session(clean_engine) as session:
-        again = store_resources(session, [f.patient(), newer, orphan], codebook)
+        again = store_resources(session, [f.patient(), newer, orphan], codebook, server="")
         session.commit()
     assert [r.outcome for r in again.results] == ["unchanged", "stored", "rejected"]
     assert again.results[1].write is not None and again.results[1].write.version_id == 2
     with Session(clean_engine) as session:
-        stale = store_resources(session, [{**fever, "meta": {"versionId": "1"}}], codebook)
+        stale = store_resources(session, [{**fever, "meta": {"versionId": "1"}}], codebook, server="")
     assert [r.outcome for r in stale.results] == ["unchanged"]
 
 
@@ -78,13 +78,13 @@ def test_a_patient_without_timed_input_is_evaluated_once_and_not_stored(
 ) -> None:
     with counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses:
         evaluation, changed = store_and_evaluate(
-            clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None
+            clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None, server=""
         )
     assert evaluation is not None and evaluation.untimed and evaluation.at == FIXED_NOW
     assert not changed
     assert len(parses) == 1
     with Session(clean_engine) as session:
-        assert repository.search_assessments(session, "p1", None, True, 10, 0)[0] == 0
+        assert repository.search_assessments(session, "p1", None, True, 10, 0, server="")[0] == 0
 
 
 def test_a_synced_resource_is_checked_once_and_normalised_once_for_grading(
@@ -96,7 +96,7 @@ def test_a_synced_resource_is_checked_once_and_normalised_once_for_grading(
         counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses,
     ):
         evaluation, changed = store_and_evaluate(
-            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None
+            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
         )
     assert evaluation is not None and not evaluation.untimed and changed
     assert sorted(e.ref for e in checks) == ["Observation/s1", "Observation/t1", "Patient/p1"]
@@ -111,7 +111,9 @@ def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
     clean_engine: Engine, codebook: Codebook, settings: Settings
 ) -> None:
     resources = [f.patient(), f.temperature(39.0, T0, id="t1")]
-    _, changed = store_and_evaluate(clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None)
+    _, changed = store_and_evaluate(
+        clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
+    )
     assert changed
     statements: list[str] = []
 
@@ -122,7 +124,7 @@ def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
     event.listen(clean_engine, "before_cursor_execute", record)
     try:
         evaluation, changed = store_and_evaluate(
-            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None
+            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
         )
     finally:
         event.remove(clean_engine, "before_cursor_execute", record)
@@ -133,7 +135,9 @@ def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
 
 def test_emitted_by_id(clean_engine: Engine, codebook: Codebook, settings: Settings) -> None:
     resources = [f.patient(), f.temperature(39.0, T0, id="t1")]
-    evaluation, _ = store_and_evaluate(clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None)
+    evaluation, _ = store_and_evaluate(
+        clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
+    )
     assert evaluation is not None
     ids = [ra["id"] for ra in evaluation.assessments]
     with Session(clean_engine) as session:
@@ -155,7 +159,7 @@ def crs_of(evaluation: Any) -> Any:
 
 def stored_evaluation(engine: Engine, codebook: Codebook, settings: Settings) -> Any:
     with Session(engine) as session:
-        return store_module.evaluate_stored(session, "p1", codebook, settings, None, FIXED_NOW, store=False)
+        return store_module.evaluate_stored(session, "p1", codebook, settings, None, FIXED_NOW, store=False, server="")
 
 
 def test_a_rejected_resource_is_named_by_every_later_evaluation_until_replaced(
@@ -164,31 +168,35 @@ def test_a_rejected_resource_is_named_by_every_later_evaluation_until_replaced(
     normal = (f.systolic(120, T0, id="bp"), f.oxygen_device("none", T0, id="o2"))
     bad = f.temperature(1000.0, T0, id="t1", meta={"versionId": "1"})  # impossible: left out
     first, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient(), *normal, bad], codebook, settings, FIXED_NOW, target=None
+        clean_engine, "p1", [f.patient(), *normal, bad], codebook, settings, FIXED_NOW, target=None, server=""
     )
     assert first is not None and [r.ref for r in first.left_out] == ["Observation/t1"]
     # A later read without that resource (a poll delta, a CDS prefetch) still names it.
-    later, _ = store_and_evaluate(clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None)
+    later, _ = store_and_evaluate(
+        clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None, server=""
+    )
     assert later is not None and [r.ref for r in later.left_out] == ["Observation/t1"]
     assert crs_of(later).grade is None
     assert [r.ref for r in stored_evaluation(clean_engine, codebook, settings).left_out] == ["Observation/t1"]
     # An older rejected version does not replace a newer usable one; a newer usable one clears it.
     fixed = {**bad, "meta": {"versionId": "2"}, "valueQuantity": f.quantity(39.0, "Cel")}
     again, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient(), fixed, bad], codebook, settings, FIXED_NOW, target=None
+        clean_engine, "p1", [f.patient(), fixed, bad], codebook, settings, FIXED_NOW, target=None, server=""
     )
     assert again is not None and not again.left_out and crs_of(again).grade == 1
     with Session(clean_engine) as session:
-        assert repository.rejected_inputs(session, "p1") == []
+        assert repository.rejected_inputs(session, "p1", server="") == []
 
 
 def test_a_usable_version_posted_to_the_api_clears_a_kept_rejection(
     clean_engine: Engine, codebook: Codebook, settings: Settings
 ) -> None:
     bad = f.temperature(1000.0, T0, id="t1")
-    store_and_evaluate(clean_engine, "p1", [f.patient(), bad], codebook, settings, FIXED_NOW, target=None)
+    store_and_evaluate(clean_engine, "p1", [f.patient(), bad], codebook, settings, FIXED_NOW, target=None, server="")
     with Session(clean_engine) as session:
-        store_module.store_one(session, f.temperature(39.0, T1, id="t1"), "Observation", "t1", codebook, None)
+        store_module.store_one(
+            session, f.temperature(39.0, T1, id="t1"), "Observation", "t1", codebook, None, server=""
+        )
         session.commit()
     assert not stored_evaluation(clean_engine, codebook, settings).left_out
 
@@ -202,11 +210,13 @@ def test_references_on_the_ehr_base_are_stored_relative(
     del drip["medicationCodeableConcept"]
     drip["medicationReference"] = {"reference": f"{base}/Medication/m1"}
     resources = [f.patient(), med, drip, f.temperature(39.0, T0), f.systolic(80, T0), f.oxygen_device("none", T0)]
-    ev, _ = store_and_evaluate(clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, base=base)
+    ev, _ = store_and_evaluate(
+        clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, base=base, server=""
+    )
     assert ev is not None and not ev.left_out
     assert crs_of(ev).crs.vasopressor_agents == ("norepinephrine",) and crs_of(ev).grade == 3
     with Session(clean_engine) as session:
-        stored = repository.read_resource(session, "MedicationAdministration", "ne") or {}
+        stored = repository.read_resource(session, "MedicationAdministration", "ne", server="") or {}
     assert stored["medicationReference"] == {"reference": "Medication/m1"}
     assert stored["subject"] == {"reference": "Patient/p1"}
 
@@ -216,8 +226,10 @@ def test_storage_places_a_datetime_without_timezone_by_the_site_timezone(
 ) -> None:
     local = f.temperature(39.0, "2026-11-21T08:00:00", id="t-local")
     with Session(clean_engine) as session:
-        without = store_resources(session, [f.patient(), local], codebook)
-        with_tz = store_resources(session, [local], codebook, site_tz=Settings(site_timezone="Europe/Berlin").site_tz())
+        without = store_resources(session, [f.patient(), local], codebook, server="")
+        with_tz = store_resources(
+            session, [local], codebook, site_tz=Settings(site_timezone="Europe/Berlin").site_tz(), server=""
+        )
     assert without.results[1].outcome == "rejected"
     assert "no timezone" in without.results[1].issues[0].diagnostics
     assert with_tz.results[0].outcome == "stored"
@@ -229,7 +241,14 @@ def test_a_resource_read_without_an_id_is_named_in_the_evaluation(
     anonymous = f.temperature(39.0, T0)
     del anonymous["id"]
     ev, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient(), anonymous, f.systolic(120, T0)], codebook, settings, FIXED_NOW, target=None
+        clean_engine,
+        "p1",
+        [f.patient(), anonymous, f.systolic(120, T0)],
+        codebook,
+        settings,
+        FIXED_NOW,
+        target=None,
+        server="",
     )
     assert ev is not None and [r.path for r in ev.left_out] == ["Observation/(read without an id).id"]
 
@@ -251,13 +270,15 @@ def test_unchanged_inputs_are_not_graded_again_and_any_change_is(
     resources = [f.patient(), med, drip, *vitals]
 
     def sync(rs: list[dict[str, Any]]) -> Any:
-        ev, _ = store_and_evaluate(clean_engine, "p1", rs, codebook, settings, FIXED_NOW, target=None, cache=cache)
+        ev, _ = store_and_evaluate(
+            clean_engine, "p1", rs, codebook, settings, FIXED_NOW, target=None, cache=cache, server=""
+        )
         return ev
 
     with counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses:
         first = sync(resources)
         again, changed = store_and_evaluate(
-            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, cache=cache
+            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, cache=cache, server=""
         )
         assert len(parses) == 1 and again is first  # the same stored inputs: served, not graded
         assert not changed  # nor stored or written back again
@@ -286,7 +307,7 @@ def test_the_same_call_again_is_not_stored_again_unless_storage_changed_meanwhil
     def hook(rs: list[dict[str, Any]]) -> Any:
         audit = AuditEvent(recorded=FIXED_NOW, actor="ehr", action="hook", route="/x", patient_id="p1", status=200)
         ev, _ = store_and_evaluate(
-            clean_engine, "p1", rs, codebook, settings, FIXED_NOW, target=None, cache=cache, audit=audit
+            clean_engine, "p1", rs, codebook, settings, FIXED_NOW, target=None, cache=cache, audit=audit, server=""
         )
         return ev
 
@@ -300,7 +321,7 @@ def test_the_same_call_again_is_not_stored_again_unless_storage_changed_meanwhil
         assert len(stores) == 1 and audits() == 2  # every access is audited all the same
         # another writer changes a stored input: the same bytes again are stored and graded again
         with Session(clean_engine) as session:
-            store_resources(session, [{**f.systolic(70, T0, id="bp"), "meta": {"versionId": "9"}}], codebook)
+            store_resources(session, [{**f.systolic(70, T0, id="bp"), "meta": {"versionId": "9"}}], codebook, server="")
             session.commit()
         third = hook(resources)
         assert len(stores) == 2 and third is not first
@@ -321,9 +342,17 @@ def test_an_unversioned_rejected_copy_after_a_versioned_stored_one_is_named(
         settings,
         FIXED_NOW,
         target=None,
+        server="",
     )
     ev, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient(), f.temperature(1000.0, T0, id="t")], codebook, settings, FIXED_NOW, target=None
+        clean_engine,
+        "p1",
+        [f.patient(), f.temperature(1000.0, T0, id="t")],
+        codebook,
+        settings,
+        FIXED_NOW,
+        target=None,
+        server="",
     )
     assert ev is not None and [r.ref for r in ev.left_out] == ["Observation/t"]
 
@@ -336,6 +365,7 @@ def test_a_non_string_id_or_a_number_beyond_64_bits_is_rejected_not_a_500(
             session,
             [f.patient(), {**f.temperature(39.0, T0), "id": 5}, {**f.temperature(39.0, T0, id="big"), "x": 2**70}],
             codebook,
+            server="",
         )
     assert [r.outcome for r in out.results] == ["stored", "rejected", "rejected"]
 
@@ -344,10 +374,17 @@ def test_a_rejected_newer_patient_replaces_the_stored_one_in_the_evaluation(
     clean_engine: Engine, codebook: Codebook, settings: Settings
 ) -> None:
     store_and_evaluate(
-        clean_engine, "p1", [f.patient(), f.temperature(39.0, T0, id="t")], codebook, settings, FIXED_NOW, target=None
+        clean_engine,
+        "p1",
+        [f.patient(), f.temperature(39.0, T0, id="t")],
+        codebook,
+        settings,
+        FIXED_NOW,
+        target=None,
+        server="",
     )
     # Its meta cannot be stored (not a FHIR id), its content can be graded: it is graded in place of
     # the stored Patient, never beside it (two Patients would be a 422 for the whole hook).
     bad_meta = {**f.patient(birth_date="1960-01-01"), "meta": {"versionId": "v 2"}}
-    ev, _ = store_and_evaluate(clean_engine, "p1", [bad_meta], codebook, settings, FIXED_NOW, target=None)
+    ev, _ = store_and_evaluate(clean_engine, "p1", [bad_meta], codebook, settings, FIXED_NOW, target=None, server="")
     assert ev is not None and crs_of(ev).floor == 1  # fever: at least grade 1, blood pressure and oxygen unknown

@@ -34,7 +34,9 @@ CDS_HOOK = "/cds-services/{service_id}"
 APP_API = "/app/api/"  # the clinician app's data: every view of a patient is an access
 
 
-def _app_event(template: str, params: dict[str, str], actor: str, status: int, now: datetime) -> AuditEvent:
+def _app_event(
+    template: str, params: dict[str, str], actor: str, server: str, status: int, now: datetime
+) -> AuditEvent:
     """An app view: the worklist (every patient: a search), a patient's course, or one resource."""
     rtype, rid = params.get("rtype"), params.get("rid")
     if "patient_id" in params:
@@ -49,6 +51,7 @@ def _app_event(template: str, params: dict[str, str], actor: str, status: int, n
         resource_id=_cut(rid, 64),
         patient_id=_cut(patient, 64),
         status=status,
+        server=server,
     )
 
 
@@ -56,20 +59,27 @@ def _cut(value: object, n: int) -> str | None:
     return None if value is None else str(value)[:n]
 
 
-def audit_event(scope: Scope, status: int, location: str | None, now: datetime) -> AuditEvent | None:
+def audit_event(
+    scope: Scope, status: int, location: str | None, now: datetime, settings: Settings
+) -> AuditEvent | None:
     """The row for a finished request, or None when it did not reach an audited route."""
     template = getattr(scope.get("route"), "path", None)
     method = scope.get("method", "")
     params = scope.get("path_params") or {}
-    principal = (scope.get("state") or {}).get("principal")
+    state = scope.get("state") or {}
+    principal = state.get("principal")
     actor = str(getattr(principal, "actor", "") or ANONYMOUS)[:256]
+    # whose data: as the route's server dependency found it, else the namespace of the caller's
+    # mapped EHR server (a CDS client is mapped by its issuer)
+    mapped = settings.auth_client_servers.get(getattr(principal, "iss", None) or actor)
+    server = str(state.get("server", settings.namespace(mapped)))
     if template == CDS_HOOK and method == "POST":
         if status < 400:
             return None  # recorded by the hook itself (service/cdshooks/service.py), with its patient
         route = f"/cds-services/{params.get('service_id', '')}"[:128]
-        return AuditEvent(recorded=now, actor=actor, action="hook", route=route, status=status)
+        return AuditEvent(recorded=now, actor=actor, action="hook", route=route, status=status, server=server)
     if isinstance(template, str) and template.startswith(APP_API):
-        return _app_event(template, params, actor, status, now)
+        return _app_event(template, params, actor, server, status, now)
     if not isinstance(template, str) or not template.startswith(PREFIX) or template in NOT_AUDITED:
         return None
     parts = template.removeprefix(PREFIX).strip("/").split("/")
@@ -100,6 +110,7 @@ def audit_event(scope: Scope, status: int, location: str | None, now: datetime) 
         resource_id=_cut(rid, 64),
         patient_id=_cut(patient, 64),
         status=status,
+        server=server,
     )
 
 
@@ -132,7 +143,7 @@ class AuditTrail:
         await self._record(scope, status, location)
 
     async def _record(self, scope: Scope, status: int, location: str | None) -> None:
-        event = audit_event(scope, status, location, self.clock())
+        event = audit_event(scope, status, location, self.clock(), self.settings)
         if event is None:
             return
         try:

@@ -92,6 +92,17 @@ def authenticate(request: Request, settings: SettingsDep, security: SecurityDep,
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
+def client_server(request: Request, principal: PrincipalDep, settings: SettingsDep) -> str:
+    """Whose data the caller reads and writes: the EHR server its client is mapped to
+    (IECTOX_AUTH_CLIENT_SERVERS, by the token's `iss sub`), else "" (data of API clients).
+    Kept on the request for its audit row."""
+    request.state.server = settings.namespace(settings.auth_client_servers.get(principal.actor))
+    return str(request.state.server)
+
+
+ServerDep = Annotated[str, Depends(client_server)]
+
+
 def requires(access: Access, *rtypes: str) -> dict[str, Any]:
     """Route keyword arguments: a dependency that authenticates and needs `access` on every one of
     `rtypes` (403 otherwise), and the 401 / 403 responses for the OpenAPI document. With no

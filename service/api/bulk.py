@@ -26,7 +26,7 @@ from ..config.settings import Settings
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..security.scopes import READ, Principal
 from ..storage.models import ExportJob
-from .auth import PrincipalDep, requires
+from .auth import PrincipalDep, ServerDep, requires
 from .deps import ClockDep, EngineDep, ReadSessionDep, SessionDep, SettingsDep
 from .responses import FhirResponse
 from .schemas import ERRORS
@@ -67,6 +67,7 @@ UNSUPPORTED = ("_typeFilter", "patient", "_elements", "includeAssociatedData", "
 def kickoff(
     request: Request,
     principal: PrincipalDep,
+    server: ServerDep,
     session: SessionDep,
     engine: EngineDep,
     settings: SettingsDep,
@@ -88,7 +89,7 @@ def kickoff(
         raise FhirError.one(400, "not-supported", f"_outputFormat: this server writes {NDJSON}", "_outputFormat")
     types = requested_types(type_)
     principal.require(READ, *types)
-    job_id = start_export(session, types, parse_since(since), str(request.url), principal.actor, clock())
+    job_id = start_export(session, types, parse_since(since), str(request.url), principal.actor, clock(), server=server)
     background.add_task(run_export, engine, job_id, clock)  # after the job row is committed
     return Response(
         status_code=202, headers={"Content-Location": f"{_base(request, settings)}/$export-status/{job_id}"}

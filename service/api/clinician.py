@@ -9,6 +9,7 @@ and RiskAssessment. In dev mode (loopback only) no token is needed.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -70,8 +71,13 @@ def app_user(request: Request, settings: SettingsDep, security: SecurityDep, cre
         ours = security.app is not None and claims.get("iss") == settings.app_issuer
         if ours and audience_matches(claims, settings.app_fhir_base or ""):
             assert security.app is not None
-            return verify_app_token(token, settings, security.app, utc_now())
-        return service(token)
+            principal = verify_app_token(token, settings, security.app, utc_now())
+            # whose patients: the EHR that launched the app (the server at IECTOX_APP_FHIR_BASE)
+            request.state.server = settings.server_at(settings.app_fhir_base)
+            return principal
+        principal = service(token)
+        request.state.server = settings.namespace(settings.auth_client_servers.get(principal.actor))
+        return principal
 
     principal = caller(request, security, credentials, verify)
     principal.require(READ, *READ_TYPES)
@@ -79,6 +85,17 @@ def app_user(request: Request, settings: SettingsDep, security: SecurityDep, cre
 
 
 AppUserDep = Annotated[Principal, Depends(app_user)]
+
+
+def app_server(request: Request, _user: AppUserDep) -> str:
+    """Whose patients the user sees, as the verifier that accepted the token found it (`app_user`,
+    kept on the request for its audit row too): for a token of the EHR that launched the app, the
+    namespace of the server at IECTOX_APP_FHIR_BASE; for a token of the service's issuer, its
+    client's mapped server (IECTOX_AUTH_CLIENT_SERVERS); the home namespace "" in dev mode."""
+    return str(getattr(request.state, "server", ""))
+
+
+AppServerDep = Annotated[str, Depends(app_server)]
 # 401 / 403 in the OpenAPI document, as the /fhir routes declare them
 AUTH_RESPONSES = requires(READ, *READ_TYPES)["responses"]
 
@@ -142,13 +159,15 @@ def app_config(settings: SettingsDep, security: SecurityDep) -> dict[str, Any]:
 )
 async def api_worklist(
     _user: AppUserDep,
+    server: AppServerDep,
     request: Request,
     session: ReadSessionDep,
     settings: SettingsDep,
     codebook: CodebookDep,
     clock: ClockDep,
 ) -> JSONResponse:
-    rows = await run_in_threadpool(worklist, session, codebook, settings, clock(), get_worklist_cache(request))
+    cache = get_worklist_cache(request)
+    rows = await run_in_threadpool(partial(worklist, server=server), session, codebook, settings, clock(), cache)
     return JSONResponse(rows, headers={"Cache-Control": "no-store"})
 
 
@@ -165,12 +184,15 @@ async def api_worklist(
 async def api_patient(
     patient_id: str,
     _user: AppUserDep,
+    server: AppServerDep,
     session: ReadSessionDep,
     settings: SettingsDep,
     codebook: CodebookDep,
     clock: ClockDep,
 ) -> JSONResponse:
-    view = await run_in_threadpool(patient_view, session, patient_id, codebook, settings, clock())
+    view = await run_in_threadpool(
+        partial(patient_view, server=server), session, patient_id, codebook, settings, clock()
+    )
     return JSONResponse(view, headers={"Cache-Control": "no-store"})
 
 
@@ -180,13 +202,13 @@ async def api_patient(
     response_model=dict[str, Any],
     responses=AUTH_RESPONSES,
 )
-def api_resource(rtype: str, rid: str, user: AppUserDep, session: ReadSessionDep) -> JSONResponse:
+def api_resource(rtype: str, rid: str, user: AppUserDep, server: AppServerDep, session: ReadSessionDep) -> JSONResponse:
     if rtype not in STORABLE_TYPES:
         raise FhirError.one(
             404, "not-found", f"the app shows stored inputs ({', '.join(sorted(STORABLE_TYPES))})", "rtype"
         )
     user.require(READ, rtype)  # a Medication, say, needs its own scope
-    res = repository.read_resource(session, rtype, rid)
+    res = repository.read_resource(session, rtype, rid, server=server)
     if res is None:
         raise FhirError.one(404, "not-found", f"no such {rtype}", f"{rtype}.id")
     return JSONResponse(res, headers={"Cache-Control": "no-store"})

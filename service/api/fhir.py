@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -21,7 +22,7 @@ from ..fhir.ingest import load_json
 from ..fhir.terminology import code_systems, operation_definitions
 from ..security.scopes import READ, WRITE
 from ..storage import repository
-from .auth import PrincipalDep, bundle_types, requires
+from .auth import PrincipalDep, ServerDep, bundle_types, requires
 from .deps import ClockDep, CodebookDep, ReadSessionDep, SessionDep, SettingsDep
 from .responses import FhirResponse
 from .schemas import ERRORS, FhirBundle, FhirResource, fhir_body
@@ -97,13 +98,18 @@ async def evaluate(
     **requires(WRITE),
 )
 async def transaction(
-    request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep, principal: PrincipalDep
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    codebook: CodebookDep,
+    principal: PrincipalDep,
+    server: ServerDep,
 ) -> FhirResponse:
     doc = await run_in_threadpool(load_json, await request.body())
     if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
         raise FhirError.one(422, "structure", "expected a Bundle", "Bundle")
     principal.require(WRITE, *bundle_types(doc))
-    return FhirResponse(await run_in_threadpool(store_bundle, session, doc, codebook, settings))
+    return FhirResponse(await run_in_threadpool(partial(store_bundle, server=server), session, doc, codebook, settings))
 
 
 @router.post(
@@ -119,9 +125,10 @@ def evaluate_patient(
     settings: SettingsDep,
     codebook: CodebookDep,
     clock: ClockDep,
+    server: ServerDep,
     at: AtQuery = None,
 ) -> FhirResponse:
-    evaluation = evaluate_stored(session, patient_id, codebook, settings, parse_at(at), clock())
+    evaluation = evaluate_stored(session, patient_id, codebook, settings, parse_at(at), clock(), server=server)
     return FhirResponse(evaluation.bundle())
 
 
@@ -140,9 +147,12 @@ def course(
     settings: SettingsDep,
     codebook: CodebookDep,
     clock: ClockDep,
+    server: ServerDep,
     at: AtQuery = None,
 ) -> FhirResponse:
-    evaluation = evaluate_stored(session, patient_id, codebook, settings, parse_at(at), clock(), store=False)
+    evaluation = evaluate_stored(
+        session, patient_id, codebook, settings, parse_at(at), clock(), store=False, server=server
+    )
     return FhirResponse(evaluation.course_parameters(settings))
 
 
@@ -152,8 +162,8 @@ def course(
     response_model=FhirResource,
     **requires(READ, "RiskAssessment"),
 )
-def read_assessment(ra_id: str, session: ReadSessionDep) -> FhirResponse:
-    res = repository.get_emitted(session, "RiskAssessment", ra_id)
+def read_assessment(ra_id: str, session: ReadSessionDep, server: ServerDep) -> FhirResponse:
+    res = repository.get_emitted(session, "RiskAssessment", ra_id, server=server)
     if res is None:
         raise FhirError.one(404, "not-found", "no such RiskAssessment", "RiskAssessment.id")
     return FhirResponse(res)
@@ -167,6 +177,7 @@ def read_assessment(ra_id: str, session: ReadSessionDep) -> FhirResponse:
 )
 def search_assessments(
     session: ReadSessionDep,
+    server: ServerDep,
     subject: Annotated[str | None, Query(description="Patient/<id> or <id>")] = None,
     method: Annotated[str | None, Query(description="method code, or system|code")] = None,
     sort: Annotated[str, Query(alias="_sort", pattern="^-?date$")] = "-date",
@@ -175,7 +186,8 @@ def search_assessments(
 ) -> FhirResponse:
     patient_id = subject.removeprefix("Patient/") if subject else None
     code = method.split("|")[-1] if method else None
-    total, found = repository.search_assessments(session, patient_id, code, sort.startswith("-"), count, offset)
+    newest = sort.startswith("-")
+    total, found = repository.search_assessments(session, patient_id, code, newest, count, offset, server=server)
     return FhirResponse(
         {
             "resourceType": "Bundle",
@@ -254,12 +266,13 @@ def _audit_bounds(dates: list[str]) -> list[tuple[str, datetime]]:
 def search_audit_events(
     session: ReadSessionDep,
     settings: SettingsDep,
+    server: ServerDep,
     patient: Annotated[str | None, Query(description="Patient/<id> or <id>")] = None,
     date: Annotated[list[str] | None, Query(description="ge2026-01-01T00:00:00Z, lt...")] = None,
     count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
 ) -> FhirResponse:
     patient_id = patient.removeprefix("Patient/") if patient else None
-    rows = repository.audit_events(session, patient_id, count, _audit_bounds(date or []))
+    rows = repository.audit_events(session, patient_id, count, _audit_bounds(date or []), server=server)
     entries = [
         {"fullUrl": f"AuditEvent/{row.id}", "resource": audit_event_of(row, settings), "search": {"mode": "match"}}
         for row in rows
@@ -268,15 +281,16 @@ def search_audit_events(
 
 
 def _store_one(
-    session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook, settings: Settings
+    session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook, settings: Settings, server: str
 ) -> FhirResponse:
     """Store one resource and read it back as stored (in one worker thread: database work never
     runs on the event loop)."""
-    return _written(session, store_one(session, res, rtype, rid, codebook, settings.site_tz()))
+    out = store_one(session, res, rtype, rid, codebook, settings.site_tz(), server=server)
+    return _written(session, out, server)
 
 
-def _written(session: Session, out: repository.WriteOutcome) -> FhirResponse:
-    res = repository.read_resource(session, out.resource_type, out.id) or {}
+def _written(session: Session, out: repository.WriteOutcome, server: str) -> FhirResponse:
+    res = repository.read_resource(session, out.resource_type, out.id, server=server) or {}
     location = f"{out.resource_type}/{out.id}/_history/{out.version_id}"
     return FhirResponse(
         res,
@@ -298,10 +312,10 @@ def _input_routes(rtype: str) -> None:
         **requires(WRITE, rtype),
     )
     async def create(
-        request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
+        request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep, server: ServerDep
     ) -> FhirResponse:
         res = load_json(await request.body())
-        return await run_in_threadpool(_store_one, session, res, rtype, None, codebook, settings)
+        return await run_in_threadpool(_store_one, session, res, rtype, None, codebook, settings, server)
 
     @router.put(
         f"/{rtype}/{{rid}}",
@@ -312,10 +326,10 @@ def _input_routes(rtype: str) -> None:
         **requires(WRITE, rtype),
     )
     async def update(
-        rid: str, request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep
+        rid: str, request: Request, session: SessionDep, settings: SettingsDep, codebook: CodebookDep, server: ServerDep
     ) -> FhirResponse:
         res = load_json(await request.body())
-        return await run_in_threadpool(_store_one, session, res, rtype, rid, codebook, settings)
+        return await run_in_threadpool(_store_one, session, res, rtype, rid, codebook, settings, server)
 
     @router.get(
         f"/{rtype}/{{rid}}",
@@ -324,8 +338,8 @@ def _input_routes(rtype: str) -> None:
         operation_id=f"read_{rtype}",
         **requires(READ, rtype),
     )
-    def read(rid: str, session: ReadSessionDep) -> FhirResponse:
-        res = repository.read_resource(session, rtype, rid)
+    def read(rid: str, session: ReadSessionDep, server: ServerDep) -> FhirResponse:
+        res = repository.read_resource(session, rtype, rid, server=server)
         if res is None:
             raise FhirError.one(404, "not-found", f"no such {rtype}", f"{rtype}.id")
         return FhirResponse(res)

@@ -36,6 +36,7 @@ def audit_event_of(event: AuditEvent, settings: Settings) -> dict[str, Any]:
         status=event.status,
         observer=f"iectox ({settings.canonical_base})",
         request_id=event.request_id,
+        server_base=server.base_url if (server := settings.ehr_servers.get(event.server)) else "",
     )
 
 

@@ -67,7 +67,14 @@ def parse_since(raw: str | None) -> datetime | None:
 
 
 def start_export(
-    session: Session, types: tuple[str, ...], since: datetime | None, request: str, actor: str, now: datetime
+    session: Session,
+    types: tuple[str, ...],
+    since: datetime | None,
+    request: str,
+    actor: str,
+    now: datetime,
+    *,
+    server: str,
 ) -> str:
     """Record a new job (in the caller's transaction); returns its id."""
     job_id = str(uuid.uuid4())
@@ -79,6 +86,7 @@ def start_export(
             since=since,
             request=request[:2048],
             actor=actor[:256],
+            server=server,
             created=now,
         )
     )
@@ -96,7 +104,7 @@ def run_export(engine: Engine, job_id: str, clock: Callable[[], datetime]) -> No
                 return
             types, since = job.types.split(","), job.since
             for rtype in types:
-                for name, count, body in _files(reader, rtype, since):
+                for name, count, body in _files(reader, rtype, since, job.server):
                     with Session(engine) as writer:
                         writer.add(ExportFile(job_id=job_id, name=name, resource_type=rtype, count=count, body=body))
                         writer.commit()
@@ -119,11 +127,11 @@ def _finish(engine: Engine, job_id: str, status: str, error: str, now: datetime)
         session.commit()
 
 
-def _files(session: Session, rtype: str, since: datetime | None) -> Iterator[tuple[str, int, bytes]]:
+def _files(session: Session, rtype: str, since: datetime | None, server: str) -> Iterator[tuple[str, int, bytes]]:
     """(name, count, NDJSON) of each file of one type: at most FILE_MAX resources and about
     FILE_MAX_BYTES each; no empty file (the manifest lists only files with resources)."""
     part, lines, count = 1, bytearray(), 0
-    for batch in repository.emitted_for_export(session, rtype, since):
+    for batch in repository.emitted_for_export(session, rtype, since, server=server):
         for res in batch:
             lines += orjson.dumps(res) + b"\n"
             count += 1

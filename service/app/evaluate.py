@@ -173,22 +173,29 @@ def evaluate_entries(
     *,
     fallback_at: datetime | None = None,
     strict: bool | None = None,
+    server: str = "",
 ) -> Evaluation:
     """Grade at `at`, else at the latest input time, else at `fallback_at` (then the Evaluation
     is `untimed`); 422 (expression "at") when there is none of the three. `strict` (default: the
-    setting `input_handling`): an input the rules cannot use is a 422 rather than left out, named."""
+    setting `input_handling`): an input the rules cannot use is a 422 rather than left out, named.
+    `server`: the EHR server the patient's data came from (in the results' business keys)."""
     with gc_paused():  # config/runtime.py: the parse's objects are acyclic
-        return _evaluate(entries, codebook, settings, at, recorded, fallback_at, strict)[0]
+        return _evaluate(entries, codebook, settings, at, recorded, fallback_at, strict, server)[0]
 
 
 def evaluate_with_grader(
-    entries: list[Entry], codebook: Codebook, settings: Settings, at: datetime | None, recorded: datetime
+    entries: list[Entry],
+    codebook: Codebook,
+    settings: Settings,
+    at: datetime | None,
+    recorded: datetime,
+    server: str = "",
 ) -> tuple[Evaluation, Grader]:
     """`evaluate_entries` (lenient; without timed input at `recorded`, `untimed`), and the Grader
     that holds the normalised data and the per-time facts it computed: for views that show the
     inputs and the hourly grades."""
     with gc_paused():
-        return _evaluate(entries, codebook, settings, at, recorded, recorded, False)
+        return _evaluate(entries, codebook, settings, at, recorded, recorded, False, server)
 
 
 def _evaluate(
@@ -199,6 +206,7 @@ def _evaluate(
     recorded: datetime,
     fallback_at: datetime | None,
     strict: bool | None,
+    server: str = "",
 ) -> tuple[Evaluation, Grader]:
     strict = settings.input_handling == "strict" if strict is None else strict
     with stage("parse"):
@@ -225,7 +233,7 @@ def _evaluate(
     with stage("scores"):
         scores = all_scores(data, at, score_config(settings))
     with stage("emit"):
-        return _emit(parsed, data, grader, results, course_results, scores, settings, at, recorded, untimed)
+        return _emit(parsed, data, grader, results, course_results, scores, settings, at, recorded, untimed, server)
 
 
 def _emit(
@@ -239,13 +247,15 @@ def _emit(
     at: datetime,
     recorded: datetime,
     untimed: bool,
+    server: str,
 ) -> tuple[Evaluation, Grader]:
     """The FHIR resources of an evaluation, validated, and the Evaluation that carries them."""
     ccfg = course_config(settings)
     base = settings.canonical_base
-    assessments = [risk_assessment(r, data.patient_ref, base) for r in results]
-    assessments += [course_assessment(c, peak, data.patient_ref, base, ccfg) for c, peak in course_results]
-    assessments += [score_assessment(s, data.patient_ref, base) for s in scores]
+    ref = data.patient_ref
+    assessments = [risk_assessment(r, ref, base, server=server) for r in results]
+    assessments += [course_assessment(c, peak, ref, base, ccfg, server) for c, peak in course_results]
+    assessments += [score_assessment(s, ref, base, server) for s in scores]
     inputs = [data.patient_ref] + [ref for r in results for ref in (*r.considered, *r.basis)]
     inputs += [ref for _, peak in course_results if peak is not None for ref in peak.basis]
     inputs += [ref for s in scores for ref in s.basis]

@@ -80,12 +80,18 @@ def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None) -> _Checked
     return _Checked(entry, patient_id, issues)
 
 
-def new_version(res: dict[str, Any], patient_id: str | None) -> repository.NewVersion:
+def patient_key(server: str, patient_id: str) -> str:
+    """A patient's key in the per-process caches: two servers' Patient/123 are two patients."""
+    return f"{server}\x00{patient_id}"
+
+
+def new_version(res: dict[str, Any], patient_id: str | None, server: str) -> repository.NewVersion:
     """A checked resource with the index fields storage needs (the version order as numbers)."""
     meta = res.get("meta") or {}
     source_version, updated = str(meta.get("versionId") or ""), meta.get("lastUpdated")
     number, _, instant = version_key_of(source_version, updated)
     return repository.NewVersion(
+        server,
         res["resourceType"],
         res["id"],
         patient_id,
@@ -97,11 +103,13 @@ def new_version(res: dict[str, Any], patient_id: str | None) -> repository.NewVe
     )
 
 
-def _store(session: Session, checked: list[_Checked]) -> list[ResourceResult]:
+def _store(session: Session, checked: list[_Checked], server: str) -> list[ResourceResult]:
     """Upsert the checked resources without issues (set-based); one result per resource, in
     order. A resource with issues is rejected, not written."""
     usable = [c for c in checked if not c.issues]
-    writes = iter(repository.upsert_resources(session, [new_version(c.entry.resource, c.patient_id) for c in usable]))
+    writes = iter(
+        repository.upsert_resources(session, [new_version(c.entry.resource, c.patient_id, server) for c in usable])
+    )
     results = []
     for c in checked:
         if c.issues:
@@ -200,8 +208,11 @@ def _may_refer(res: dict[str, Any], targets: set[bytes]) -> bool:
     return b"\\" in body or any(ref in targets for ref in _REFERENCE.findall(body))
 
 
-def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, settings: Settings) -> dict[str, Any]:
-    """The HTTP API's `POST /fhir`: a transaction or batch Bundle in, its FHIR response Bundle out."""
+def store_bundle(
+    session: Session, doc: dict[str, Any], codebook: Codebook, settings: Settings, *, server: str
+) -> dict[str, Any]:
+    """The HTTP API's `POST /fhir`: a transaction or batch Bundle in, its FHIR response Bundle out,
+    stored under `server` (the caller's EHR, or "")."""
     btype = doc.get("type")
     if btype not in ("transaction", "batch"):
         raise FhirError.one(422, "value", "POST /fhir takes a transaction or batch Bundle", "Bundle.type")
@@ -211,9 +222,9 @@ def store_bundle(session: Session, doc: dict[str, Any], codebook: Codebook, sett
         problems = [i for c in checked for i in c.issues]
         if problems:
             raise FhirError(422, problems[:50])
-    written = _store(session, checked)
+    written = _store(session, checked, server)
     if repository.any_rejected(session):
-        _clear_superseded(session, [c.entry.resource for c, w in zip(checked, written, strict=True) if w.write])
+        _clear_superseded(session, [c.entry.resource for c, w in zip(checked, written, strict=True) if w.write], server)
     entries = [_response_entry(w) for w in written]
     return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}
 
@@ -238,26 +249,27 @@ def store_resources(
     *,
     site_tz: tzinfo | None = None,
     base: str | None = None,
+    server: str,
 ) -> StoreResult:
     """Store resources as read from a FHIR server (ids kept; references on its own `base` made
     relative), each on its own: an invalid resource is rejected, never the others. A rejected
     resource of a patient is kept (RejectedInput) so that every later evaluation names it as
     left out; a usable newer version replaces it. No limit on their number."""
     stored_form = [local_references(r, base) for r in resources] if base else list(resources)
-    known = _identical(session, stored_form)  # a known patient's unchanged data: not checked again
+    known = _identical(session, stored_form, server)  # a known patient's unchanged data: not checked again
     checked = {
         i: _check(Entry(res, str(res.get("resourceType"))), codebook, site_tz)
         for i, res in enumerate(stored_form)
         if i not in known
     }
     results = dict(known)
-    results.update(zip(checked, _store(session, list(checked.values())), strict=True))
+    results.update(zip(checked, _store(session, list(checked.values()), server), strict=True))
     # Rejections are kept in arrival order; a usable version clears a kept rejection that is not
     # newer, unless a rejected version of the same id came after it in this read.
     last_rejected: dict[tuple[str, str], int] = {}
     for i, c in checked.items():
         if results[i].outcome == "rejected":
-            results[i], saved = _keep_rejected(session, c, results[i])
+            results[i], saved = _keep_rejected(session, c, results[i], server)
             if saved:
                 last_rejected[(results[i].resource_type, results[i].id)] = i
     ordered = [results[i] for i in range(len(stored_form))]
@@ -269,6 +281,7 @@ def store_resources(
                 for i, (res, r) in enumerate(zip(stored_form, ordered, strict=True))
                 if r.write and i > last_rejected.get((r.resource_type, r.id), -1)
             ],
+            server,
         )
     return StoreResult(tuple(ordered))
 
@@ -285,12 +298,12 @@ def _storable(res: dict[str, Any]) -> bool:
     return _body(res) is not None
 
 
-def _identical(session: Session, resources: list[dict[str, Any]]) -> dict[int, ResourceResult]:
+def _identical(session: Session, resources: list[dict[str, Any]], server: str) -> dict[int, ResourceResult]:
     """ "unchanged" (by position) for each resource stored byte for byte as it is: it passed the
     checks when it was stored. One read for all: a known patient's hook or poll mostly re-reads
     what is stored, and checking and upserting it again costs more than grading it."""
     keys = [(str(r.get("resourceType")), str(r.get("id"))) for r in resources]
-    stored = repository.stored_bodies(session, [k for k in keys if FHIR_ID.fullmatch(k[1])])
+    stored = repository.stored_bodies(session, [k for k in keys if FHIR_ID.fullmatch(k[1])], server=server)
     out: dict[int, ResourceResult] = {}
     for i, (key, res) in enumerate(zip(keys, resources, strict=True)):
         found = stored.get(key)
@@ -300,7 +313,9 @@ def _identical(session: Session, resources: list[dict[str, Any]]) -> dict[int, R
     return out
 
 
-def _keep_rejected(session: Session, checked: _Checked, result: ResourceResult) -> tuple[ResourceResult, bool]:
+def _keep_rejected(
+    session: Session, checked: _Checked, result: ResourceResult, server: str
+) -> tuple[ResourceResult, bool]:
     """Keep a rejected resource of a patient unless a newer usable version is stored (the EHR's
     version order; arrival order among versions that do not say theirs). Also returns whether
     it was saved in rejected_input."""
@@ -313,18 +328,20 @@ def _keep_rejected(session: Session, checked: _Checked, result: ResourceResult) 
     ):
         # nothing to keep it by (or its meta or JSON is the problem): named in this evaluation only
         return result, False
-    stored = repository.stored_version(session, result.resource_type, result.id)
+    stored = repository.stored_version(session, result.resource_type, result.id, server=server)
     meta = res.get("meta") or {}
     unversioned = not (meta.get("versionId") or meta.get("lastUpdated"))  # replaces any, as the upsert does
     saved = stored is None or unversioned or not version_key_of(*stored) > version_key(res)
     if saved:
-        repository.save_rejected(session, res, checked.patient_id)
+        repository.save_rejected(session, res, checked.patient_id, server=server)
     return replace(result, kept=True), saved
 
 
-def _clear_superseded(session: Session, stored: list[dict[str, Any]]) -> None:
+def _clear_superseded(session: Session, stored: list[dict[str, Any]], server: str) -> None:
     """Usable versions just stored replace kept rejections that are not newer."""
-    kept = repository.rejected_versions(session, [(str(r["resourceType"]), str(r["id"])) for r in stored])
+    kept = repository.rejected_versions(
+        session, [(str(r["resourceType"]), str(r["id"])) for r in stored], server=server
+    )
     if not kept:
         return
     cleared = {
@@ -333,11 +350,18 @@ def _clear_superseded(session: Session, stored: list[dict[str, Any]]) -> None:
         if (key := (str(res["resourceType"]), str(res["id"]))) in kept
         and not version_key_of(*kept[key]) > version_key(res)
     }
-    repository.clear_rejected(session, cleared)
+    repository.clear_rejected(session, cleared, server=server)
 
 
 def store_one(
-    session: Session, res: Any, rtype: str, rid: str | None, codebook: Codebook, site_tz: tzinfo | None
+    session: Session,
+    res: Any,
+    rtype: str,
+    rid: str | None,
+    codebook: Codebook,
+    site_tz: tzinfo | None,
+    *,
+    server: str,
 ) -> repository.WriteOutcome:
     if not isinstance(res, dict) or res.get("resourceType") != rtype:
         raise FhirError.one(400, "value", f"body resourceType must be {rtype}", "resourceType")
@@ -347,9 +371,9 @@ def store_one(
     checked = _check(Entry(res, rtype), codebook, site_tz)
     if checked.issues:
         raise FhirError(422, checked.issues)
-    (out,) = repository.upsert_resources(session, [new_version(res, checked.patient_id)])
+    (out,) = repository.upsert_resources(session, [new_version(res, checked.patient_id, server)])
     if repository.any_rejected(session):
-        _clear_superseded(session, [res])
+        _clear_superseded(session, [res], server)
     return out
 
 
@@ -364,6 +388,7 @@ def evaluate_stored(
     store: bool = True,
     fallback_at: datetime | None = None,
     unstored: Iterable[dict[str, Any]] = (),
+    server: str,
 ) -> Evaluation:
     """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
     Without `at` and without timed input, grade at `fallback_at` (the Evaluation is `untimed`).
@@ -374,21 +399,23 @@ def evaluate_stored(
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
     """
-    entries, strict = stored_entries(session, patient_id, unstored)
-    evaluation = evaluate_entries(entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict)
+    entries, strict = stored_entries(session, patient_id, unstored, server=server)
+    evaluation = evaluate_entries(
+        entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict, server=server
+    )
     if store:
-        store_evaluation(session, patient_id, evaluation, settings, recorded)
+        store_evaluation(session, patient_id, evaluation, settings, recorded, server=server)
     return evaluation
 
 
 def stored_entries(
-    session: Session, patient_id: str, unstored: Iterable[dict[str, Any]] = ()
+    session: Session, patient_id: str, unstored: Iterable[dict[str, Any]] = (), *, server: str
 ) -> tuple[list[Entry], bool | None]:
     """The entries an evaluation of the stored patient reads, and its strictness (False when
     storage rejected some: they are named as left out, never a 422; None: the setting). 404
     without a stored Patient."""
-    resources = repository.patient_inputs(session, patient_id)
-    rejected = repository.rejected_inputs(session, patient_id)
+    resources = repository.patient_inputs(session, patient_id, server=server)
+    rejected = repository.rejected_inputs(session, patient_id, server=server)
     extra = list(unstored)
     # What storage rejected (kept, or just read) replaces a stored version of the same id.
     newer = {(r.get("resourceType"), r.get("id")) for r in (*rejected, *extra) if isinstance(r.get("id"), str)}
@@ -400,21 +427,39 @@ def stored_entries(
 
 
 def store_evaluation(
-    session: Session, patient_id: str, evaluation: Evaluation, settings: Settings, recorded: datetime
+    session: Session, patient_id: str, evaluation: Evaluation, settings: Settings, recorded: datetime, *, server: str
 ) -> None:
     """Upsert the RiskAssessments and Provenance and enqueue their write-back, in `session`."""
     base = settings.canonical_base
     emitted = [repository.Emitted(r, *index_fields(r, base)) for r in evaluation.resources]
-    repository.save_emitted(session, patient_id, emitted, recorded)
-    enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded)  # same transaction
+    repository.save_emitted(session, patient_id, emitted, recorded, server=server)
+    enqueue_writeback(session, patient_id, evaluation.resources, settings, recorded, server=server)  # same transaction
+
+
+def writeback_target(settings: Settings, server: str) -> str | None:
+    """Where the results of a patient of namespace `server` go: only to that namespace's own EHR
+    server (the home server's for ""), when it is `IECTOX_WRITEBACK_TARGET` or the site writes
+    back to each source (`IECTOX_WRITEBACK_TO_SOURCE`); else nowhere: another EHR's
+    Patient/<id> is another person."""
+    own = server or settings.home()
+    if own == settings.writeback_target or (settings.writeback_to_source and own in settings.ehr_servers):
+        return own
+    return None
 
 
 def enqueue_writeback(
-    session: Session, patient_id: str, resources: list[dict[str, Any]], settings: Settings, now: datetime
+    session: Session,
+    patient_id: str,
+    resources: list[dict[str, Any]],
+    settings: Settings,
+    now: datetime,
+    *,
+    server: str,
 ) -> int:
-    """With a write-back target configured, add the evaluation's outbox rows to `session` (the
-    caller's transaction: they commit with the stored RiskAssessments or not at all)."""
-    if settings.writeback_target is None:
+    """With a write-back target, add the evaluation's outbox rows to `session` (the caller's
+    transaction: they commit with the stored RiskAssessments or not at all)."""
+    target = writeback_target(settings, server)
+    if target is None:
         return 0
     mode: Mode = "conditional" if settings.writeback_mode == "conditional" else "id"
     bundles = transaction_bundles(
@@ -422,5 +467,5 @@ def enqueue_writeback(
     )
     request_id = current_request_id() or ""  # the worker's log lines for these rows carry it
     for bundle in bundles:
-        outbox.enqueue(session, patient_id, settings.writeback_target, bundle, now, request_id)
+        outbox.enqueue(session, patient_id, target, bundle, now, request_id)
     return len(bundles)

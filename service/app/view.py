@@ -32,7 +32,7 @@ from ..core.model import Administration, GradeResult, PatientData
 from ..core.scores import ScoreResult
 from ..storage import repository
 from .evaluate import Evaluation, Grader, course_config, evaluate_with_grader
-from .store import stored_entries
+from .store import patient_key, stored_entries
 
 # Where each concept is drawn (panel) and its label; the unit is the concept's canonical unit.
 SERIES: dict[str, tuple[str, str]] = {
@@ -188,10 +188,12 @@ def _hourly(evaluation: Evaluation, settings: Settings) -> tuple[list[datetime],
     return times, {c.method: list(c.grades) for c in evaluation.courses}
 
 
-def patient_view(session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime) -> dict:
-    """The patient page's data (404 without a stored Patient)."""
-    entries, _ = stored_entries(session, patient_id)
-    evaluation, grader = evaluate_with_grader(entries, codebook, settings, None, now)
+def patient_view(
+    session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime, *, server: str
+) -> dict:
+    """The patient page's data (404 without a stored Patient of `server`)."""
+    entries, _ = stored_entries(session, patient_id, server=server)
+    evaluation, grader = evaluate_with_grader(entries, codebook, settings, None, now, server)
     data = grader.data
     resource = next((e.resource for e in entries if e.type == "Patient"), None)
     times, hourly = _hourly(evaluation, settings)
@@ -307,10 +309,10 @@ def _changes(evaluation: Evaluation, grader: Grader, times: list[datetime], hour
 
 
 def worklist_row(
-    session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime
+    session: Session, patient_id: str, codebook: Codebook, settings: Settings, now: datetime, server: str
 ) -> dict[str, Any]:
-    entries, _ = stored_entries(session, patient_id)
-    evaluation, grader = evaluate_with_grader(entries, codebook, settings, None, now)
+    entries, _ = stored_entries(session, patient_id, server=server)
+    evaluation, grader = evaluate_with_grader(entries, codebook, settings, None, now, server)
     resource = next((e.resource for e in entries if e.type == "Patient"), None)
     times, hourly = _hourly(evaluation, settings)
     by = {r.method: r for r in evaluation.results}
@@ -357,17 +359,18 @@ class WorklistCache:
 
 
 def worklist(
-    session: Session, codebook: Codebook, settings: Settings, now: datetime, cache: WorklistCache
+    session: Session, codebook: Codebook, settings: Settings, now: datetime, cache: WorklistCache, *, server: str
 ) -> list[dict[str, Any]]:
-    """Every stored patient's row, worst current grade first (indeterminate above determinate
-    at the same grade), then by id."""
+    """Every stored patient's row (of `server`: the app user's EHR), worst current grade first
+    (indeterminate above determinate at the same grade), then by id."""
     rows = []
-    for patient_id in repository.stored_patient_ids(session):
-        fingerprint = repository.input_fingerprint(session, patient_id)
-        row = cache.get(patient_id, fingerprint)
+    for patient_id in repository.stored_patient_ids(session, server=server):
+        fingerprint = repository.input_fingerprint(session, patient_id, server=server)
+        key = patient_key(server, patient_id)
+        row = cache.get(key, fingerprint)
         if row is None:
-            row = worklist_row(session, patient_id, codebook, settings, now)
-            cache.put(patient_id, fingerprint, row)
+            row = worklist_row(session, patient_id, codebook, settings, now, server)
+            cache.put(key, fingerprint, row)
         rows.append(row)
     rows.sort(key=lambda r: (-r["worst"], not r["indeterminate"], r["id"]))
     return rows

@@ -188,10 +188,9 @@ def _failed(value: Any) -> bool:
 def _server_for(url: str | None, settings: Settings) -> tuple[str, FhirServerConfig]:
     """The configured EHR server whose base URL is `fhirServer` (never an arbitrary URL: no SSRF,
     no token sent to a server the site did not configure)."""
-    if url:
-        for name, server in settings.ehr_servers.items():
-            if server.base_url.rstrip("/") == url.rstrip("/"):
-                return name, server
+    name = settings.server_named(url)
+    if name is not None:
+        return name, settings.ehr_servers[name]
     raise FhirError.one(
         412, "not-found", "the data are not in the prefetch and fhirServer is not a configured EHR server", "fhirServer"
     )
@@ -262,6 +261,26 @@ def check_prefetch(
     return out
 
 
+def hook_server(settings: Settings, issuer: str, fhir_server: str | None) -> str:
+    """The namespace of a hook's patient: that of the EHR server its CDS client is mapped to
+    (IECTOX_AUTH_CLIENT_SERVERS, by the JWT's `iss`: the issuer is what is trusted, any `sub` it
+    signs is its own), else that of the configured server whose base is `fhirServer`, else the
+    home namespace "". One EHR never writes into another's patients: a mapped client naming
+    another configured server, or (once clients are mapped) an unmapped one naming a server other
+    than the home server, is refused."""
+    named = settings.server_named(fhir_server)
+    mapped = settings.auth_client_servers.get(issuer)
+    if mapped is not None:
+        if named is not None and settings.namespace(named) != settings.namespace(mapped):
+            raise FhirError.one(403, "forbidden", "fhirServer is another EHR's than this CDS client's", "fhirServer")
+        return settings.namespace(mapped)
+    if settings.auth_client_servers and settings.namespace(named):
+        raise FhirError.one(
+            403, "forbidden", "this CDS client is not mapped to the EHR server named by fhirServer", "fhirServer"
+        )
+    return settings.namespace(named)
+
+
 @dataclass(frozen=True)
 class HookCall:
     """What the route hands over: the parsed request, who called, and where the course lives."""
@@ -269,6 +288,7 @@ class HookCall:
     service: HookService
     request: HookRequest
     actor: str
+    issuer: str  # the CDS client JWT's `iss`: what the site trusts and maps to an EHR server
     public_base: str
 
 
@@ -290,6 +310,7 @@ async def call_hook(
     orders = ordered_concepts(req.context, codebook) if service.needs_orders else []
     if service.needs_orders and not orders:
         return CdsResponse(cards=[])
+    server = hook_server(settings, call.issuer, req.fhirServer)
     prefetch = req.prefetch or {}
     # A key the EHR did not fill is absent (or carries an OperationOutcome): fetch it. null = no data.
     missing = [key for key in PREFETCH_KEYS if key not in prefetch or _failed(prefetch[key])]
@@ -315,6 +336,7 @@ async def call_hook(
         route=f"/cds-services/{service.id}",
         patient_id=patient_id,
         status=200,
+        server=server,
     )
     base = call.public_base.rstrip("/")
     ctx = CardContext(
@@ -332,9 +354,18 @@ async def call_hook(
         user[:256] if isinstance(user, str) else "",
         timedelta(hours=settings.cds_quiet_repeat_hours),
         now,
+        server,
     )
     evaluation, _ = await run_in_threadpool(
-        partial(store_and_evaluate, target=target, base=req.fhirServer, audit=audit, cache=cache, respond=answer),
+        partial(
+            store_and_evaluate,
+            target=target,
+            server=server,
+            base=req.fhirServer,
+            audit=audit,
+            cache=cache,
+            respond=answer,
+        ),
         engine,
         patient_id,
         resources,
@@ -359,16 +390,19 @@ class _Answer:
     user: str  # context.userId: the quiet rule is per user
     repeat: timedelta  # an unchanged card is shown again to a user after this long
     now: datetime
+    server: str  # the patient's EHR server
     cards: list[dict[str, Any]] = field(default_factory=list)
 
     def __call__(self, session: Session, evaluation: Evaluation) -> None:
         hook, patient_id = self.service.hook, self.ctx.patient_id
         state = shown_grades(evaluation, self.orders)
         if self.quiet:
-            found = repository.last_answer(session, patient_id, hook, self.user)
+            found = repository.last_answer(session, patient_id, hook, self.user, server=self.server)
             last = Last(*found) if found is not None else None
             quiet = quiet_reason(self.quiet, evaluation, state, last, self.now, self.repeat)
-            repository.set_last_answer(session, patient_id, hook, self.user, state, self.now, shown=quiet is None)
+            repository.set_last_answer(
+                session, patient_id, hook, self.user, state, self.now, shown=quiet is None, server=self.server
+            )
             if quiet is not None:
                 CDS_QUIET.labels(hook, quiet).inc()
                 self.cards = []
@@ -381,6 +415,7 @@ class _Answer:
                     uuid=card["uuid"],
                     service_id=self.service.id,
                     hook=hook,
+                    server=self.server,
                     card_type=self.service.card_type,
                     indicator=card["indicator"],
                     patient_id=patient_id,

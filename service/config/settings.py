@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -21,6 +22,14 @@ QuietRule = Literal["grade-0", "unchanged"]
 
 def _default_quiet() -> dict[str, list[QuietRule]]:
     return {"patient-view": ["grade-0", "unchanged"]}
+
+
+def _base_key(url: str | None) -> str:
+    """A FHIR base compared as a server compares it: scheme and host in any case, no trailing slash."""
+    if not url:
+        return ""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
 class Settings(BaseSettings):
@@ -99,6 +108,28 @@ class Settings(BaseSettings):
     def site_tz(self) -> ZoneInfo | None:
         return ZoneInfo(self.site_timezone) if self.site_timezone else None
 
+    def home(self) -> str:
+        """The home server's name: `home_server`, else the only configured server, else "default"."""
+        if self.home_server is not None:
+            return self.home_server
+        return next(iter(self.ehr_servers)) if len(self.ehr_servers) == 1 else "default"
+
+    def namespace(self, server: str | None) -> str:
+        """Where a configured EHR server's data are kept (the `server` key of stored rows): its
+        name, except the home server's, kept as "" with the data of API clients that are not
+        mapped to a server and everything stored before several EHRs were keyed."""
+        return "" if not server or server == self.home() else server
+
+    def server_named(self, base: str | None) -> str | None:
+        """The name of the configured EHR server whose FHIR base is `base` (scheme and host in
+        any case, a trailing slash or not); None when none is."""
+        wanted = _base_key(base)
+        return next((n for n, s in self.ehr_servers.items() if wanted and _base_key(s.base_url) == wanted), None)
+
+    def server_at(self, base: str | None) -> str:
+        """The namespace of the data of the EHR whose FHIR base is `base` ("" when it is not configured)."""
+        return self.namespace(self.server_named(base))
+
     # Request limits (413 beyond them).
     max_body_bytes: int = 50 * 1024 * 1024
     max_bundle_entries: int = 50_000
@@ -174,6 +205,9 @@ class Settings(BaseSettings):
         "openid fhirUser user/Patient.rs user/Observation.rs user/MedicationAdministration.rs user/Condition.rs "
         "user/Procedure.rs user/Medication.rs user/RiskAssessment.rs"
     )
+    # Several EHRs: the API clients that send (and read) an EHR server's data, by their token's
+    # "<iss> <sub>" -> a name of IECTOX_EHR_SERVERS. Others use the namespace "" (docs/ehr-integration.md).
+    auth_client_servers: dict[str, str] = Field(default_factory=dict)
     # CDS Hooks clients: iss -> {"jwks": {...}, "jwks_path": "...", "jwks_url": "...",
     # "jku_prefixes": ["https://ehr.example.org/jwks/"]} (validated at start-up).
     auth_cds_clients: dict[str, dict[str, object]] = Field(default_factory=dict)
@@ -185,11 +219,27 @@ class Settings(BaseSettings):
     # "client_id": ..., "private_key_path": ..., "key_id": ..., "alg": "RS384"}}); "default" is
     # the default target. Fields, retries and scopes: docs/ehr-integration.md.
     ehr_servers: dict[str, FhirServerConfig] = Field(default_factory=dict)
+    # Several EHRs at once (docs/ehr-integration.md): the server whose data share the namespace ""
+    # with API clients not mapped to a server (a single-EHR site's server; rows stored before
+    # migration 0008). Every other server's data are kept apart, under its name. None: the only
+    # configured server, else "default".
+    home_server: str | None = None
+
+    @field_validator("ehr_servers")
+    @classmethod
+    def _storable_names(cls, value: dict[str, FhirServerConfig]) -> dict[str, FhirServerConfig]:
+        bad = sorted(name for name in value if not 0 < len(name) <= 64)
+        if bad:
+            raise ValueError(f"server names must have 1 to 64 characters: {bad}")
+        return value
 
     # --- Outbox and worker (write-back) ---
     # Name of the `ehr_servers` entry that stored evaluations are written back to. None (the
     # default): no outbox rows are written and `iectox worker` has nothing to do.
     writeback_target: str | None = None
+    # With several EHRs: the results of another server than the home server's go back to that
+    # server (without it, only when it is `writeback_target`: never to another EHR).
+    writeback_to_source: bool = False
     # How each RiskAssessment and the Provenance are written (docs/writeback.md): "conditional"
     # (default), PUT RiskAssessment?identifier=<write-back identifier>, each Bundle with a
     # Provenance for its own RiskAssessments; "id", PUT Type/<deterministic id> (update as

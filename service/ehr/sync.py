@@ -25,7 +25,7 @@ from sqlmodel import Session
 from ..app.audit import record_access
 from ..app.cache import EvaluationCache
 from ..app.evaluate import Evaluation
-from ..app.store import evaluate_stored, store_evaluation, store_resources
+from ..app.store import evaluate_stored, patient_key, store_evaluation, store_resources
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..core.concepts import Kind
@@ -100,6 +100,8 @@ def evaluate_patient(
     now: datetime,
     unstored: Iterable[dict[str, Any]] = (),
     cached: Evaluation | None = None,
+    *,
+    server: str,
 ) -> tuple[Evaluation, bool]:
     """Evaluate the stored data; store and enqueue only when something changed.
     Returns the evaluation and whether it was new.
@@ -112,7 +114,16 @@ def evaluate_patient(
     `cached`: the evaluation of these very stored inputs, when known (EvaluationCache).
     """
     evaluation = cached or evaluate_stored(
-        session, patient_id, codebook, settings, None, now, store=False, fallback_at=now, unstored=unstored
+        session,
+        patient_id,
+        codebook,
+        settings,
+        None,
+        now,
+        store=False,
+        fallback_at=now,
+        unstored=unstored,
+        server=server,
     )
     if evaluation.untimed:
         # No timed input yet (a Patient and nothing else): every grade is indeterminate at `now`;
@@ -120,7 +131,7 @@ def evaluate_patient(
         return evaluation, False
     if _unchanged(session, evaluation):
         return evaluation, False
-    store_evaluation(session, patient_id, evaluation, settings, now)
+    store_evaluation(session, patient_id, evaluation, settings, now, server=server)
     return evaluation, True
 
 
@@ -133,6 +144,7 @@ def store_and_evaluate(
     now: datetime,
     *,
     target: str | None,
+    server: str,
     base: str | None = None,
     audit: AuditEvent | None = None,
     cache: EvaluationCache | None = None,
@@ -147,15 +159,16 @@ def store_and_evaluate(
     `respond`: called with the evaluation inside the transaction (a CDS hook decides and records
     its cards there), whether the evaluation is new or cached."""
     received = _received_digest(resources, base) if cache is not None and target is None else None
+    key = patient_key(server, patient_id)
     if cache is not None and received is not None:
-        again = _same_call_again(engine, patient_id, cache, received, audit, respond, settings)
+        again = _same_call_again(engine, patient_id, key, cache, received, audit, respond, settings, server)
         if again is not None:
             return again, False
     with Session(engine, expire_on_commit=False) as session:
         readable = _readable(resources)
         if len(readable) < len(resources):  # counts only: no patient ids or clinical values in the log
             log.info("sync: %d resources of types not read skipped", len(resources) - len(readable))
-        stored = store_resources(session, readable, codebook, site_tz=settings.site_tz(), base=base)
+        stored = store_resources(session, readable, codebook, site_tz=settings.site_tz(), base=base, server=server)
         if stored.rejected:
             log.warning("sync: %d resources rejected (invalid for grading; named in evaluations)", stored.rejected)
         # A rejection storage could not keep (no id, or its meta is the problem) is named in this
@@ -169,9 +182,11 @@ def store_and_evaluate(
         fingerprint = None
         if any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
             if cache is not None and not unkept:
-                fingerprint = repository.input_fingerprint(session, patient_id)
-            cached = cache.get(patient_id, fingerprint) if cache is not None and fingerprint else None
-            evaluation, changed = evaluate_patient(session, patient_id, codebook, settings, now, unkept, cached)
+                fingerprint = repository.input_fingerprint(session, patient_id, server=server)
+            cached = cache.get(key, fingerprint) if cache is not None and fingerprint else None
+            evaluation, changed = evaluate_patient(
+                session, patient_id, codebook, settings, now, unkept, cached, server=server
+            )
             if target is not None:
                 watch(session, target, patient_id, high_water(resources), now)
             if respond is not None:
@@ -180,27 +195,29 @@ def store_and_evaluate(
             record_access(session, audit, settings)
         session.commit()
     if cache is not None and fingerprint and evaluation is not None and not evaluation.untimed:
-        cache.put(patient_id, fingerprint, evaluation, received)  # after the commit: it is what is stored
+        cache.put(key, fingerprint, evaluation, received)  # after the commit: it is what is stored
     return evaluation, changed
 
 
 def _same_call_again(
     engine: Engine,
     patient_id: str,
+    key: str,
     cache: EvaluationCache,
     received: str,
     audit: AuditEvent | None,
     respond: Callable[[Session, Evaluation], None] | None,
     settings: Settings,
+    server: str,
 ) -> Evaluation | None:
     """The cached evaluation when the EHR sent what it sent last time and the stored inputs kept
     the fingerprint that call left (the access is still audited, `respond` still called); else None."""
-    seen = cache.seen(patient_id, received)
+    seen = cache.seen(key, received)
     if seen is None:
         return None
     fingerprint, evaluation = seen
     with Session(engine, expire_on_commit=False) as session:
-        if repository.input_fingerprint(session, patient_id) != fingerprint:
+        if repository.input_fingerprint(session, patient_id, server=server) != fingerprint:
             return None
         if respond is not None:
             respond(session, evaluation)
@@ -233,7 +250,7 @@ async def sync_patients(
     for pid in sorted(set(patient_ids)):
         resources = await fetch_patient(client, pid, codebook)
         _, changed = await run_in_threadpool(
-            partial(store_and_evaluate, target=target, base=client.server.base_url),
+            partial(store_and_evaluate, target=target, server=settings.namespace(target), base=client.server.base_url),
             engine,
             pid,
             resources,

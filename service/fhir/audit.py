@@ -18,6 +18,7 @@ AUDIT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 INTERACTION = "http://hl7.org/fhir/restful-interaction"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 OBJECT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OWN_TYPES = frozenset({"RiskAssessment", "Provenance", "AuditEvent"})  # this service's: never on an EHR's base
 SECURITY_SOURCE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 BALP_ENTITY = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
 
@@ -55,23 +56,28 @@ def audit_event_resource(
     status: int,
     observer: str,
     request_id: str = "",
+    server_base: str = "",
 ) -> dict[str, Any]:
     """One AuditEvent of an access; `observer`: this service's name (the source); `request_id`:
-    the request's X-Request-ID (a transaction entity, as BALP records it)."""
+    the request's X-Request-ID (a transaction entity, as BALP records it); `server_base`: the FHIR
+    base of the EHR whose patient and inputs these are (their references are absolute on it: two
+    EHRs' Patient/123 are two patients), "" for data sent to this service."""
     interaction, code = ACTIONS.get(action, ("operation", "E"))
+    ehr = f"{server_base.rstrip('/')}/" if server_base else ""
     entities: list[dict[str, Any]] = []
     if patient_id:
         entities.append(
             {
-                "what": {"reference": f"Patient/{patient_id}"},
+                "what": {"reference": f"{ehr}Patient/{patient_id}"},
                 "type": {"system": OBJECT_TYPE, "code": "1", "display": "Person"},
                 "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"},
             }
         )
     if resource_type and resource_id and not (resource_type == "Patient" and resource_id == patient_id):
+        on = "" if resource_type in OWN_TYPES else ehr
         entities.append(
             {
-                "what": {"reference": f"{resource_type}/{resource_id}"},
+                "what": {"reference": f"{on}{resource_type}/{resource_id}"},
                 "type": {"system": OBJECT_TYPE, "code": "2", "display": "System Object"},
                 "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
             }

@@ -117,9 +117,18 @@ def _envelope(
     }
 
 
-def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str = "current-grade") -> dict[str, Any]:
+def keyed_ref(patient_ref: str, server: str) -> str:
+    """The patient part of a business key: with several EHRs, the server names whose patient it
+    is (two servers' Patient/123 get different ids); "" (data sent to this service) as before."""
+    return f"{server}:{patient_ref}" if server else patient_ref
+
+
+def risk_assessment(
+    result: GradeResult, patient_ref: str, base: str, code: str = "current-grade", server: str = ""
+) -> dict[str, Any]:
     sy = systems(base)
-    key = business_key(patient_ref, result.method, code, result.at)  # `at` in UTC: one id per instant
+    # `at` in UTC: one id per instant
+    key = business_key(keyed_ref(patient_ref, server), result.method, code, result.at)
     prediction: dict[str, Any] = {"outcome": _outcome(result, sy["outcome"]), "rationale": result.rationale}
     if result.grade is not None:
         prediction["qualitativeRisk"] = _qualitative(QUALITATIVE[result.grade])
@@ -132,12 +141,12 @@ def risk_assessment(result: GradeResult, patient_ref: str, base: str, code: str 
 
 
 def course_assessment(
-    course: Course, peak: GradeResult | None, patient_ref: str, base: str, cfg: CourseConfig
+    course: Course, peak: GradeResult | None, patient_ref: str, base: str, cfg: CourseConfig, server: str = ""
 ) -> dict[str, Any]:
     """The maximum grade since day 0 on one scale: code max-grade, occurrencePeriod day 0 to `at`."""
     sy = systems(base)
     code = "max-grade"
-    key = business_key(patient_ref, course.method, code, course.at)
+    key = business_key(keyed_ref(patient_ref, server), course.method, code, course.at)
     summary = GradeResult(
         course.method,
         course.scale,
@@ -210,13 +219,13 @@ def course_parameters(
     return {"resourceType": "Parameters", "parameter": params}
 
 
-def score_assessment(result: ScoreResult, patient_ref: str, base: str) -> dict[str, Any]:
+def score_assessment(result: ScoreResult, patient_ref: str, base: str, server: str = "") -> dict[str, Any]:
     """A risk score as a RiskAssessment: code risk-score, the score value in the /score extension,
     probabilities as fractions 0-1, qualitativeRisk only where a verified cut-off exists."""
     sy = systems(base)
     code = "risk-score"
     # The time point's label is part of the key: indeterminate points share the evaluation time.
-    key = business_key(patient_ref, result.method, f"{code}@{result.label}", result.at)
+    key = business_key(keyed_ref(patient_ref, server), result.method, f"{code}@{result.label}", result.at)
     predictions = []
     for p in result.predictions:
         if result.indeterminate:

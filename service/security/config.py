@@ -115,6 +115,19 @@ def load_security(settings: Settings, fetch: Fetch = http_fetch) -> SecurityConf
             f"IECTOX_AUDIT_FORWARD_TARGET={target!r} is not a server of IECTOX_EHR_SERVERS: the audit trail would "
             "never leave"
         )
+    home, target = settings.home_server, settings.writeback_target
+    if home is not None and settings.ehr_servers and home not in settings.ehr_servers:
+        raise SecurityConfigError(f"IECTOX_HOME_SERVER={home!r} is not a server of IECTOX_EHR_SERVERS")
+    if target is not None and target not in settings.ehr_servers:
+        raise SecurityConfigError(
+            f"IECTOX_WRITEBACK_TARGET={target!r} is not a server of IECTOX_EHR_SERVERS: no result would be written back"
+        )
+    strangers = sorted({s for s in settings.auth_client_servers.values() if s not in settings.ehr_servers})
+    if strangers:
+        raise SecurityConfigError(
+            f"IECTOX_AUTH_CLIENT_SERVERS names {strangers}, not servers of IECTOX_EHR_SERVERS: each client's data "
+            "are kept under a configured EHR server"
+        )
     cache = KeyCache(settings.auth_jwks_cache_seconds, fetch)
     cds = CdsTrust.from_settings(settings, cache)
     app = _app_keys(settings, cache)

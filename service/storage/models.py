@@ -18,6 +18,9 @@ class StoredResource(SQLModel, table=True):
 
     __tablename__ = "stored_resource"
 
+    # The EHR server it came from (a name of IECTOX_EHR_SERVERS; "" = sent to this service by an
+    # API client): two servers' Patient/123 are two patients and never meet.
+    server: str = Field(default="", primary_key=True, max_length=64)
     resource_type: str = Field(primary_key=True, max_length=64)
     id: str = Field(primary_key=True, max_length=64)
     patient_id: str | None = Field(default=None, index=True, max_length=64)
@@ -43,6 +46,7 @@ class RejectedInput(SQLModel, table=True):
 
     __tablename__ = "rejected_input"
 
+    server: str = Field(default="", primary_key=True, max_length=64)  # as StoredResource.server
     resource_type: str = Field(primary_key=True, max_length=64)
     id: str = Field(primary_key=True, max_length=64)
     patient_id: str = Field(index=True, max_length=64)
@@ -57,7 +61,8 @@ class EmittedResource(SQLModel, table=True):
     __tablename__ = "emitted_resource"
 
     resource_type: str = Field(primary_key=True, max_length=64)
-    id: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)  # unique across servers: the server is in its business key
+    server: str = Field(default="", index=True, max_length=64)  # the patient's server (StoredResource.server)
     patient_id: str = Field(index=True, max_length=64)
     method: str | None = Field(default=None, index=True, max_length=64)
     code: str | None = Field(default=None, max_length=64)
@@ -79,6 +84,7 @@ class ExportJob(SQLModel, table=True):
     since: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     request: str = Field(max_length=2048)  # the kick-off URL, for the manifest
     actor: str = Field(max_length=256)
+    server: str = Field(default="", max_length=64)  # the results of this EHR server's patients only
     created: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     finished: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     error: str = Field(default="", max_length=200)  # an error class; never clinical text
@@ -138,6 +144,7 @@ class AuditEvent(SQLModel, table=True):
     patient_id: str | None = Field(default=None, index=True, max_length=64)
     status: int = 0
     request_id: str = Field(default="", max_length=128)  # the request's X-Request-ID (BALP transaction entity)
+    server: str = Field(default="", max_length=64)  # whose patient and resource (StoredResource.server)
 
 
 class SeenToken(SQLModel, table=True):
@@ -169,6 +176,7 @@ class CdsCard(SQLModel, table=True):
     uuid: str = Field(unique=True, max_length=64)
     service_id: str = Field(max_length=64)
     hook: str = Field(max_length=32)
+    server: str = Field(default="", max_length=64)  # the patient's server
     card_type: str = Field(max_length=32)  # grades | order-risk
     indicator: str = Field(max_length=16)  # info | warning | critical
     patient_id: str = Field(index=True, max_length=64)
@@ -183,6 +191,7 @@ class CdsLastAnswer(SQLModel, table=True):
 
     __tablename__ = "cds_last_answer"
 
+    server: str = Field(default="", primary_key=True, max_length=64)  # the patient's server
     patient_id: str = Field(primary_key=True, max_length=64)
     hook: str = Field(primary_key=True, max_length=32)
     user_id: str = Field(primary_key=True, max_length=256)  # context.userId ("" when absent)

@@ -49,6 +49,7 @@ class WriteOutcome:
 class NewVersion(NamedTuple):
     """A version of an input resource to store, with the index fields the app layer read from it."""
 
+    server: str  # the EHR server it came from ("" = an API client's): part of its key
     resource_type: str
     id: str
     patient_id: str | None
@@ -88,20 +89,25 @@ def _arrays(table: Any, names: Sequence[str]) -> Any:
     return func.unnest(*params).table_valued(*names).render_derived()
 
 
-def _in_keys(session: Session, table: Any, keys: Sequence[tuple[str, str]]) -> tuple[Any, dict[str, Any]]:
-    """A WHERE clause for (resource_type, id) in `keys`, and its parameters."""
+def _in_keys(session: Session, table: Any, keys: Sequence[tuple[str, str]], server: str) -> tuple[Any, dict[str, Any]]:
+    """A WHERE clause for (resource_type, id) in `keys` of one `server`, and its parameters."""
     c = table.c
+    mine = c.server == bindparam("server")
     if not _postgres(session):
         # One JSON parameter read by json_each, not two bound parameters per key: measured 3-4x
         # faster for a CDS prefetch (1,900 keys: 15 -> 5 ms), the statement compiled once.
         pairs = func.json_each(bindparam("keys")).table_valued("value")
         wanted = select(func.json_extract(pairs.c.value, "$[0]"), func.json_extract(pairs.c.value, "$[1]"))
-        return tuple_(c.resource_type, c.id).in_(wanted), {"keys": orjson.dumps(list(keys)).decode()}
+        return mine & tuple_(c.resource_type, c.id).in_(wanted), {
+            "keys": orjson.dumps(list(keys)).decode(),
+            "server": server,
+        }
     arrays = _arrays(table, ("resource_type", "id"))
     types, ids = (list(column) for column in zip(*keys, strict=True))
-    return tuple_(c.resource_type, c.id).in_(select(arrays.c.resource_type, arrays.c.id)), {
+    return mine & tuple_(c.resource_type, c.id).in_(select(arrays.c.resource_type, arrays.c.id)), {
         "resource_type": types,
         "id": ids,
+        "server": server,
     }
 
 
@@ -120,7 +126,7 @@ def _upsert_stored(session: Session) -> Any:
     )
     unversioned = (new.source_version == "") & (new.source_last_updated == "")
     return ins.on_conflict_do_update(
-        index_elements=[old.resource_type, old.id],
+        index_elements=[old.server, old.resource_type, old.id],
         set_={
             "patient_id": new.patient_id,
             "source_version": new.source_version,
@@ -148,14 +154,18 @@ def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[Writ
     if not items:
         return []
     rounds: list[list[int]] = []  # round n: the n-th occurrence of each id
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     for i, item in enumerate(items):
-        key = (item.resource_type, item.id)
+        key = (item.server, item.resource_type, item.id)
         n = seen.get(key, 0)
         seen[key] = n + 1
         if n == len(rounds):
             rounds.append([])
         rounds[n].append(i)
+    servers = {item.server for item in items}
+    if len(servers) != 1:  # one call stores one server's resources (the caller's namespace)
+        raise ValueError("upsert_resources stores the resources of one server")
+    (server,) = servers
     conn, stmt, postgres = session.connection(), _upsert_stored(session), _postgres(session)
     outcomes: list[WriteOutcome] = [None] * len(items)  # type: ignore[list-item]  # every slot is set below
     for indices in rounds:
@@ -171,7 +181,7 @@ def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[Writ
                 params = [{**row._asdict(), "version_id": 1} for row in rows]
             written.update(((t, rid), v) for t, rid, v in conn.execute(stmt, params))
         kept = _stored_versions(
-            session, [key for i in indices if (key := (items[i].resource_type, items[i].id)) not in written]
+            session, [k for i in indices if (k := (items[i].resource_type, items[i].id)) not in written], server
         )
         for i in indices:
             rtype, rid = items[i].resource_type, items[i].id
@@ -183,22 +193,21 @@ def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[Writ
     return outcomes
 
 
-def _stored_versions(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+def _stored_versions(session: Session, keys: Sequence[tuple[str, str]], server: str) -> dict[tuple[str, str], int]:
     found: dict[tuple[str, str], int] = {}
     c, conn = _STORED.c, session.connection()
     for part in _chunks(keys):
-        where, params = _in_keys(session, _STORED, part)
+        where, params = _in_keys(session, _STORED, part, server)
         rows = conn.execute(select(c.resource_type, c.id, c.version_id).where(where), params)
         found.update(((t, rid), v) for t, rid, v in rows)
     return found
 
 
-def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
-    """A stored input resource as stored, with the server's version in meta.versionId."""
+def read_resource(session: Session, rtype: str, rid: str, *, server: str) -> dict[str, Any] | None:
+    """A stored input resource of `server` as stored, with this service's version in meta.versionId."""
     c = _STORED.c
-    row = (
-        session.connection().execute(select(c.body, c.version_id).where(c.resource_type == rtype, c.id == rid)).first()
-    )
+    where = (c.server == server) & (c.resource_type == rtype) & (c.id == rid)
+    row = session.connection().execute(select(c.body, c.version_id).where(where)).first()
     if row is None:
         return None
     res: dict[str, Any] = orjson.loads(row.body)
@@ -206,13 +215,16 @@ def read_resource(session: Session, rtype: str, rid: str) -> dict[str, Any] | No
     return res
 
 
-def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
-    """The stored Patient and everything that references it (plus referenced Medications)."""
+def _of_patient(c: Any, patient_id: str, server: str) -> Any:
+    mine = (c.patient_id == patient_id) | ((c.resource_type == "Patient") & (c.id == patient_id))
+    return (c.server == server) & mine
+
+
+def patient_inputs(session: Session, patient_id: str, *, server: str) -> list[dict[str, Any]]:
+    """The stored Patient of `server` and everything that references it (plus referenced Medications)."""
     c = _STORED.c
     conn = session.connection()
-    rows = conn.execute(
-        select(c.body).where((c.patient_id == patient_id) | ((c.resource_type == "Patient") & (c.id == patient_id)))
-    ).scalars()
+    rows = conn.execute(select(c.body).where(_of_patient(c, patient_id, server))).scalars()
     resources = [orjson.loads(body) for body in rows]
     med_ids = {
         ref.split("/", 1)[1]
@@ -222,60 +234,65 @@ def patient_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
         and ref.startswith("Medication/")
     }
     if med_ids:
-        meds = conn.execute(select(c.body).where((c.resource_type == "Medication") & c.id.in_(med_ids))).scalars()
+        of_server = (c.server == server) & (c.resource_type == "Medication") & c.id.in_(med_ids)
+        meds = conn.execute(select(c.body).where(of_server)).scalars()
         resources += [orjson.loads(body) for body in meds]
     return resources
 
 
-def stored_bodies(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[bytes, int]]:
-    """(body as stored, server version) of the stored input resources among `keys`."""
+def stored_bodies(
+    session: Session, keys: Sequence[tuple[str, str]], *, server: str
+) -> dict[tuple[str, str], tuple[bytes, int]]:
+    """(body as stored, this service's version) of `server`'s stored input resources among `keys`."""
     c = _STORED.c
     out: dict[tuple[str, str], tuple[bytes, int]] = {}
     conn = session.connection()
     for part in _chunks(sorted(set(keys))):
-        where, params = _in_keys(session, _STORED, part)
+        where, params = _in_keys(session, _STORED, part, server)
         for row in conn.execute(select(c.resource_type, c.id, c.body, c.version_id).where(where), params):
             out[(row.resource_type, row.id)] = (bytes(row.body), row.version_id)
     return out
 
 
-def input_fingerprint(session: Session, patient_id: str) -> str:
+def input_fingerprint(session: Session, patient_id: str, *, server: str) -> str:
     """A digest of what an evaluation of the patient reads: every stored input's server version,
     the Medications' versions (any of them: a change to one changes this) and the kept rejected
     inputs. Equal fingerprints, equal inputs."""
     c, r = _STORED.c, RejectedInput.__table__.c  # type: ignore[attr-defined]
     conn = session.connection()
-    mine = (c.patient_id == patient_id) | ((c.resource_type == "Patient") & (c.id == patient_id))
+    mine = _of_patient(c, patient_id, server)
     digest = hashlib.blake2b(digest_size=16)
     for row in conn.execute(select(c.resource_type, c.id, c.version_id).where(mine).order_by(c.resource_type, c.id)):
         digest.update(f"{row.resource_type}/{row.id}/{row.version_id};".encode())
     meds = conn.execute(
-        select(func.count(), func.coalesce(func.sum(c.version_id), 0)).where(c.resource_type == "Medication")
+        select(func.count(), func.coalesce(func.sum(c.version_id), 0)).where(
+            (c.server == server) & (c.resource_type == "Medication")
+        )
     ).one()
     digest.update(f"Medication:{meds[0]}:{meds[1]};".encode())
     for row in conn.execute(
-        select(r.resource_type, r.id, r.body).where(r.patient_id == patient_id).order_by(r.resource_type, r.id)
+        select(r.resource_type, r.id, r.body)
+        .where((r.server == server) & (r.patient_id == patient_id))
+        .order_by(r.resource_type, r.id)
     ):
         digest.update(f"rejected {row.resource_type}/{row.id}:".encode() + bytes(row.body))
     return digest.hexdigest()
 
 
-def stored_version(session: Session, rtype: str, rid: str) -> tuple[str, str] | None:
-    """(meta.versionId, meta.lastUpdated) as sent, of the stored input resource; None when absent."""
+def stored_version(session: Session, rtype: str, rid: str, *, server: str) -> tuple[str, str] | None:
+    """(meta.versionId, meta.lastUpdated) as sent, of `server`'s stored input resource; None when absent."""
     c = _STORED.c
-    row = (
-        session.connection()
-        .execute(select(c.source_version, c.source_last_updated).where(c.resource_type == rtype, c.id == rid))
-        .first()
-    )
+    where = (c.server == server) & (c.resource_type == rtype) & (c.id == rid)
+    row = session.connection().execute(select(c.source_version, c.source_last_updated).where(where)).first()
     return None if row is None else (row.source_version, row.source_last_updated)
 
 
-def save_rejected(session: Session, res: dict[str, Any], patient_id: str) -> None:
+def save_rejected(session: Session, res: dict[str, Any], patient_id: str, *, server: str) -> None:
     """Keep a rejected EHR resource (replacing an earlier rejected version of it)."""
     meta = res.get("meta") or {}
     ins = _insert(session, _REJECTED)
     values = {
+        "server": server,
         "resource_type": res["resourceType"],
         "id": res["id"],
         "patient_id": patient_id,
@@ -286,7 +303,7 @@ def save_rejected(session: Session, res: dict[str, Any], patient_id: str) -> Non
     new = ins.excluded
     session.connection().execute(
         ins.values(values).on_conflict_do_update(
-            index_elements=[_REJECTED.c.resource_type, _REJECTED.c.id],
+            index_elements=[_REJECTED.c.server, _REJECTED.c.resource_type, _REJECTED.c.id],
             set_={k: new[k] for k in ("patient_id", "source_version", "source_last_updated", "body")},
         )
     )
@@ -296,27 +313,30 @@ def any_rejected(session: Session) -> bool:
     return session.connection().execute(select(_REJECTED.c.id).limit(1)).first() is not None
 
 
-def rejected_versions(session: Session, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
-    """(meta.versionId, meta.lastUpdated) of the kept rejections among (type, id) `keys`."""
+def rejected_versions(
+    session: Session, keys: Collection[tuple[str, str]], *, server: str
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(meta.versionId, meta.lastUpdated) of `server`'s kept rejections among (type, id) `keys`."""
     c, conn = _REJECTED.c, session.connection()
     found: dict[tuple[str, str], tuple[str, str]] = {}
     for part in _chunks(sorted(set(keys))):
-        where, params = _in_keys(session, _REJECTED, part)
+        where, params = _in_keys(session, _REJECTED, part, server)
         rows = conn.execute(select(c.resource_type, c.id, c.source_version, c.source_last_updated).where(where), params)
         found.update(((t, rid), (v, u)) for t, rid, v, u in rows)
     return found
 
 
-def clear_rejected(session: Session, keys: Collection[tuple[str, str]]) -> None:
+def clear_rejected(session: Session, keys: Collection[tuple[str, str]], *, server: str) -> None:
     conn = session.connection()
     for part in _chunks(sorted(set(keys))):
-        where, params = _in_keys(session, _REJECTED, part)
+        where, params = _in_keys(session, _REJECTED, part, server)
         conn.execute(delete(_REJECTED).where(where), params)
 
 
-def rejected_inputs(session: Session, patient_id: str) -> list[dict[str, Any]]:
-    """The rejected EHR resources of one patient, as read."""
-    rows = session.connection().execute(select(_REJECTED.c.body).where(_REJECTED.c.patient_id == patient_id))
+def rejected_inputs(session: Session, patient_id: str, *, server: str) -> list[dict[str, Any]]:
+    """The rejected EHR resources of one patient of `server`, as read."""
+    r = _REJECTED.c
+    rows = session.connection().execute(select(r.body).where((r.server == server) & (r.patient_id == patient_id)))
     return [orjson.loads(body) for body in rows.scalars()]
 
 
@@ -330,7 +350,7 @@ class Emitted:
     code: str | None = None
 
 
-def save_emitted(session: Session, patient_id: str, emitted: list[Emitted], now: datetime) -> None:
+def save_emitted(session: Session, patient_id: str, emitted: list[Emitted], now: datetime, *, server: str) -> None:
     """Upsert RiskAssessments and their Provenance by their deterministic ids (never duplicates),
     in one statement: concurrent evaluations of a patient queue on the rows, never collide. Each
     resource gets its stored version in meta.versionId (the body is stored without it)."""
@@ -340,6 +360,7 @@ def save_emitted(session: Session, patient_id: str, emitted: list[Emitted], now:
         (item.resource["resourceType"], item.resource["id"]): {
             "resource_type": item.resource["resourceType"],
             "id": item.resource["id"],
+            "server": server,
             "patient_id": patient_id,
             "method": item.method,
             "code": item.code,
@@ -377,11 +398,10 @@ def _versioned(body: bytes, version_id: int) -> dict[str, Any]:
     return res
 
 
-def get_emitted(session: Session, rtype: str, rid: str) -> dict[str, Any] | None:
+def get_emitted(session: Session, rtype: str, rid: str, *, server: str) -> dict[str, Any] | None:
     c = _EMITTED.c
-    row = (
-        session.connection().execute(select(c.body, c.version_id).where(c.resource_type == rtype, c.id == rid)).first()
-    )
+    where = (c.server == server) & (c.resource_type == rtype) & (c.id == rid)
+    row = session.connection().execute(select(c.body, c.version_id).where(where)).first()
     return None if row is None else _versioned(row.body, row.version_id)
 
 
@@ -397,10 +417,17 @@ def emitted_by_id(session: Session, rtype: str, ids: Collection[str]) -> dict[st
 
 
 def search_assessments(
-    session: Session, patient_id: str | None, method: str | None, newest_first: bool, limit: int, offset: int
+    session: Session,
+    patient_id: str | None,
+    method: str | None,
+    newest_first: bool,
+    limit: int,
+    offset: int,
+    *,
+    server: str,
 ) -> tuple[int, list[dict[str, Any]]]:
     c = _EMITTED.c
-    where = [c.resource_type == "RiskAssessment"]
+    where = [c.resource_type == "RiskAssessment", c.server == server]
     if patient_id is not None:
         where.append(c.patient_id == patient_id)
     if method is not None:
@@ -428,9 +455,8 @@ def add_audit_event(session: Session, event: AuditEvent) -> None:
             conn = session.connection()
             for table in (_STORED, _EMITTED):
                 c = table.c
-                event.patient_id = conn.execute(
-                    select(c.patient_id).where(c.resource_type == event.resource_type, c.id == event.resource_id)
-                ).scalar()
+                key = (c.server == event.server, c.resource_type == event.resource_type, c.id == event.resource_id)
+                event.patient_id = conn.execute(select(c.patient_id).where(*key)).scalar()
                 if event.patient_id is not None:
                     break
     session.add(event)
@@ -441,10 +467,13 @@ def audit_events(
     patient_id: str | None = None,
     limit: int = 100,
     recorded: Sequence[tuple[str, datetime]] = (),
+    server: str | None = None,
 ) -> list[AuditEvent]:
-    """The newest audit rows first, optionally those of one patient; `recorded`: bounds as
-    (operator, time) with operator ge, gt, le or lt."""
+    """The newest audit rows first, optionally those of one patient (of `server`; None: of any
+    server); `recorded`: bounds as (operator, time) with operator ge, gt, le or lt."""
     query = sm_select(AuditEvent)
+    if server is not None:
+        query = query.where(col(AuditEvent.server) == server)
     if patient_id is not None:
         query = query.where(col(AuditEvent.patient_id) == patient_id)
     column = col(AuditEvent.recorded)
@@ -480,29 +509,40 @@ def add_watched(session: Session, target: str, patient_id: str, checkpoint: str,
     return session.execute(stmt).first() is not None  # RETURNING: rowcount is not reliable here
 
 
-def last_answer(session: Session, patient_id: str, hook: str, user_id: str) -> tuple[str, datetime | None] | None:
-    """(state, when a card was last shown) of the last answer to this hook for the patient and
-    user (None: none yet)."""
-    row = session.get(CdsLastAnswer, (patient_id, hook, user_id))
+def last_answer(
+    session: Session, patient_id: str, hook: str, user_id: str, *, server: str
+) -> tuple[str, datetime | None] | None:
+    """(state, when a card was last shown) of the last answer to this hook for the patient (of
+    `server`) and user (None: none yet)."""
+    row = session.get(CdsLastAnswer, (server, patient_id, hook, user_id))
     if row is None:
         return None
     return row.state, None if row.shown is None else utc(row.shown)
 
 
 def set_last_answer(
-    session: Session, patient_id: str, hook: str, user_id: str, state: str, now: datetime, *, shown: bool
+    session: Session,
+    patient_id: str,
+    hook: str,
+    user_id: str,
+    state: str,
+    now: datetime,
+    *,
+    shown: bool,
+    server: str,
 ) -> None:
     """Record this answer (one statement: two concurrent answers never collide); `shown`: a card
     was returned (else the time the user was last shown one stays)."""
     ins = pg_insert(CdsLastAnswer) if _postgres(session) else sqlite_insert(CdsLastAnswer)
     now = utc(now)
-    values = {"patient_id": patient_id, "hook": hook, "user_id": user_id, "state": state, "answered": now}
+    values: dict[str, Any] = {"server": server, "patient_id": patient_id, "hook": hook, "user_id": user_id}
+    values |= {"state": state, "answered": now}
     stmt = ins.values(**values, shown=now if shown else None)
     update = {"state": stmt.excluded.state, "answered": stmt.excluded.answered}
     if shown:
         update["shown"] = stmt.excluded.shown
     session.connection().execute(
-        stmt.on_conflict_do_update(index_elements=["patient_id", "hook", "user_id"], set_=update)
+        stmt.on_conflict_do_update(index_elements=["server", "patient_id", "hook", "user_id"], set_=update)
     )
 
 
@@ -516,23 +556,24 @@ def cards_and_feedback(session: Session, since: datetime | None) -> tuple[list[C
     return list(session.exec(cards)), list(session.exec(feedback))
 
 
-def stored_patient_ids(session: Session) -> list[str]:
-    """The ids of every stored Patient, in order."""
+def stored_patient_ids(session: Session, *, server: str) -> list[str]:
+    """The ids of every stored Patient of `server`, in order."""
     c = _STORED.c
-    rows = session.connection().execute(select(c.id).where(c.resource_type == "Patient").order_by(c.id))
+    where = (c.server == server) & (c.resource_type == "Patient")
+    rows = session.connection().execute(select(c.id).where(where).order_by(c.id))
     return [r.id for r in rows]
 
 
 def emitted_for_export(
-    session: Session, rtype: str, since: datetime | None, batch: int = CHUNK
+    session: Session, rtype: str, since: datetime | None, batch: int = CHUNK, *, server: str
 ) -> Iterator[list[dict[str, Any]]]:
-    """The stored RiskAssessments or Provenances (with their versions), stored at or after `since`,
-    in id order, a batch at a time (an export never holds them all)."""
+    """The stored RiskAssessments or Provenances of `server`'s patients (with their versions),
+    stored at or after `since`, in id order, a batch at a time (an export never holds them all)."""
     c = _EMITTED.c
     last = ""
     conn = session.connection()
     while True:
-        query = select(c.id, c.body, c.version_id).where(c.resource_type == rtype, c.id > last)
+        query = select(c.id, c.body, c.version_id).where(c.server == server, c.resource_type == rtype, c.id > last)
         if since is not None:
             query = query.where(c.updated >= utc(since))
         rows = conn.execute(query.order_by(c.id).limit(batch)).all()
