@@ -28,7 +28,7 @@ from ..observe.logs import REQUEST_ID_HEADER, configure_logging, request_context
 from ..observe.metrics import HTTP_DURATION
 from ..observe.traces import configure as configure_traces
 from ..observe.traces import span
-from ..storage.db import make_engine, migrate
+from ..storage.db import WalCheckpointer, make_engine, migrate
 from ..storage.errors import StorageBusy
 from . import bulk, cds, clinician, fhir, health, metrics, subscriptions
 from .auth import install_security
@@ -166,7 +166,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         tune_gc()  # the server process has started: its start-up heap is final
+        checkpointer = WalCheckpointer(engine)  # SQLite: no hook pays for a checkpoint
+        checkpointer.start()
         yield
+        checkpointer.stop()
         engine.dispose()
 
     app = FastAPI(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, tzinfo
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from ..codebook import Codebook
 from ..config.settings import Settings
+from ..core.model import Sample
 from ..fhir.emit import index_fields
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.ingest import (
@@ -59,6 +60,10 @@ class ResourceResult:
 @dataclass(frozen=True)
 class StoreResult:
     results: tuple[ResourceResult, ...] = ()
+    # What this call checked and stored, by the JSON stored: the resource and, for an
+    # Observation, its samples (Entry.checked). An evaluation reading a row stored with these
+    # very bytes takes them instead of parsing and normalising it again.
+    checked: Checked = field(default_factory=dict)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
@@ -68,16 +73,23 @@ class StoreResult:
         return self.count("rejected")
 
 
+Checked = dict[bytes, tuple[dict[str, Any], tuple[Sample, ...] | None]]
+
+
 @dataclass
 class _Checked:
     entry: Entry
     patient_id: str | None
     issues: list[Issue]
+    body: bytes | None  # the resource as storage keeps it (made once: checked, then stored)
+    samples: tuple[Sample, ...] | None  # an Observation's, when its check had nothing else to say
 
 
 def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None) -> _Checked:
-    patient_id, issues = check_for_storage(entry, codebook, site_tz)
-    return _Checked(entry, patient_id, issues)
+    body = _body(entry.resource) if isinstance(entry.resource, dict) else None
+    samples: list[tuple[Sample, ...]] = []
+    patient_id, issues = check_for_storage(entry, codebook, site_tz, body, samples)
+    return _Checked(entry, patient_id, issues, body, samples[0] if samples else None)
 
 
 def patient_key(server: str, patient_id: str) -> str:
@@ -85,8 +97,11 @@ def patient_key(server: str, patient_id: str) -> str:
     return f"{server}\x00{patient_id}"
 
 
-def new_version(res: dict[str, Any], patient_id: str | None, server: str) -> repository.NewVersion:
-    """A checked resource with the index fields storage needs (the version order as numbers)."""
+def new_version(
+    res: dict[str, Any], patient_id: str | None, server: str, body: bytes | None = None
+) -> repository.NewVersion:
+    """A checked resource with the index fields storage needs (the version order as numbers);
+    `body`: its JSON when already made."""
     meta = res.get("meta") or {}
     source_version, updated = str(meta.get("versionId") or ""), meta.get("lastUpdated")
     number, _, instant = version_key_of(source_version, updated)
@@ -99,7 +114,7 @@ def new_version(res: dict[str, Any], patient_id: str | None, server: str) -> rep
         str(updated or ""),
         number,
         instant,
-        orjson.dumps(res),
+        body if body is not None else orjson.dumps(res),
     )
 
 
@@ -107,9 +122,8 @@ def _store(session: Session, checked: list[_Checked], server: str) -> list[Resou
     """Upsert the checked resources without issues (set-based); one result per resource, in
     order. A resource with issues is rejected, not written."""
     usable = [c for c in checked if not c.issues]
-    writes = iter(
-        repository.upsert_resources(session, [new_version(c.entry.resource, c.patient_id, server) for c in usable])
-    )
+    versions = [new_version(c.entry.resource, c.patient_id, server, c.body) for c in usable]
+    writes = iter(repository.upsert_resources(session, versions))
     results = []
     for c in checked:
         if c.issues:
@@ -250,13 +264,16 @@ def store_resources(
     site_tz: tzinfo | None = None,
     base: str | None = None,
     server: str,
+    fresh: bool = False,
 ) -> StoreResult:
     """Store resources as read from a FHIR server (ids kept; references on its own `base` made
     relative), each on its own: an invalid resource is rejected, never the others. A rejected
     resource of a patient is kept (RejectedInput) so that every later evaluation names it as
-    left out; a usable newer version replaces it. No limit on their number."""
+    left out; a usable newer version replaces it. No limit on their number. `fresh`: nothing of
+    their patient is stored yet (nothing byte-identical to look for first)."""
     stored_form = [local_references(r, base) for r in resources] if base else list(resources)
-    known = _identical(session, stored_form, server)  # a known patient's unchanged data: not checked again
+    # a known patient's unchanged data: not checked again
+    known = {} if fresh else _identical(session, stored_form, server)
     checked = {
         i: _check(Entry(res, str(res.get("resourceType"))), codebook, site_tz)
         for i, res in enumerate(stored_form)
@@ -283,7 +300,14 @@ def store_resources(
             ],
             server,
         )
-    return StoreResult(tuple(ordered))
+    stored_now: Checked = {}
+    for i, c in checked.items():
+        write = results[i].write
+        # Reading the stored JSON must give this very resource: orjson writes NaN and Infinity
+        # (which a standard-library parse lets through) as null, so no null at all.
+        if c.body is not None and b"null" not in c.body and write is not None and write.changed:
+            stored_now[c.body] = (c.entry.resource, c.samples)
+    return StoreResult(tuple(ordered), stored_now)
 
 
 def _body(res: dict[str, Any]) -> bytes | None:
@@ -371,7 +395,7 @@ def store_one(
     checked = _check(Entry(res, rtype), codebook, site_tz)
     if checked.issues:
         raise FhirError(422, checked.issues)
-    (out,) = repository.upsert_resources(session, [new_version(res, checked.patient_id, server)])
+    (out,) = repository.upsert_resources(session, [new_version(res, checked.patient_id, server, checked.body)])
     if repository.any_rejected(session):
         _clear_superseded(session, [res], server)
     return out
@@ -389,6 +413,7 @@ def evaluate_stored(
     fallback_at: datetime | None = None,
     unstored: Iterable[dict[str, Any]] = (),
     server: str,
+    checked: Checked | None = None,
 ) -> Evaluation:
     """Grade the stored data of one patient; store (upsert) the RiskAssessments unless `store` is off.
     Without `at` and without timed input, grade at `fallback_at` (the Evaluation is `untimed`).
@@ -399,7 +424,7 @@ def evaluate_stored(
     With a write-back target configured, storing also enqueues the outbox rows (transaction
     Bundles of the RiskAssessments and Provenance) in the same session: both commit or neither.
     """
-    entries, strict = stored_entries(session, patient_id, unstored, server=server)
+    entries, strict = stored_entries(session, patient_id, unstored, server=server, checked=checked)
     evaluation = evaluate_entries(
         entries, codebook, settings, at, recorded, fallback_at=fallback_at, strict=strict, server=server
     )
@@ -409,12 +434,21 @@ def evaluate_stored(
 
 
 def stored_entries(
-    session: Session, patient_id: str, unstored: Iterable[dict[str, Any]] = (), *, server: str
+    session: Session,
+    patient_id: str,
+    unstored: Iterable[dict[str, Any]] = (),
+    *,
+    server: str,
+    checked: Checked | None = None,
 ) -> tuple[list[Entry], bool | None]:
     """The entries an evaluation of the stored patient reads, and its strictness (False when
     storage rejected some: they are named as left out, never a 422; None: the setting). 404
-    without a stored Patient."""
-    resources = repository.patient_inputs(session, patient_id, server=server)
+    without a stored Patient. `checked`: what this transaction just checked and stored
+    (StoreResult.checked): a row stored with those bytes is not parsed or normalised again."""
+    known = checked or {}
+    parsed = {body: res for body, (res, _) in known.items()}
+    resources = repository.patient_inputs(session, patient_id, server=server, parsed=parsed)
+    samples = {id(res): found for res, found in known.values() if found is not None}  # the very objects read
     rejected = repository.rejected_inputs(session, patient_id, server=server)
     extra = list(unstored)
     # What storage rejected (kept, or just read) replaces a stored version of the same id.
@@ -422,7 +456,10 @@ def stored_entries(
     resources = [r for r in resources if (r["resourceType"], r["id"]) not in newer] + rejected + extra
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
-    entries = [Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}") for r in resources]
+    entries = [
+        Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}", checked=samples.get(id(r)))
+        for r in resources
+    ]
     return entries, (False if rejected or extra else None)
 
 

@@ -150,21 +150,23 @@ def _hypoxia(f: Facts) -> Domain:
         return Domain("hypoxia", None, "no oxygen device or flow recorded.", needs="oxygen-device or oxygen-flow")
     top_flow = max((s.value or 0.0 for s in flows), default=0.0)
     flowing = top_flow > 0
-    known: list[tuple[int, Sample]] = []  # (grade, device or flow); put in words for the worst only
-    uncredited: list[tuple[int, Sample]] = []
+    # The worst (grade, device or flow), the first of its grade (devices before the flow on a
+    # tie, as listed); only it is put in words. One pass: the course asks this every hour.
+    best: tuple[int, Sample] | None = None
+    worst_uncredited: tuple[int, Sample] | None = None
     for s in devices:
         g = OXYGEN_DEVICE_GRADE[s.code or ""]
         if g in (0, MAX_GRADE) or flowing:
-            known.append((g, s))
-        else:
-            uncredited.append((g, s))
+            if best is None or g > best[0]:
+                best = (g, s)
+        elif worst_uncredited is None or g > worst_uncredited[0]:
+            worst_uncredited = (g, s)
     if flows:
         # A higher flow never grades lower (OXYGEN_FLOW_GRADE): the highest flow gives the worst
-        # grade, and the first flow of that grade is named (devices first on a tie, as listed).
+        # grade, and the first flow of that grade is named.
         g = _flow_grade(top_flow)
-        known.append((g, next(s for s in flows if _flow_grade(s.value or 0.0) == g)))
-    best = max(known, key=lambda k: k[0], default=None)
-    worst_uncredited = max(uncredited, key=lambda u: u[0], default=None)
+        if best is None or g > best[0]:
+            best = (g, next(s for s in flows if _flow_grade(s.value or 0.0) == g))
     if worst_uncredited is not None and (best is None or worst_uncredited[0] > best[0]):
         g, s = worst_uncredited
         why = (

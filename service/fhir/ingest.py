@@ -67,6 +67,10 @@ class Entry:
     # The Bundle entry's JSON when its resource was set aside (stream_entries): `resource` then
     # holds only resourceType, id and meta, and `loaded()` parses the rest.
     raw: Any = None
+    # An Observation's samples as the storage check normalised this very resource, with nothing
+    # else to say (no issue, nothing ignored, unmapped or placed by the site timezone): the parse
+    # adds them instead of normalising it again (check_for_storage's `samples`).
+    checked: tuple[Sample, ...] | None = None
     # resourceType and the reference, read once (the parse asks for them per rule); an Entry's
     # resource is not changed after the Entry is made.
     type: str = field(init=False)
@@ -519,6 +523,10 @@ class Normaliser:
 
     # Observation ----------------------------------------------------------------
     def observation(self, en: Entry) -> None:
+        if en.checked is not None:  # normalised by the storage check: the same samples
+            for s in en.checked:
+                self._add(s)
+            return
         res, path, r = en.resource, en.path, self.r
         status = res.get("status")
         if status is None:
@@ -1236,9 +1244,18 @@ CLINICAL_TYPES = ("Observation", "MedicationAdministration", "Procedure", "Condi
 STORABLE_TYPES = frozenset({"Patient", "Medication", *CLINICAL_TYPES})
 
 
-def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = None) -> tuple[str | None, list[Issue]]:
+def check_for_storage(
+    en: Entry,
+    codebook: Codebook,
+    site_tz: tzinfo | None = None,
+    body: bytes | None = None,
+    samples: list[tuple[Sample, ...]] | None = None,
+) -> tuple[str | None, list[Issue]]:
     """(patient id, problems) for one resource about to be stored: the checks grading relies on
-    (a dateTime without a timezone passes when the site timezone `site_tz` places it)."""
+    (a dateTime without a timezone passes when the site timezone `site_tz` places it). `body`:
+    the resource as JSON when the caller has it (else it is made here, to check JSON holds it).
+    `samples`: gets an Observation's samples when its normalisation had nothing else to say (as
+    Entry.checked: what a parse of the same resource adds, with the same codebook)."""
     norm = Normaliser(codebook, site_tz)
     r = norm.r
     res, path, rtype = en.resource, en.path, en.type
@@ -1249,10 +1266,11 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
             r.fail("value", "id must match [A-Za-z0-9.-]{1,64} (FHIR id)", f"{path}.id")
         for issue in meta_issues(res.get("meta"), path):
             r.fail(issue.code, issue.diagnostics, str(issue.expression))
-        try:
-            orjson.dumps(res)
-        except TypeError:  # an integer beyond 64 bits (a parser other than orjson let it through)
-            r.fail("value", "a number is beyond what storage keeps (64-bit integers)", path)
+        if body is None:
+            try:
+                orjson.dumps(res)
+            except TypeError:  # an integer beyond 64 bits (a parser other than orjson let it through)
+                r.fail("value", "a number is beyond what storage keeps (64-bit integers)", path)
         if rtype not in STORABLE_TYPES:
             r.fail("not-supported", f"this server stores {', '.join(sorted(STORABLE_TYPES))}, not {rtype}", path)
         elif rtype == "Patient":
@@ -1267,6 +1285,9 @@ def check_for_storage(en: Entry, codebook: Codebook, site_tz: tzinfo | None = No
                 patient_id = ref.split("/", 1)[1]
                 if rtype == "Observation":
                     norm.observation(en)
+                    quiet = not (r.issues or r.placed or norm.ignored or norm.unmapped)
+                    if samples is not None and quiet:
+                        samples.append(tuple(s for series in norm.samples.values() for s in series))
                 elif rtype == "MedicationAdministration":
                     norm.administration(en)
                 elif rtype == "Procedure":

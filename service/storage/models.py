@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, LargeBinary, text
+from sqlalchemy import BigInteger, Column, DateTime, Index, LargeBinary, text
 from sqlmodel import Field, SQLModel
 
 
@@ -17,13 +17,15 @@ class StoredResource(SQLModel, table=True):
     """An ingested input resource (Patient, Observation, MedicationAdministration, ...)."""
 
     __tablename__ = "stored_resource"
+    # a patient's inputs are read by (server, patient): one index, not a scan of the namespace
+    __table_args__ = (Index("ix_stored_resource_server_patient_id", "server", "patient_id"),)
 
     # The EHR server it came from (a name of IECTOX_EHR_SERVERS; "" = sent to this service by an
     # API client): two servers' Patient/123 are two patients and never meet.
     server: str = Field(default="", primary_key=True, max_length=64)
     resource_type: str = Field(primary_key=True, max_length=64)
     id: str = Field(primary_key=True, max_length=64)
-    patient_id: str | None = Field(default=None, index=True, max_length=64)
+    patient_id: str | None = Field(default=None, max_length=64)
     version_id: int = 1
     source_version: str = Field(default="", max_length=64)  # meta.versionId as sent
     source_last_updated: str = Field(default="", max_length=40)  # meta.lastUpdated as sent
@@ -45,11 +47,12 @@ class RejectedInput(SQLModel, table=True):
     it as left out (never silently dropped); removed when a usable newer version is stored."""
 
     __tablename__ = "rejected_input"
+    __table_args__ = (Index("ix_rejected_input_server_patient_id", "server", "patient_id"),)
 
     server: str = Field(default="", primary_key=True, max_length=64)  # as StoredResource.server
     resource_type: str = Field(primary_key=True, max_length=64)
     id: str = Field(primary_key=True, max_length=64)
-    patient_id: str = Field(index=True, max_length=64)
+    patient_id: str = Field(max_length=64)
     source_version: str = Field(default="", max_length=64)  # meta.versionId as sent
     source_last_updated: str = Field(default="", max_length=40)  # meta.lastUpdated as sent
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
@@ -59,11 +62,12 @@ class EmittedResource(SQLModel, table=True):
     """A RiskAssessment or Provenance produced by a stored evaluation."""
 
     __tablename__ = "emitted_resource"
+    __table_args__ = (Index("ix_emitted_resource_server_patient_id", "server", "patient_id"),)
 
     resource_type: str = Field(primary_key=True, max_length=64)
     id: str = Field(primary_key=True, max_length=64)  # unique across servers: the server is in its business key
-    server: str = Field(default="", index=True, max_length=64)  # the patient's server (StoredResource.server)
-    patient_id: str = Field(index=True, max_length=64)
+    server: str = Field(default="", max_length=64)  # the patient's server (StoredResource.server)
+    patient_id: str = Field(max_length=64)
     method: str | None = Field(default=None, index=True, max_length=64)
     code: str | None = Field(default=None, max_length=64)
     occurrence: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import ARRAY, bindparam, delete, func, literal, select, tuple_
+from sqlalchemy import ARRAY, bindparam, delete, func, literal, literal_column, select, tuple_, union_all
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -111,16 +113,18 @@ def _in_keys(session: Session, table: Any, keys: Sequence[tuple[str, str]], serv
     }
 
 
-def _upsert_stored(session: Session) -> Any:
+def _upsert_stored(postgres: bool) -> Any:
+    """The upsert of input rows: on PostgreSQL from one array per column; on SQLite with one
+    `VALUES (?, ...)` row of positional placeholders, repeated per row by `_sqlite_upsert`."""
     ins: Any
-    if _postgres(session):
+    if postgres:
         rows = _arrays(_STORED, NewVersion._fields)
         ins = pg_insert(_STORED).from_select([*NewVersion._fields, "version_id"], select(*rows.c, literal(1)))
     else:
-        ins = sqlite_insert(_STORED)
+        ins = sqlite_insert(_STORED).values({**{f: literal_column("?") for f in NewVersion._fields}, "version_id": 1})
     new, old = ins.excluded, _STORED.c
     # PostgreSQL compares text by the database's collation; versionIds compare as bytes (as Python does).
-    new_version = new.source_version.collate("C") if _postgres(session) else new.source_version
+    new_version = new.source_version.collate("C") if postgres else new.source_version
     newer = tuple_(new.version_number, new_version, new.updated_us) > tuple_(
         old.version_number, old.source_version, old.updated_us
     )
@@ -138,6 +142,30 @@ def _upsert_stored(session: Session) -> Any:
         },
         where=(old.body != new.body) & (unversioned | newer),
     ).returning(old.resource_type, old.id, old.version_id)
+
+
+@lru_cache(maxsize=1)
+def _sqlite_upsert_parts() -> tuple[str, str, str, tuple[int, ...]]:
+    """SQLAlchemy's SQLite upsert with positional parameters, in pieces: what comes before its
+    one VALUES row, the row, what comes after, and the NewVersion field of each parameter of a
+    row (in the order the statement lists its columns)."""
+    sql = str(_upsert_stored(False).compile(dialect=sqlite_dialect(), compile_kwargs={"literal_binds": True}))
+    head, _, rest = sql.partition(") VALUES (")
+    one, _, tail = rest.partition(")")
+    columns = [name.strip() for name in head.partition("(")[2].split(",")]
+    placeholders = [v.strip() for v in one.split(",")]
+    order = tuple(NewVersion._fields.index(c) for c, v in zip(columns, placeholders, strict=True) if v == "?")
+    if len(order) != len(NewVersion._fields):
+        raise RuntimeError("the SQLite upsert does not bind every NewVersion field once")
+    return f"{head}) VALUES ", f"({one})", tail, order
+
+
+def _sqlite_upsert(rows: Sequence[NewVersion]) -> tuple[str, tuple[Any, ...]]:
+    """The SQLite upsert of `rows` as one statement with every value bound in place: a fraction
+    of the cost of an executemany, which builds each row's parameters in Python (1,800 rows:
+    34 -> 14 ms)."""
+    head, row, tail, order = _sqlite_upsert_parts()
+    return head + ", ".join([row] * len(rows)) + tail, tuple(r[i] for r in rows for i in order)
 
 
 def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[WriteOutcome]:
@@ -166,7 +194,7 @@ def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[Writ
     if len(servers) != 1:  # one call stores one server's resources (the caller's namespace)
         raise ValueError("upsert_resources stores the resources of one server")
     (server,) = servers
-    conn, stmt, postgres = session.connection(), _upsert_stored(session), _postgres(session)
+    conn, postgres = session.connection(), _postgres(session)
     outcomes: list[WriteOutcome] = [None] * len(items)  # type: ignore[list-item]  # every slot is set below
     for indices in rounds:
         indices.sort(key=lambda i: (items[i].resource_type, items[i].id))
@@ -174,12 +202,13 @@ def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[Writ
         for part in _chunks(indices):
             rows = [items[i] for i in part]
             if postgres:
-                params: Any = {
+                params = {
                     name: list(column) for name, column in zip(NewVersion._fields, zip(*rows, strict=True), strict=True)
                 }
+                returned = conn.execute(_upsert_stored(True), params)
             else:
-                params = [{**row._asdict(), "version_id": 1} for row in rows]
-            written.update(((t, rid), v) for t, rid, v in conn.execute(stmt, params))
+                returned = conn.exec_driver_sql(*_sqlite_upsert(rows))
+            written.update(((t, rid), v) for t, rid, v in returned.all())  # one fetch, not one per row
         kept = _stored_versions(
             session, [k for i in indices if (k := (items[i].resource_type, items[i].id)) not in written], server
         )
@@ -215,17 +244,30 @@ def read_resource(session: Session, rtype: str, rid: str, *, server: str) -> dic
     return res
 
 
-def _of_patient(c: Any, patient_id: str, server: str) -> Any:
-    mine = (c.patient_id == patient_id) | ((c.resource_type == "Patient") & (c.id == patient_id))
-    return (c.server == server) & mine
+def _of_patient(*columns: Any, patient_id: str, server: str) -> Any:
+    """`columns` of the patient's stored rows of `server`: those that reference it and the Patient
+    itself, as two indexed queries ((server, patient_id); the primary key). One query with an OR
+    has SQLite factor the server out and walk the whole namespace."""
+    c = _STORED.c
+    referencing = select(*columns).where(c.server == server, c.patient_id == patient_id)
+    itself = select(*columns).where(
+        c.server == server, c.resource_type == "Patient", c.id == patient_id, c.patient_id.is_distinct_from(patient_id)
+    )
+    return union_all(referencing, itself)
 
 
-def patient_inputs(session: Session, patient_id: str, *, server: str) -> list[dict[str, Any]]:
-    """The stored Patient of `server` and everything that references it (plus referenced Medications)."""
+def patient_inputs(
+    session: Session, patient_id: str, *, server: str, parsed: Mapping[bytes, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The stored Patient of `server` and everything that references it (plus referenced
+    Medications), in (type, id) order: the same stored data give the same entries, whatever
+    order the database returns rows in. `parsed`: resources already at hand by their stored JSON
+    (not parsed again)."""
     c = _STORED.c
     conn = session.connection()
-    rows = conn.execute(select(c.body).where(_of_patient(c, patient_id, server))).scalars()
-    resources = [orjson.loads(body) for body in rows]
+    rows = sorted(conn.execute(_of_patient(c.resource_type, c.id, c.body, patient_id=patient_id, server=server)).all())
+    known = parsed or {}
+    resources = [known[body] if body in known else orjson.loads(body) for _, _, body in rows]
     med_ids = {
         ref.split("/", 1)[1]
         for r in resources
@@ -235,9 +277,16 @@ def patient_inputs(session: Session, patient_id: str, *, server: str) -> list[di
     }
     if med_ids:
         of_server = (c.server == server) & (c.resource_type == "Medication") & c.id.in_(med_ids)
-        meds = conn.execute(select(c.body).where(of_server)).scalars()
+        meds = conn.execute(select(c.body).where(of_server).order_by(c.id)).scalars()
         resources += [orjson.loads(body) for body in meds]
     return resources
+
+
+def has_patient(session: Session, patient_id: str, *, server: str) -> bool:
+    """Whether anything of the patient is stored under `server` (one index probe)."""
+    c = _STORED.c
+    mine = select(literal(1)).where(c.server == server, c.patient_id == patient_id).limit(1)
+    return session.connection().execute(mine).first() is not None
 
 
 def stored_bodies(
@@ -260,10 +309,10 @@ def input_fingerprint(session: Session, patient_id: str, *, server: str) -> str:
     inputs. Equal fingerprints, equal inputs."""
     c, r = _STORED.c, RejectedInput.__table__.c  # type: ignore[attr-defined]
     conn = session.connection()
-    mine = _of_patient(c, patient_id, server)
+    mine = conn.execute(_of_patient(c.resource_type, c.id, c.version_id, patient_id=patient_id, server=server))
     digest = hashlib.blake2b(digest_size=16)
-    for row in conn.execute(select(c.resource_type, c.id, c.version_id).where(mine).order_by(c.resource_type, c.id)):
-        digest.update(f"{row.resource_type}/{row.id}/{row.version_id};".encode())
+    for rtype, rid, version in sorted(mine.all()):
+        digest.update(f"{rtype}/{rid}/{version};".encode())
     meds = conn.execute(
         select(func.count(), func.coalesce(func.sum(c.version_id), 0)).where(
             (c.server == server) & (c.resource_type == "Medication")
@@ -334,9 +383,10 @@ def clear_rejected(session: Session, keys: Collection[tuple[str, str]], *, serve
 
 
 def rejected_inputs(session: Session, patient_id: str, *, server: str) -> list[dict[str, Any]]:
-    """The rejected EHR resources of one patient of `server`, as read."""
+    """The rejected EHR resources of one patient of `server`, as read, in (type, id) order."""
     r = _REJECTED.c
-    rows = session.connection().execute(select(r.body).where((r.server == server) & (r.patient_id == patient_id)))
+    mine = (r.server == server) & (r.patient_id == patient_id)
+    rows = session.connection().execute(select(r.body).where(mine).order_by(r.resource_type, r.id))
     return [orjson.loads(body) for body in rows.scalars()]
 
 
