@@ -2,7 +2,8 @@
 
 `iectox serve` runs in its own process on a fresh SQLite file (dev mode for /fhir; the CDS
 client JWT is checked as in production, ES384 with a key made here). Each call carries a full
-prefetch of about 2,000 resources (one synthetic patient, 7 days of vitals every 45 minutes).
+prefetch of at least 2,000 resources (one synthetic patient, 7 days of vitals every 38 minutes:
+2,025 to 2,040 resources).
 - new patient: every call is a patient the service has not seen (stored, then graded);
 - known patient: the same patient and prefetch again (nothing changed).
 Prints p50 / p95 / p99 latency at concurrency 1 and 4. Targets (issue 12), concurrency 1:
@@ -56,7 +57,7 @@ def hook_body(index: int) -> dict[str, Any]:
     settings = Settings()
     start = datetime(2026, 1, 5, 8, tzinfo=UTC)
     p = generate_patient(
-        random.Random(index), index, "crs-3", days=7, base=settings.canonical_base, start=start, vitals_every_min=45
+        random.Random(index), index, "crs-3", days=7, base=settings.canonical_base, start=start, vitals_every_min=38
     )
     resources = [e["resource"] for e in p.bundle["entry"]]
     patient = next(r for r in resources if r["resourceType"] == "Patient")
