@@ -295,6 +295,30 @@ def test_unchanged_inputs_are_not_graded_again_and_any_change_is(
         assert len(parses) == 4
 
 
+def test_the_input_fingerprint_names_every_stored_row_of_the_patient(clean_engine: Engine, codebook: Codebook) -> None:
+    """The database joins the rows' "type/id/version;" lines (sorted); the digest is the one of
+    those lines, then the Medications and kept rejections, on SQLite and PostgreSQL alike."""
+    import hashlib
+
+    mine = [f.patient(), f.temperature(39.0, T0, id="t-b"), f.temperature(38.0, T0, id="t-a"), f.systolic(80, T0)]
+    theirs = [f.patient("p2"), f.temperature(39.0, T0, id="t-c", subject="Patient/p2")]
+    with Session(clean_engine) as session:
+        store_resources(session, [*mine, *theirs], codebook, server="")
+        store_resources(session, [f.temperature(37.0, T0, id="t-z")], codebook, server="other")  # p1 elsewhere
+        store_resources(session, [{**mine[1], "meta": {"versionId": "2"}}], codebook, server="")
+        session.commit()
+    with Session(clean_engine) as session:
+        got = repository.input_fingerprint(session, "p1", server="")
+        assert repository.input_fingerprint(session, "p1", server="") == got  # stable
+        assert repository.input_fingerprint(session, "p2", server="") != got
+    versions = {("Observation", "t-b"): 2}
+    lines = sorted(f"{r['resourceType']}/{r['id']}/{versions.get((r['resourceType'], r['id']), 1)};" for r in mine)
+    expected = hashlib.blake2b(digest_size=16)
+    expected.update("".join(lines).encode())
+    expected.update(b"Medication:0:0;")
+    assert got == expected.hexdigest()
+
+
 def test_the_same_call_again_is_not_stored_again_unless_storage_changed_meanwhile(
     clean_engine: Engine, codebook: Codebook, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
