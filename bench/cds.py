@@ -9,7 +9,11 @@ prefetch of at least 2,000 resources (one synthetic patient, 7 days of vitals ev
 Prints p50 / p95 / p99 latency at concurrency 1 and 4. Targets (issue 12), concurrency 1:
 p95 <= 150 ms for a new patient and <= 60 ms for a known one.
 
-Run: .venv/bin/python bench/cds.py [--calls N]
+The server runs with the allocator the container image uses: jemalloc (LD_PRELOAD, with
+PYTHONMALLOC=malloc) when Debian's libjemalloc2 is installed here, else CPython's own; the
+first line says which. `--allocator pymalloc` measures a plain `iectox serve`.
+
+Run: .venv/bin/python bench/cds.py [--calls N] [--allocator auto|pymalloc|jemalloc]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import random
 import socket
 import subprocess
@@ -41,6 +46,20 @@ ISS = "https://ehr.bench.example"
 KID = "bench-es384"
 SERVICE = "iectox-patient-view"
 TARGET_NEW_P95_MS, TARGET_KNOWN_P95_MS = 150.0, 60.0
+# Where Debian's libjemalloc2 puts the library (the Dockerfile links it to /usr/local/lib).
+JEMALLOC = Path(f"/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2")
+
+
+def allocator_env(choice: str) -> tuple[str, dict[str, str]]:
+    """The allocator the server runs with, and the environment that selects it."""
+    if choice == "pymalloc" or (choice == "auto" and not JEMALLOC.exists()):
+        return "pymalloc (CPython's own)", {}
+    if not JEMALLOC.exists():
+        raise SystemExit(f"--allocator jemalloc: {JEMALLOC} not found (apt-get install libjemalloc2)")
+    return "jemalloc (LD_PRELOAD, PYTHONMALLOC=malloc, as the container image)", {
+        "LD_PRELOAD": str(JEMALLOC),
+        "PYTHONMALLOC": "malloc",
+    }
 
 
 def free_port() -> int:
@@ -112,7 +131,9 @@ def pct(times: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--allocator", choices=("auto", "pymalloc", "jemalloc"), default="auto")
     args = parser.parse_args()
+    allocator, allocator_vars = allocator_env(args.allocator)
     key = ec.generate_private_key(ec.SECP384R1())
     jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
     jwk.update({"kid": KID, "alg": "ES384", "use": "sig"})
@@ -124,6 +145,7 @@ def main() -> None:
             "IECTOX_DATABASE_URL": f"sqlite:///{Path(tmp) / 'cds.db'}",
             "IECTOX_AUTH_MODE": "dev",
             "IECTOX_AUTH_CDS_CLIENTS": json.dumps({ISS: {"jwks": {"keys": [jwk]}}}),
+            **allocator_vars,
         }
         server = subprocess.Popen(  # noqa: S603 (this interpreter, fixed arguments)
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
@@ -145,6 +167,7 @@ def main() -> None:
             encoded = [json.dumps(b).encode() for b in new]
             known = encoded[0]
             asyncio.run(run(base, key, [known], 1))  # the known patient's first call (and warm-up)
+            print(f"server allocator: {allocator}")
             print(f"prefetch: {n} resources; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
             print(f"{'case':<30}{'calls':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
             results: dict[tuple[str, int], float] = {}
