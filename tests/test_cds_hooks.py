@@ -944,3 +944,79 @@ async def test_quiet_reason_table(
     last = Last(state if last_state_same else state + "x", shown)
     rules = ["grade-0", "unchanged"]
     assert quiet_reason(rules, ev, state, last, FIXED_NOW, timedelta(hours=8)) == expected
+
+
+# --- a prefetch set aside unparsed (api/orjson_route.py) --------------------------------------
+
+
+async def test_the_prefetch_is_set_aside_only_from_a_plain_object_body() -> None:
+    from service.api.orjson_route import split_prefetch
+
+    doc = hook(prefetch=full_prefetch(case(1)))
+    body = orjson.dumps(doc)
+    rest, raw = split_prefetch(body) or pytest.fail("not set aside")
+    assert rest == {k: v for k, v in doc.items() if k != "prefetch"}
+    assert orjson.loads(raw.text) == doc["prefetch"]
+    spaced = json.dumps(doc, indent=2).encode()  # whitespace before the object: its text starts at "{"
+    assert orjson.loads((split_prefetch(spaced) or pytest.fail("not set aside"))[1].text) == doc["prefetch"]
+    whole = [
+        orjson.dumps({**doc, "prefetch": None}),
+        orjson.dumps({**doc, "prefetch": ["not", "an", "object"]}),
+        orjson.dumps({k: v for k, v in doc.items() if k != "prefetch"}),
+        b'{"prefetch": {}, "prefetch": {"patient": null}}',  # a repeated key: parsed whole, as ever
+        orjson.dumps({**doc, "note": "prefetch"}),  # the word elsewhere: parsed whole (only slower)
+        b"\xef\xbb\xbf" + body,  # a byte order mark: the standard library's read
+        body.decode().encode("utf-16"),
+        body.replace(b'"hook":"patient-view"', b'"hook":NaN'),
+        b"[" + body + b"]",
+    ]
+    for sent in whole:
+        assert split_prefetch(sent) is None, sent[:60]
+
+
+async def test_the_same_prefetch_bytes_again_are_answered_without_parsing_them(
+    svc: httpx.AsyncClient, clean_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.cdshooks.service as hooks
+
+    parses: list[int] = []
+    real = hooks._parsed
+    monkeypatch.setattr(hooks, "_parsed", lambda raw: parses.append(1) or real(raw))
+    body = orjson.dumps(hook(prefetch=full_prefetch(case(3))))
+    url = f"/cds-services/{PATIENT_VIEW}"
+
+    async def send(content: bytes) -> dict[str, Any]:
+        r = await svc.post(url, content=content, headers=cds_headers() | {"Content-Type": "application/json"})
+        return only_card(r)
+
+    first = await send(body)
+    assert parses == [1] and "CRS grade 3" in first["summary"]
+    again = await send(body)  # the very bytes: the stored evaluation answers, unparsed
+    assert parses == [1] and again["summary"] == first["summary"]
+    assert len([e for e in rows(clean_engine, AuditEvent) if e.action == "hook"]) == 2  # still audited
+    # the same data written otherwise: parsed, then served as unchanged inputs
+    assert (await send(json.dumps(orjson.loads(body), indent=1).encode()))["summary"] == first["summary"]
+    assert parses == [1, 1]
+    # the stored inputs changed meanwhile (another path wrote a new version): the same bytes are parsed again
+    hotter = {**f.temperature(40.5, T, id=f"{PID}-fever"), "meta": {"versionId": "9"}}
+    with Session(clean_engine) as s:
+        from service.app.store import store_resources
+        from service.codebook import load_codebook
+
+        store_resources(s, [hotter], load_codebook(Settings().canonical_base), server="")
+        s.commit()
+    await send(body)
+    assert parses == [1, 1, 1]
+
+
+async def test_a_prefetch_set_aside_that_is_not_json_storage_keeps_is_a_400_naming_it(
+    svc: httpx.AsyncClient, clean_engine: Engine
+) -> None:
+    # msgspec skips over invalid UTF-8 inside the prefetch; the parse refuses it: 400, nothing stored
+    body = orjson.dumps(hook(prefetch=full_prefetch(case(2)))).replace(b'"Patient"', b'"Pat\xffient"', 1)
+    r = await svc.post(
+        f"/cds-services/{PATIENT_VIEW}", content=body, headers=cds_headers() | {"Content-Type": "application/json"}
+    )
+    doc = assert_operation_outcome(r, 400)
+    assert doc["issue"][0]["expression"] == ["prefetch"]
+    assert rows(clean_engine, StoredResourceRow) == []

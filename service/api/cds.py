@@ -53,7 +53,9 @@ async def call_service(
     await run_in_threadpool(session.commit)
     service = service_for(service_id)
     public_base = settings.auth_public_base_url or str(request.base_url)
-    call = HookCall(service, req, client.actor, client.iss, public_base)
+    # The prefetch as sent, when api/orjson_route.py set it aside unparsed (req.prefetch is then None).
+    raw = getattr(request.state, "raw_prefetch", None)
+    call = HookCall(service, req, client.actor, client.iss, public_base, raw)
     response = await call_hook(call, settings, codebook, engine, clock(), evaluations)
     return JSONResponse(response.model_dump())
 

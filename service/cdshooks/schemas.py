@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +27,14 @@ class HookRequest(BaseModel):
     fhirServer: str | None = None
     fhirAuthorization: FhirAuthorization | None = None
     prefetch: dict[str, Any] | None = Field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class RawPrefetch:
+    """A hook's prefetch as the EHR sent it: the JSON text of an object, not parsed yet
+    (api/orjson_route.py sets it aside; HookRequest.prefetch is then None)."""
+
+    text: bytes
 
 
 class CdsResponse(BaseModel):

@@ -26,9 +26,9 @@ from ..config.settings import Settings
 from ..core.concepts import C
 from ..ehr.client import FhirClient
 from ..ehr.errors import EhrError
-from ..ehr.sync import names_patient, observation_codes, store_and_evaluate
+from ..ehr.sync import names_patient, observation_codes, raw_received_digest, same_call_again, store_and_evaluate
 from ..fhir.errors import FhirError
-from ..fhir.ingest import FHIR_ID
+from ..fhir.ingest import FHIR_ID, read_json
 from ..observe.metrics import CDS_CARDS, CDS_QUIET
 from ..storage import repository
 from ..storage.models import AuditEvent, CdsCard
@@ -43,7 +43,7 @@ from .cards import (
     order_select_cards,
     patient_view_cards,
 )
-from .schemas import CdsResponse, HookRequest
+from .schemas import CdsResponse, HookRequest, RawPrefetch
 
 # Prefetch keys and what each holds; every key is fetched from fhirServer when missing.
 PREFETCH_KEYS = ("patient", "observations", "medications", "conditions", "procedures")
@@ -261,6 +261,19 @@ def check_prefetch(
     return out
 
 
+def _parsed(raw: RawPrefetch) -> dict[str, Any]:
+    """The prefetch set aside unparsed, parsed as the whole body would have been (api/orjson_route.py);
+    a 400 naming it when it is not JSON that storage can keep."""
+    try:
+        doc = read_json(raw.text)
+    except ValueError as exc:  # json.JSONDecodeError, or bytes that are not UTF-8
+        raise FhirError.one(
+            400, "structure", f"prefetch is not JSON this service can keep: {exc}", "prefetch"
+        ) from None
+    assert isinstance(doc, dict)  # set aside only when its text is an object
+    return doc
+
+
 def hook_server(settings: Settings, issuer: str, fhir_server: str | None) -> str:
     """The namespace of a hook's patient: that of the EHR server its CDS client is mapped to
     (IECTOX_AUTH_CLIENT_SERVERS, by the JWT's `iss`: the issuer is what is trusted, any `sub` it
@@ -290,6 +303,7 @@ class HookCall:
     actor: str
     issuer: str  # the CDS client JWT's `iss`: what the site trusts and maps to an EHR server
     public_base: str
+    raw_prefetch: RawPrefetch | None = None  # the prefetch as sent, when set aside unparsed
 
 
 async def call_hook(
@@ -311,23 +325,6 @@ async def call_hook(
     if service.needs_orders and not orders:
         return CdsResponse(cards=[])
     server = hook_server(settings, call.issuer, req.fhirServer)
-    prefetch = req.prefetch or {}
-    # A key the EHR did not fill is absent (or carries an OperationOutcome): fetch it. null = no data.
-    missing = [key for key in PREFETCH_KEYS if key not in prefetch or _failed(prefetch[key])]
-    resources = check_prefetch(prefetch, patient_id, req.fhirServer, settings.cds_max_prefetch_resources)
-    target: str | None = None
-    if missing:
-        target, fetched = await _fetch_missing(req, patient_id, missing, settings, codebook)
-        stranger = next((r for r in fetched if not _belongs(r, patient_id, req.fhirServer)), None)
-        if stranger is not None:
-            raise FhirError.one(
-                400, "value", f"fhirServer returned a {stranger.get('resourceType')} of another patient", "fhirServer"
-            )
-        resources += fetched
-    if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
-        raise FhirError.one(
-            412, "not-found", "the Patient is neither in the prefetch nor on fhirServer", "context.patientId"
-        )
     # The audit trail middleware covers /fhir; a hook reads and writes a patient too.
     audit = AuditEvent(
         recorded=now,
@@ -356,6 +353,33 @@ async def call_hook(
         now,
         server,
     )
+    received = None
+    if call.raw_prefetch is not None and cache is not None:
+        # The EHR sent these very bytes for this patient last time, and the stored inputs did not
+        # change since: that call's evaluation answers, and the 2 MB are never parsed.
+        received = raw_received_digest(call.raw_prefetch.text, req.fhirServer)
+        again = await run_in_threadpool(
+            same_call_again, engine, patient_id, cache, received, audit, answer, settings, server
+        )
+        if again is not None:
+            return CdsResponse(cards=answer.cards)
+    prefetch = _parsed(call.raw_prefetch) if call.raw_prefetch is not None else (req.prefetch or {})
+    # A key the EHR did not fill is absent (or carries an OperationOutcome): fetch it. null = no data.
+    missing = [key for key in PREFETCH_KEYS if key not in prefetch or _failed(prefetch[key])]
+    resources = check_prefetch(prefetch, patient_id, req.fhirServer, settings.cds_max_prefetch_resources)
+    target: str | None = None
+    if missing:
+        target, fetched = await _fetch_missing(req, patient_id, missing, settings, codebook)
+        stranger = next((r for r in fetched if not _belongs(r, patient_id, req.fhirServer)), None)
+        if stranger is not None:
+            raise FhirError.one(
+                400, "value", f"fhirServer returned a {stranger.get('resourceType')} of another patient", "fhirServer"
+            )
+        resources += fetched
+    if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
+        raise FhirError.one(
+            412, "not-found", "the Patient is neither in the prefetch nor on fhirServer", "context.patientId"
+        )
     evaluation, _ = await run_in_threadpool(
         partial(
             store_and_evaluate,
@@ -365,6 +389,7 @@ async def call_hook(
             audit=audit,
             cache=cache,
             respond=answer,
+            received=received if target is None else None,
         ),
         engine,
         patient_id,

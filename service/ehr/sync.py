@@ -151,6 +151,7 @@ def store_and_evaluate(
     audit: AuditEvent | None = None,
     cache: EvaluationCache | None = None,
     respond: Callable[[Session, Evaluation], None] | None = None,
+    received: str | None = None,
 ) -> tuple[Evaluation | None, bool]:
     """Store what was read from the FHIR server at `base`, evaluate, enqueue and move the poll
     checkpoint, in one transaction. Only a patient the EHR returned is evaluated and watched (an
@@ -159,12 +160,15 @@ def store_and_evaluate(
     last evaluation is not graded again, and one whose EHR sent the same bytes as last time (and
     whose stored inputs did not change since) is not stored again either (app/cache.py).
     `respond`: called with the evaluation inside the transaction (a CDS hook decides and records
-    its cards there), whether the evaluation is new or cached."""
-    bodies = bodies_of(resources) if cache is not None and target is None else None
-    received = _received_digest(resources, bodies, base) if bodies is not None else None
+    its cards there), whether the evaluation is new or cached. `received`: the digest of what the
+    EHR sent when the caller made it (raw_received_digest), else made here from the resources."""
+    bodies = None
+    if received is None and cache is not None and target is None:
+        bodies = bodies_of(resources)
+        received = _received_digest(resources, bodies, base)
     key = patient_key(server, patient_id)
     if cache is not None and received is not None:
-        again = _same_call_again(engine, patient_id, key, cache, received, audit, respond, settings, server)
+        again = same_call_again(engine, patient_id, cache, received, audit, respond, settings, server)
         if again is not None:
             return again, False
     with Session(engine, expire_on_commit=False) as session:
@@ -212,10 +216,9 @@ def store_and_evaluate(
     return evaluation, changed
 
 
-def _same_call_again(
+def same_call_again(
     engine: Engine,
     patient_id: str,
-    key: str,
     cache: EvaluationCache,
     received: str,
     audit: AuditEvent | None,
@@ -225,7 +228,7 @@ def _same_call_again(
 ) -> Evaluation | None:
     """The cached evaluation when the EHR sent what it sent last time and the stored inputs kept
     the fingerprint that call left (the access is still audited, `respond` still called); else None."""
-    seen = cache.seen(key, received)
+    seen = cache.seen(patient_key(server, patient_id), received)
     if seen is None:
         return None
     fingerprint, evaluation = seen
@@ -238,6 +241,12 @@ def _same_call_again(
             record_access(session, audit, settings)
         session.commit()
     return evaluation
+
+
+def raw_received_digest(text: bytes, base: str | None) -> str:
+    """A digest of what the EHR sent as JSON text (a hook's prefetch as received) and from where:
+    equal bytes, equal digests; never equal to a `_received_digest` (the text starts otherwise)."""
+    return hashlib.sha256(b"raw\n" + orjson.dumps(base) + b"\n" + text).hexdigest()
 
 
 def _received_digest(resources: list[dict[str, Any]], bodies: Bodies, base: str | None) -> str | None:

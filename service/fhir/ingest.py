@@ -7,6 +7,7 @@ validation (~100-300 µs a resource) is kept for what the service emits.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_right
 from calendar import monthrange
@@ -50,6 +51,21 @@ def is_resource_type(name: str) -> bool:
         return issubclass(get_fhir_model_class(name), Resource)
     except (KeyError, ValueError, AttributeError, ImportError):
         return False
+
+
+def read_json(body: bytes) -> Any:
+    """A request body as JSON: orjson, and what it refuses that the standard library reads (a
+    byte order mark, UTF-16, NaN) as before; json.JSONDecodeError for what neither reads, or
+    what storage could not keep (a lone surrogate, an integer beyond 64 bits)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = json.loads(body)
+        try:
+            orjson.dumps(doc)
+        except TypeError as exc:
+            raise json.JSONDecodeError(f"not storable as JSON: {exc}", "", 0) from None
+        return doc
 
 
 def load_json(body: bytes) -> Any:
