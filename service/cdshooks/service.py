@@ -26,7 +26,14 @@ from ..config.settings import Settings
 from ..core.concepts import C
 from ..ehr.client import FhirClient
 from ..ehr.errors import EhrError
-from ..ehr.sync import names_patient, observation_codes, raw_received_digest, same_call_again, store_and_evaluate
+from ..ehr.sync import (
+    names_patient,
+    observation_codes,
+    patient_matcher,
+    raw_received_digest,
+    same_call_again,
+    store_and_evaluate,
+)
 from ..fhir.errors import FhirError
 from ..fhir.ingest import FHIR_ID, read_json
 from ..observe.metrics import CDS_CARDS, CDS_QUIET
@@ -245,6 +252,7 @@ def check_prefetch(
     """The resources of the prefetch: 413 over `max_resources`; 400 naming the first one that is
     not the hook's patient's (a hook stores only its own patient's data)."""
     out: list[dict[str, Any]] = []
+    names = patient_matcher(patient_id, base)  # made once, not per resource
     for key in PREFETCH_KEYS:
         if key not in prefetch or _failed(prefetch[key]):
             continue
@@ -254,7 +262,7 @@ def check_prefetch(
                 413, "too-long", f"the prefetch holds more than {max_resources} resources", f"prefetch.{key}"
             )
         for i, res in enumerate(found):
-            if not _belongs(res, patient_id, base):
+            if str(res.get("resourceType")) in PATIENT_DATA_TYPES and not names(res):  # as _belongs
                 where = f"prefetch.{key}" if found == [prefetch[key]] else f"prefetch.{key}.entry[{i}].resource"
                 raise FhirError.one(400, "value", "a prefetch resource is not the hook patient's", where)
         out += found

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
+from functools import lru_cache
 from typing import NamedTuple
 
 
 def fmt_time(t: datetime) -> str:
     """A time for rationales: ISO 8601 to the minute, with its offset."""
+    return _iso_minutes(t, t.utcoffset())
+
+
+@lru_cache(maxsize=8192)
+def _iso_minutes(t: datetime, offset: timedelta | None) -> str:
+    # The course writes the same few hundred times thousands of times (1.7 µs each, 0.3 cached).
+    # Keyed by the offset too: equal instants in two offsets are equal datetimes, not equal text.
     return t.isoformat(timespec="minutes")
 
 

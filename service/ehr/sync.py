@@ -70,12 +70,22 @@ def _readable(resources: Iterable[Any]) -> list[dict[str, Any]]:
 def names_patient(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
     """Whether a resource is the patient's: the Patient itself, or a subject naming them (relative,
     or absolute on the EHR's `base`)."""
-    if res.get("resourceType") == "Patient":
-        return res.get("id") == patient_id
-    subject = res.get("subject")
-    ref = subject.get("reference") if isinstance(subject, dict) else None
+    return patient_matcher(patient_id, base)(res)
+
+
+def patient_matcher(patient_id: str, base: str | None) -> Callable[[dict[str, Any]], bool]:
+    """names_patient for one patient, its references made once (a hook checks 2,000 resources)."""
     own = f"Patient/{patient_id}"
-    return ref == own or (base is not None and ref == f"{base.rstrip('/')}/{own}")
+    refs = {own} if base is None else {own, f"{base.rstrip('/')}/{own}"}
+
+    def names(res: dict[str, Any]) -> bool:
+        if res.get("resourceType") == "Patient":
+            return res.get("id") == patient_id
+        subject = res.get("subject")
+        ref = subject.get("reference") if isinstance(subject, dict) else None
+        return isinstance(ref, str) and ref in refs
+
+    return names
 
 
 def _unchanged(session: Session, evaluation: Evaluation) -> bool:

@@ -462,6 +462,11 @@ def _conversion(concept: str, unit: str) -> tuple[Convert, str, tuple[float | No
     return apply, canonical, bounds or (None, None)
 
 
+@lru_cache(maxsize=16)
+def _hours(hours: float) -> timedelta:
+    return timedelta(hours=hours)  # made once: the storage check makes a Normaliser per resource
+
+
 class Normaliser:
     """Builds one patient's PatientData from checked entries; collects every issue."""
 
@@ -472,7 +477,7 @@ class Normaliser:
         infusion_event_max_hours: float = INFUSION_EVENT_MAX_HOURS,
     ) -> None:
         self.cb = codebook
-        self.max_open = timedelta(hours=infusion_event_max_hours)
+        self.max_open = _hours(infusion_event_max_hours)
         self.r = _Reader(site_tz=site_tz)
         self.samples: dict[str, list[Sample]] = {}
         self.added: list[str] = []  # concept of every sample added, in order (rollback journal)
