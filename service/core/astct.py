@@ -196,7 +196,7 @@ def crs_from_facts(f: Facts, brief: bool = False) -> GradeResult:
     gate = fever_gate(f.fever)
     notes = [] if brief else crs_notes(gate) + ignored_note(data, CRS_CONCEPTS)
     if gate.domain is None:
-        return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes, f.crs_findings(brief))
+        return no_crs(CRS_METHOD, CRS_SCALE, at, gate, window, notes, f.crs_findings(brief), brief=brief)
     fever_dom = gate.domain
     hypo = _hypotension(f)
     hypox = _hypoxia(f)

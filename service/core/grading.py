@@ -162,12 +162,23 @@ def crs_notes(gate: FeverGate) -> list[str]:
 
 
 def no_crs(
-    method: str, scale: str, at: datetime, gate: FeverGate, head: str, notes: list[str], crs: CrsFindings | None = None
+    method: str,
+    scale: str,
+    at: datetime,
+    gate: FeverGate,
+    head: str,
+    notes: list[str],
+    crs: CrsFindings | None = None,
+    *,
+    brief: bool = False,
 ) -> GradeResult:
-    """Grade 0 (no fever) or indeterminate (no temperature): CRS is not established."""
+    """Grade 0 (no fever) or indeterminate (no temperature): CRS is not established. `brief`: the
+    grade, missing input and CRS findings only, as combine's brief result (the course)."""
+    needs = "" if gate.grade == 0 else C.BODY_TEMPERATURE
+    if brief:
+        return GradeResult(method, scale, at, gate.grade, "", (), (needs,) if needs else (), crs=crs)
     refs = tuple(s.ref for s in gate.temps)
     verdict = f"{'Grade 0' if gate.grade == 0 else 'Indeterminate'}: {gate.why}"
-    needs = "" if gate.grade == 0 else C.BODY_TEMPERATURE
     return GradeResult(
         method,
         scale,

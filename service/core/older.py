@@ -303,7 +303,7 @@ def grade_scale(sc: Scale, f: Facts, brief: bool = False) -> GradeResult:
         notes = [*crs_notes(gate), f"Not evaluable from data: {sc.not_evaluable}.", sc.choices]
         notes += ignored_items_note(f.ignored)
     if gate.domain is None:
-        return no_crs(sc.method, sc.name, f.at, gate, head, notes, f.crs_findings(brief))
+        return no_crs(sc.method, sc.name, f.at, gate, head, notes, f.crs_findings(brief), brief=brief)
     domains = [gate.domain, _hypotension_domain(sc, f), _oxygen_domain(sc, f)]
     organ = _organ_domains(sc, f)
     if organ and gate.grade == 0 and all(d.grade == 0 for d in domains[1:]):
