@@ -1020,3 +1020,24 @@ async def test_a_prefetch_set_aside_that_is_not_json_storage_keeps_is_a_400_nami
     doc = assert_operation_outcome(r, 400)
     assert doc["issue"][0]["expression"] == ["prefetch"]
     assert rows(clean_engine, StoredResourceRow) == []
+
+
+async def test_a_prefetch_nested_deeper_than_a_parser_goes_is_never_a_500(svc: httpx.AsyncClient) -> None:
+    """Found in review: msgspec (setting the prefetch aside) and the standard library stop at
+    Python's recursion limit, orjson at 1,023 levels; neither may turn a body into a 500."""
+    from service.api.orjson_route import split_prefetch
+
+    resources = case(2)
+    bent = [dict(r) for r in resources]
+    next(r for r in bent if r["resourceType"] == "Observation")["note"] = "DEEP"
+    template = orjson.dumps(hook(prefetch=full_prefetch(bent)))
+    for depth in (900, 960, 1000, 1100):
+        for leaf in (b'"x"', b'"\xed\xa0\x80"'):  # orjson refuses the encoded surrogate: the standard library reads
+            body = template.replace(b'"DEEP"', b"[" * depth + leaf + b"]" * depth)
+            split_prefetch(body)  # returns or declines, never raises
+            r = await svc.post(
+                f"/cds-services/{PATIENT_VIEW}",
+                content=body,
+                headers=cds_headers() | {"Content-Type": "application/json"},
+            )
+            assert r.status_code < 500, (depth, r.status_code, r.text[:200])

@@ -7,7 +7,8 @@ is a 4xx, never a 500. An integer beyond 64 bits in a body orjson reads arrives 
 A hook's prefetch is set aside unparsed (`RawPrefetch`, in `request.state.raw_prefetch`) when
 the body is a JSON object whose one "prefetch" member is an object and whose other members
 orjson reads: a call whose EHR sent these very bytes last time is answered without parsing
-them (cdshooks/service.py), any other call parses them as the whole body would have been."""
+them (cdshooks/service.py); any other call parses them with the same parser (`read_json`), and
+what it refuses is a 400 naming the prefetch, once the caller is authenticated."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def split_prefetch(body: bytes) -> tuple[dict[str, Any], RawPrefetch] | None:
         return None
     try:
         members = _MEMBERS.decode(body)
-    except msgspec.DecodeError:  # a byte order mark, UTF-16, NaN, not an object, malformed
-        return None
+    except (msgspec.DecodeError, RecursionError):  # a byte order mark, UTF-16, NaN, not an object,
+        return None  # malformed; or nested deeper than msgspec goes on this stack (orjson: 1,023 levels)
     raw = members.pop("prefetch", None)
     if raw is None or bytes(memoryview(raw)[:1]) != b"{":
         return None

@@ -74,7 +74,6 @@ class StoreResult:
 
 
 Checked = dict[bytes, tuple[dict[str, Any], tuple[Sample, ...] | None]]
-Bodies = dict[int, bytes | None]  # id(resource) -> its stored JSON (None: JSON cannot hold it)
 
 
 @dataclass
@@ -86,8 +85,8 @@ class _Checked:
     samples: tuple[Sample, ...] | None  # an Observation's, when its check had nothing else to say
 
 
-def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None, bodies: Bodies | None = None) -> _Checked:
-    body = _known_body(entry.resource, bodies) if isinstance(entry.resource, dict) else None
+def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None) -> _Checked:
+    body = _body(entry.resource) if isinstance(entry.resource, dict) else None
     samples: list[tuple[Sample, ...]] = []
     patient_id, issues = check_for_storage(entry, codebook, site_tz, body, samples)
     return _Checked(entry, patient_id, issues, body, samples[0] if samples else None)
@@ -266,22 +265,17 @@ def store_resources(
     base: str | None = None,
     server: str,
     fresh: bool = False,
-    bodies: Bodies | None = None,
 ) -> StoreResult:
     """Store resources as read from a FHIR server (ids kept; references on its own `base` made
     relative), each on its own: an invalid resource is rejected, never the others. A rejected
     resource of a patient is kept (RejectedInput) so that every later evaluation names it as
     left out; a usable newer version replaces it. No limit on their number. `fresh`: nothing of
-    their patient is stored yet (nothing byte-identical to look for first). `bodies`: the JSON of
-    some of `resources` already made (`_body`), by object id; not used when references are rebased."""
-    if base:
-        stored_form, bodies = [local_references(r, base) for r in resources], None
-    else:
-        stored_form = list(resources)
+    their patient is stored yet (nothing byte-identical to look for first)."""
+    stored_form = [local_references(r, base) for r in resources] if base else list(resources)
     # a known patient's unchanged data: not checked again
-    known = {} if fresh else _identical(session, stored_form, server, bodies)
+    known = {} if fresh else _identical(session, stored_form, server)
     checked = {
-        i: _check(Entry(res, str(res.get("resourceType"))), codebook, site_tz, bodies)
+        i: _check(Entry(res, str(res.get("resourceType"))), codebook, site_tz)
         for i, res in enumerate(stored_form)
         if i not in known
     }
@@ -316,7 +310,7 @@ def store_resources(
     return StoreResult(tuple(ordered), stored_now)
 
 
-def _body(res: Any) -> bytes | None:
+def _body(res: dict[str, Any]) -> bytes | None:
     """The resource as storage keeps it; None when JSON cannot hold it (an integer beyond 64 bits)."""
     try:
         return orjson.dumps(res)
@@ -324,23 +318,11 @@ def _body(res: Any) -> bytes | None:
         return None
 
 
-def bodies_of(resources: Iterable[Any]) -> Bodies:
-    """`_body` of each resource, by object id (made once, read by a digest and by storage)."""
-    return {id(r): _body(r) for r in resources}
-
-
-def _known_body(res: Any, bodies: Bodies | None) -> bytes | None:
-    """`_body(res)`, taken from `bodies` when made already."""
-    return bodies[id(res)] if bodies is not None and id(res) in bodies else _body(res)
-
-
 def _storable(res: dict[str, Any]) -> bool:
     return _body(res) is not None
 
 
-def _identical(
-    session: Session, resources: list[dict[str, Any]], server: str, bodies: Bodies | None = None
-) -> dict[int, ResourceResult]:
+def _identical(session: Session, resources: list[dict[str, Any]], server: str) -> dict[int, ResourceResult]:
     """ "unchanged" (by position) for each resource stored byte for byte as it is: it passed the
     checks when it was stored. One read for all: a known patient's hook or poll mostly re-reads
     what is stored, and checking and upserting it again costs more than grading it."""
@@ -349,7 +331,7 @@ def _identical(
     out: dict[int, ResourceResult] = {}
     for i, (key, res) in enumerate(zip(keys, resources, strict=True)):
         found = stored.get(key)
-        if found is not None and found[0] == _known_body(res, bodies):
+        if found is not None and found[0] == _body(res):
             write = repository.WriteOutcome(key[0], key[1], found[1], "200 OK", changed=False)
             out[i] = ResourceResult(key[0], key[1], "unchanged", write=write)
     return out

@@ -270,11 +270,11 @@ def check_prefetch(
 
 
 def _parsed(raw: RawPrefetch) -> dict[str, Any]:
-    """The prefetch set aside unparsed, parsed as the whole body would have been (api/orjson_route.py);
+    """The prefetch set aside unparsed, parsed by the whole body's parser (api/orjson_route.py);
     a 400 naming it when it is not JSON that storage can keep."""
     try:
         doc = read_json(raw.text)
-    except ValueError as exc:  # json.JSONDecodeError, or bytes that are not UTF-8
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes not UTF-8, nested too deep
         raise FhirError.one(
             400, "structure", f"prefetch is not JSON this service can keep: {exc}", "prefetch"
         ) from None

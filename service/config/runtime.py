@@ -39,8 +39,9 @@ _GC_SWITCH = threading.Lock()  # makes "read the state, then switch" one step ac
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """The cyclic collector paused for the block; the thread that paused it resumes it. A block
-    that starts while another has paused it leaves the switch alone (it may end unpaused)."""
+    """The cyclic collector paused for the block; the block that paused it resumes it (a block
+    may span awaits: the CDS hook route). A block that starts while another has paused it leaves
+    the switch alone (it may end unpaused)."""
     with _GC_SWITCH:
         paused_here = gc.isenabled()
         gc.disable()

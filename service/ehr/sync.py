@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from fastapi.concurrency import run_in_threadpool
@@ -25,7 +25,7 @@ from sqlmodel import Session
 from ..app.audit import record_access
 from ..app.cache import EvaluationCache
 from ..app.evaluate import Evaluation
-from ..app.store import Bodies, Checked, bodies_of, evaluate_stored, patient_key, store_evaluation, store_resources
+from ..app.store import Checked, evaluate_stored, patient_key, store_evaluation, store_resources
 from ..codebook import Codebook
 from ..config.settings import Settings
 from ..core.concepts import Kind
@@ -172,10 +172,8 @@ def store_and_evaluate(
     `respond`: called with the evaluation inside the transaction (a CDS hook decides and records
     its cards there), whether the evaluation is new or cached. `received`: the digest of what the
     EHR sent when the caller made it (raw_received_digest), else made here from the resources."""
-    bodies = None
     if received is None and cache is not None and target is None:
-        bodies = bodies_of(resources)
-        received = _received_digest(resources, bodies, base)
+        received = _received_digest(resources, base)
     key = patient_key(server, patient_id)
     if cache is not None and received is not None:
         again = same_call_again(engine, patient_id, cache, received, audit, respond, settings, server)
@@ -187,14 +185,7 @@ def store_and_evaluate(
             log.info("sync: %d resources of types not read skipped", len(resources) - len(readable))
         fresh = not repository.has_patient(session, patient_id, server=server)
         stored = store_resources(
-            session,
-            readable,
-            codebook,
-            site_tz=settings.site_tz(),
-            base=base,
-            server=server,
-            fresh=fresh,
-            bodies=bodies,
+            session, readable, codebook, site_tz=settings.site_tz(), base=base, server=server, fresh=fresh
         )
         if stored.rejected:
             log.warning("sync: %d resources rejected (invalid for grading; named in evaluations)", stored.rejected)
@@ -259,16 +250,13 @@ def raw_received_digest(text: bytes, base: str | None) -> str:
     return hashlib.sha256(b"raw\n" + orjson.dumps(base) + b"\n" + text).hexdigest()
 
 
-def _received_digest(resources: list[dict[str, Any]], bodies: Bodies, base: str | None) -> str | None:
-    """A digest of what the EHR sent (and from where): equal bytes, equal digests. Made from each
-    resource's stored JSON (`bodies`, which storage reads too: each resource is dumped once); a
-    newline separates them (orjson escapes every newline inside JSON). None when JSON cannot hold
-    one (storage rejects such resources, one by one)."""
-    parts = [bodies[id(r)] for r in resources]
-    if any(p is None for p in parts):
+def _received_digest(resources: list[dict[str, Any]], base: str | None) -> str | None:
+    """A digest of what the EHR sent (and from where): equal bytes, equal digests. None when JSON
+    cannot hold it (storage rejects such resources, one by one)."""
+    try:
+        return hashlib.sha256(orjson.dumps([base, resources])).hexdigest()  # SHA-NI: twice blake2b's speed
+    except TypeError:
         return None
-    joined = b"\n".join(cast(list[bytes], [orjson.dumps(base), *parts]))
-    return hashlib.sha256(joined).hexdigest()  # SHA-NI: twice blake2b's speed
 
 
 async def sync_patients(
