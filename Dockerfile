@@ -42,10 +42,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     IECTOX_DATABASE_URL=sqlite:////data/iectox.db
 
 # jemalloc for every Python allocation: a CDS hook parses a 2 MB prefetch into ~100,000 objects
-# and frees them; CPython's own allocator then places the next hook's objects scattered over
-# reused pools, and every pass over them pays for it (bench/cds.py, 2,000-resource prefetch:
-# p95 new patient 251-275 ms against 315-321, known patient 51-57 against 66-69; peak memory
-# of a 50,000-entry $evaluate unchanged, bench/memory.py). Unset LD_PRELOAD to run without.
+# and frees them. Measured in the API process: a pass over a freshly parsed prefetch (one
+# orjson.dumps) took 9-12 ms on CPython's own allocator, 1-2 ms in a new process and about 4 ms
+# on jemalloc; end to end (bench/cds.py, 2,025-resource prefetch) jemalloc's new-patient p95 was
+# the lower in four of five back-to-back pairs (README Speed); peak memory of a 50,000-entry
+# $evaluate unchanged (bench/memory.py). Unset LD_PRELOAD to run without.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 \
     && rm -rf /var/lib/apt/lists/* \
