@@ -77,9 +77,7 @@ def test_a_patient_without_timed_input_is_evaluated_once_and_not_stored(
     clean_engine: Engine, codebook: Codebook, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses:
-        evaluation, changed = store_and_evaluate(
-            clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None, server=""
-        )
+        evaluation, changed = sync_p1(clean_engine, [f.patient()], codebook, settings)
     assert evaluation is not None and evaluation.untimed and evaluation.at == FIXED_NOW
     assert not changed
     assert len(parses) == 1
@@ -95,12 +93,17 @@ def test_a_synced_resource_is_checked_once_and_normalised_once_for_grading(
         counted(monkeypatch, store_module, "check_for_storage") as checks,
         counted(monkeypatch, evaluate_module, "parse_patient_entries") as parses,
     ):
-        evaluation, changed = store_and_evaluate(
-            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
-        )
+        evaluation, changed = sync_p1(clean_engine, resources, codebook, settings)
     assert evaluation is not None and not evaluation.untimed and changed
     assert sorted(e.ref for e in checks) == ["Observation/s1", "Observation/t1", "Patient/p1"]
     assert len(parses) == 1 and sorted(e.ref for e in parses[0]) == sorted(refs(resources))
+
+
+def sync_p1(
+    engine: Engine, resources: list[dict[str, Any]], codebook: Codebook, settings: Settings
+) -> tuple[Any, bool]:
+    """Patient/p1's resources stored and evaluated as a hook without an evaluation cache reads them."""
+    return store_and_evaluate(engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server="")
 
 
 def refs(resources: list[dict[str, Any]]) -> list[str]:
@@ -111,9 +114,7 @@ def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
     clean_engine: Engine, codebook: Codebook, settings: Settings
 ) -> None:
     resources = [f.patient(), f.temperature(39.0, T0, id="t1")]
-    _, changed = store_and_evaluate(
-        clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
-    )
+    _, changed = sync_p1(clean_engine, resources, codebook, settings)
     assert changed
     statements: list[str] = []
 
@@ -123,9 +124,7 @@ def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
 
     event.listen(clean_engine, "before_cursor_execute", record)
     try:
-        evaluation, changed = store_and_evaluate(
-            clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
-        )
+        evaluation, changed = sync_p1(clean_engine, resources, codebook, settings)
     finally:
         event.remove(clean_engine, "before_cursor_execute", record)
     assert evaluation is not None and len(evaluation.assessments) > 1
@@ -135,9 +134,7 @@ def test_unchanged_evaluation_reads_its_risk_assessments_in_one_query(
 
 def test_emitted_by_id(clean_engine: Engine, codebook: Codebook, settings: Settings) -> None:
     resources = [f.patient(), f.temperature(39.0, T0, id="t1")]
-    evaluation, _ = store_and_evaluate(
-        clean_engine, "p1", resources, codebook, settings, FIXED_NOW, target=None, server=""
-    )
+    evaluation, _ = sync_p1(clean_engine, resources, codebook, settings)
     assert evaluation is not None
     ids = [ra["id"] for ra in evaluation.assessments]
     with Session(clean_engine) as session:
@@ -167,22 +164,16 @@ def test_a_rejected_resource_is_named_by_every_later_evaluation_until_replaced(
 ) -> None:
     normal = (f.systolic(120, T0, id="bp"), f.oxygen_device("none", T0, id="o2"))
     bad = f.temperature(1000.0, T0, id="t1", meta={"versionId": "1"})  # impossible: left out
-    first, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient(), *normal, bad], codebook, settings, FIXED_NOW, target=None, server=""
-    )
+    first, _ = sync_p1(clean_engine, [f.patient(), *normal, bad], codebook, settings)
     assert first is not None and [r.ref for r in first.left_out] == ["Observation/t1"]
     # A later read without that resource (a poll delta, a CDS prefetch) still names it.
-    later, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient()], codebook, settings, FIXED_NOW, target=None, server=""
-    )
+    later, _ = sync_p1(clean_engine, [f.patient()], codebook, settings)
     assert later is not None and [r.ref for r in later.left_out] == ["Observation/t1"]
     assert crs_of(later).grade is None
     assert [r.ref for r in stored_evaluation(clean_engine, codebook, settings).left_out] == ["Observation/t1"]
     # An older rejected version does not replace a newer usable one; a newer usable one clears it.
     fixed = {**bad, "meta": {"versionId": "2"}, "valueQuantity": f.quantity(39.0, "Cel")}
-    again, _ = store_and_evaluate(
-        clean_engine, "p1", [f.patient(), fixed, bad], codebook, settings, FIXED_NOW, target=None, server=""
-    )
+    again, _ = sync_p1(clean_engine, [f.patient(), fixed, bad], codebook, settings)
     assert again is not None and not again.left_out and crs_of(again).grade == 1
     with Session(clean_engine) as session:
         assert repository.rejected_inputs(session, "p1", server="") == []
@@ -192,7 +183,7 @@ def test_a_usable_version_posted_to_the_api_clears_a_kept_rejection(
     clean_engine: Engine, codebook: Codebook, settings: Settings
 ) -> None:
     bad = f.temperature(1000.0, T0, id="t1")
-    store_and_evaluate(clean_engine, "p1", [f.patient(), bad], codebook, settings, FIXED_NOW, target=None, server="")
+    sync_p1(clean_engine, [f.patient(), bad], codebook, settings)
     with Session(clean_engine) as session:
         store_module.store_one(
             session, f.temperature(39.0, T1, id="t1"), "Observation", "t1", codebook, None, server=""
@@ -240,16 +231,7 @@ def test_a_resource_read_without_an_id_is_named_in_the_evaluation(
 ) -> None:
     anonymous = f.temperature(39.0, T0)
     del anonymous["id"]
-    ev, _ = store_and_evaluate(
-        clean_engine,
-        "p1",
-        [f.patient(), anonymous, f.systolic(120, T0)],
-        codebook,
-        settings,
-        FIXED_NOW,
-        target=None,
-        server="",
-    )
+    ev, _ = sync_p1(clean_engine, [f.patient(), anonymous, f.systolic(120, T0)], codebook, settings)
     assert ev is not None and [r.path for r in ev.left_out] == ["Observation/(read without an id).id"]
 
 
@@ -358,26 +340,10 @@ def test_an_unversioned_rejected_copy_after_a_versioned_stored_one_is_named(
 ) -> None:
     # A poll stored version 5; a prefetch then sends the same id without meta, impossible: it
     # replaces what is stored (as an unversioned usable copy would) and is named, never dropped.
-    store_and_evaluate(
-        clean_engine,
-        "p1",
-        [f.patient(), {**f.temperature(38.5, T0, id="t"), "meta": {"versionId": "5"}}],
-        codebook,
-        settings,
-        FIXED_NOW,
-        target=None,
-        server="",
+    sync_p1(
+        clean_engine, [f.patient(), {**f.temperature(38.5, T0, id="t"), "meta": {"versionId": "5"}}], codebook, settings
     )
-    ev, _ = store_and_evaluate(
-        clean_engine,
-        "p1",
-        [f.patient(), f.temperature(1000.0, T0, id="t")],
-        codebook,
-        settings,
-        FIXED_NOW,
-        target=None,
-        server="",
-    )
+    ev, _ = sync_p1(clean_engine, [f.patient(), f.temperature(1000.0, T0, id="t")], codebook, settings)
     assert ev is not None and [r.ref for r in ev.left_out] == ["Observation/t"]
 
 
@@ -397,18 +363,9 @@ def test_a_non_string_id_or_a_number_beyond_64_bits_is_rejected_not_a_500(
 def test_a_rejected_newer_patient_replaces_the_stored_one_in_the_evaluation(
     clean_engine: Engine, codebook: Codebook, settings: Settings
 ) -> None:
-    store_and_evaluate(
-        clean_engine,
-        "p1",
-        [f.patient(), f.temperature(39.0, T0, id="t")],
-        codebook,
-        settings,
-        FIXED_NOW,
-        target=None,
-        server="",
-    )
+    sync_p1(clean_engine, [f.patient(), f.temperature(39.0, T0, id="t")], codebook, settings)
     # Its meta cannot be stored (not a FHIR id), its content can be graded: it is graded in place of
     # the stored Patient, never beside it (two Patients would be a 422 for the whole hook).
     bad_meta = {**f.patient(birth_date="1960-01-01"), "meta": {"versionId": "v 2"}}
-    ev, _ = store_and_evaluate(clean_engine, "p1", [bad_meta], codebook, settings, FIXED_NOW, target=None, server="")
+    ev, _ = sync_p1(clean_engine, [bad_meta], codebook, settings)
     assert ev is not None and crs_of(ev).floor == 1  # fever: at least grade 1, blood pressure and oxygen unknown
