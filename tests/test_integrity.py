@@ -32,7 +32,7 @@ from service.codebook import Codebook, load_codebook
 from service.config.settings import Settings
 from service.fhir.errors import FhirError
 from service.storage import repository
-from service.storage.db import make_engine, read_only, sessions
+from service.storage.db import WriterGate, make_engine, read_only, sessions
 from service.storage.errors import StorageBusy
 from service.storage.models import StoredResource
 from tests import factories as f
@@ -434,6 +434,72 @@ def test_a_writer_that_waits_too_long_gets_storage_busy(clean_engine: Engine, co
     finally:
         impatient.dispose()
     assert stored_count(clean_engine) == 0
+
+
+def _queued(gate: WriterGate, n: int) -> None:
+    """Wait until `n` writers queue at the gate (synchronisation, not a timing assertion)."""
+    for _ in range(int(WAIT_S / 0.005)):
+        if len(gate._waiting) >= n:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{n} writers never queued")
+
+
+def test_sqlite_writers_of_one_process_are_served_in_arrival_order() -> None:
+    gate = WriterGate()
+    assert gate.acquire(1)
+    served: list[str] = []
+
+    def writer(name: str) -> None:
+        assert gate.acquire(WAIT_S)
+        served.append(name)
+        gate.release()
+
+    threads = []
+    for n, name in enumerate(("first", "second", "third"), start=1):
+        threads.append(threading.Thread(target=writer, args=(name,)))
+        threads[-1].start()
+        _queued(gate, n)
+    gate.release()
+    for t in threads:
+        t.join(WAIT_S)
+    assert served == ["first", "second", "third"]
+    assert gate.acquire(0)  # free again once the last one released it
+
+
+def test_a_writer_that_gives_up_at_the_gate_leaves_the_queue() -> None:
+    gate = WriterGate()
+    assert gate.acquire(1)
+    assert not gate.acquire(0.01)
+    assert len(gate._waiting) == 0
+    gate.release()
+    assert gate.acquire(0)
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback", "close", "invalidate"])
+def test_every_way_a_write_transaction_ends_lets_the_next_writer_in(
+    clean_engine: Engine, codebook: Codebook, ending: str
+) -> None:
+    """The gate is held from BEGIN IMMEDIATE to the transaction's end, however it ends: a later
+    writer of the same engine (waiting at most 0.5 s) gets in, never StorageBusy."""
+    engine = make_engine(url_of(clean_engine), lock_wait_s=0.5)
+    try:
+        session = Session(engine)
+        store_one(session, patient("p1", "1", "one"), "Patient", "p1", codebook, None, server="")
+        if ending == "commit":
+            session.commit()
+        elif ending == "rollback":
+            session.rollback()
+        elif ending == "invalidate":  # as on a lost connection: the pool drops it, then the rollback
+            session.connection().invalidate()
+            session.rollback()
+        session.close()
+        with Session(engine) as later:
+            store_one(later, patient("p2", "1", "two"), "Patient", "p2", codebook, None, server="")
+            later.commit()
+    finally:
+        engine.dispose()
+    assert stored_name(clean_engine, "p2") == "two"
 
 
 def test_readers_see_the_last_commit_while_a_writer_works(clean_engine: Engine, codebook: Codebook) -> None:
