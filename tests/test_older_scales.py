@@ -303,6 +303,18 @@ def test_creatinine_rise_over_baseline(version: str, now: float, grade: int) -> 
     assert f.organ["creatinine"].grade == grade
 
 
+def test_organ_facts_are_shared_only_by_windows_with_the_same_labs_and_config() -> None:
+    """Organ facts are made once per distinct window (the course asks every hour): one patient
+    graded under v5.0 and v4.03 keeps both answers, and a window that loses its lab is unknown."""
+    data = patient(*ld_and_baseline("creatinine", 0.5, 1.2), lab("creatinine", 0.6, 1.2))  # type: ignore[arg-type]
+    v5, v4 = (GradingConfig(older=OlderConfig(ctcae_organ_version=v)) for v in ("5.0", "4.03"))
+    assert facts_at(data, AT, v5).organ["creatinine"].grade == 0
+    assert facts_at(data, AT, v4).organ["creatinine"].grade == 1  # 1.2 x baseline
+    hour_later = facts_at(data, AT + timedelta(hours=1), v5).organ
+    assert hour_later is facts_at(data, AT, v5).organ  # the same lab in both windows
+    assert facts_at(data, AT + timedelta(hours=23), v5).organ["creatinine"].grade is None
+
+
 def test_transaminase_with_abnormal_baseline_uses_baseline_multiples() -> None:
     # Baseline 80 U/L (ULN 40: abnormal). 130 = 1.63 x baseline -> grade 1 (3.25 x ULN would be 2).
     items = (*ld_and_baseline("ast", 80, 40), lab("ast", 130, 40), lab("alt", 20, 40))

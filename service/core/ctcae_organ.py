@@ -9,8 +9,11 @@ lymphodepletion (scores.lymphodepletion) within the configured look-back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
+from typing import cast
 
 from .concepts import C
 from .config import OlderConfig
@@ -119,7 +122,18 @@ def _lab_grade(
     return best
 
 
-def organ_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> dict[str, OrganFacts]:
+def organ_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> Mapping[str, OrganFacts]:
+    """The organ facts of [lo, at]: "creatinine" and "transaminase". They read only the window's
+    lab values and the patient's baseline, so the same values give the same facts: made once per
+    distinct window (the course asks every hour; labs come about daily)."""
+    key = ("organ", cfg, tuple(data.span(concept, lo, at) for concept, _ in ORGAN_LABS))
+    found = data.memo.get(key)
+    if found is None:
+        found = data.memo[key] = MappingProxyType(_organ_facts(data, lo, at, cfg))
+    return cast("Mapping[str, OrganFacts]", found)
+
+
+def _organ_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> dict[str, OrganFacts]:
     out: dict[str, OrganFacts] = {}
     ld = lymphodepletion(data)
     for kind in ("creatinine", "transaminase"):

@@ -10,6 +10,7 @@ scale reads another scale's grade. Each part is computed on first use and then s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -230,13 +231,22 @@ def _fever_facts(data: PatientData, lo: datetime, at: datetime) -> FeverFacts:
     return FeverFacts(temps, day0, hottest, _masking(data, day0.start if day0 else None, at))
 
 
+def _hypotension_limits(data: PatientData, at: datetime, cfg: GradingConfig) -> tuple[float, float | None, str]:
+    """(systolic limit, MAP limit or None, the rule in words) on the date of `at`: the age, hence
+    the rule, changes by the day (made once per date, not per time point)."""
+    key = ("hypotension-limits", cfg.hypotension, data.birth_dates(), at.date())
+    found = data.memo.get(key)
+    if found is None:
+        # A partial birth date ("2020") gives a range of ages: its limits must agree at both ends,
+        # else the age is unknown for this rule (the adult rule, which says so).
+        rule = cfg.hypotension
+        ends = {rule.limits(age_days(b, at), completed_years(b, at.date())) for b in data.birth_dates()}
+        found = data.memo[key] = ends.pop() if len(ends) == 1 else rule.limits(None, None)
+    return cast("tuple[float, float | None, str]", found)
+
+
 def _blood_pressure_facts(data: PatientData, lo: datetime, at: datetime, cfg: GradingConfig) -> BloodPressureFacts:
-    # A partial birth date ("2020") gives a range of ages: its limits must agree at both ends,
-    # else the age is unknown for this rule (the adult rule, which says so).
-    ends = {cfg.hypotension.limits(age_days(b, at), completed_years(b, at.date())) for b in data.birth_dates()} or {
-        cfg.hypotension.limits(None, None)
-    }
-    sbp_lim, map_lim, rule = ends.pop() if len(ends) == 1 else cfg.hypotension.limits(None, None)
+    sbp_lim, map_lim, rule = _hypotension_limits(data, at, cfg)
     sbp = data.window(C.SYSTOLIC_BP, lo, at)
     maps = data.window(C.MEAN_ARTERIAL_PRESSURE, lo, at)
     low = [s for s in sbp if s.value is not None and s.value < sbp_lim]
@@ -508,7 +518,7 @@ class Facts:
         return _oxygen_facts(self.data, self.lo, self.at, self.cfg.older, self.cfg.room_air_when_spo2_only)
 
     @cached_property
-    def organ(self) -> dict[str, OrganFacts]:  # "creatinine", "transaminase"
+    def organ(self) -> Mapping[str, OrganFacts]:  # "creatinine", "transaminase"
         return organ_facts(self.data, self.lo, self.at, self.cfg.older)
 
     @cached_property

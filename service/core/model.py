@@ -133,10 +133,19 @@ class PatientData:
         series = self.samples.get(concept)
         if not series:
             return []
+        start, end = self.span(concept, lo, hi)
+        return series[start:end]
+
+    def span(self, concept: str, lo: datetime, hi: datetime) -> tuple[int, int]:
+        """Where `window(concept, lo, hi)` lies in the concept's series (start, end): equal spans,
+        the same samples (what a per-window memo is keyed by)."""
         times = self._times.get(concept)
         if times is None:
+            series = self.samples.get(concept)
+            if not series:
+                return 0, 0
             times = self._times[concept] = [s.t for s in series]
-        return series[bisect_left(times, lo) : bisect_right(times, hi)]
+        return bisect_left(times, lo), bisect_right(times, hi)
 
     def given(self, concept: str) -> list[Administration]:
         return self.administrations.get(concept, [])
