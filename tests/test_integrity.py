@@ -451,9 +451,9 @@ def test_sqlite_writers_of_one_process_are_served_in_arrival_order() -> None:
     served: list[str] = []
 
     def writer(name: str) -> None:
-        assert gate.acquire(WAIT_S)
-        served.append(name)
-        gate.release()
+        if gate.acquire(WAIT_S):
+            served.append(name)
+            gate.release()
 
     threads = []
     for n, name in enumerate(("first", "second", "third"), start=1):
@@ -474,6 +474,35 @@ def test_a_writer_that_gives_up_at_the_gate_leaves_the_queue() -> None:
     assert len(gate._waiting) == 0
     gate.release()
     assert gate.acquire(0)
+
+
+class _Interrupted(threading.Event):
+    def wait(self, timeout: float | None = None) -> bool:
+        raise KeyboardInterrupt
+
+
+def test_a_writer_interrupted_at_the_gate_neither_keeps_a_turn_nor_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = WriterGate()
+    assert gate.acquire(1)
+    with monkeypatch.context() as patched:
+        patched.setattr(threading, "Event", _Interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            gate.acquire(WAIT_S)
+    assert len(gate._waiting) == 0
+    gate.release()
+    assert gate.acquire(0)
+
+
+def test_a_turn_handed_over_as_its_wait_ran_out_is_kept() -> None:
+    """`release` takes the next turn from the line, then wakes it: a waiter whose time ran out in
+    between holds the gate (True), and nobody else does."""
+    gate = WriterGate()
+    assert gate.acquire(1)
+    turn = threading.Event()
+    gate._waiting.append(turn)
+    gate._waiting.popleft()  # as `release` does before it sets the turn
+    assert gate._leave(turn) is True
+    assert not gate.acquire(0)  # still held: by that waiter
 
 
 @pytest.mark.parametrize("ending", ["commit", "rollback", "close", "invalidate"])

@@ -184,27 +184,41 @@ class WriterGate:
         self._held = False
         self._waiting: deque[threading.Event] = deque()
 
+    # Nothing the collector tracks is made while `_mutex` is held: a connection the collector
+    # finds unreferenced is returned to the pool from inside the collection, on whatever thread
+    # it runs, and its return releases the gate (`_sqlite_returned`), which takes `_mutex` too.
+
     def acquire(self, timeout_s: float) -> bool:
+        turn = threading.Event()
         with self._mutex:
             if not self._held:
                 self._held = True
                 return True
-            turn = threading.Event()
             self._waiting.append(turn)
-        if turn.wait(timeout_s):
-            return True
-        with self._mutex:
-            if turn.is_set():  # handed over as the wait ran out
+        try:
+            if turn.wait(timeout_s):
                 return True
-            self._waiting.remove(turn)
-            return False
+        except BaseException:  # interrupted while waiting: never keep a turn, or a gate, nobody uses
+            if self._leave(turn):
+                self.release()
+            raise
+        return self._leave(turn)
+
+    def _leave(self, turn: threading.Event) -> bool:
+        """Stop waiting: True when the gate was handed over meanwhile (the caller now holds it)."""
+        with self._mutex:
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+                return False
+        return True  # `release` took this turn from the line: the gate is this caller's
 
     def release(self) -> None:
         with self._mutex:
-            if self._waiting:
-                self._waiting.popleft().set()  # the gate passes on: it is never free in between
-            else:
+            nxt = self._waiting.popleft() if self._waiting else None
+            if nxt is None:
                 self._held = False
+        if nxt is not None:
+            nxt.set()  # the gate passes on: it is never free in between
 
 
 GATE_HELD = "iectox_writer_gate"  # in a pooled connection's info while its transaction holds the gate
