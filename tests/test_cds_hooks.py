@@ -7,6 +7,7 @@ The service runs in process (httpx ASGITransport); the EHR is the real FHIR test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -27,6 +28,7 @@ from service.cdshooks.feedback import feedback_report
 from service.cli import main as cli_main
 from service.config.settings import Settings
 from service.storage import repository
+from service.storage.db import make_engine
 from service.storage.models import AuditEvent, CdsCard, CdsFeedback, OutboxRow, WatchedPatient
 from service.storage.models import StoredResource as StoredResourceRow
 from tests import factories as f
@@ -709,6 +711,32 @@ async def test_feedback_stored(svc: httpx.AsyncClient, clean_engine: Engine) -> 
     bad = "/cds-services/nope/feedback"
     assert_operation_outcome(await svc.post(bad, json=feedback, headers=cds_headers(path=bad)), 404)
     assert len(rows(clean_engine, CdsFeedback)) == 1
+
+
+async def test_a_slow_feedback_upload_holds_no_write_lock(svc: httpx.AsyncClient, clean_engine: Engine) -> None:
+    """The client JWT's jti is committed before the body is read: a client that sends its body
+    slowly never keeps other writers (SQLite has one) waiting."""
+    url = f"/cds-services/{PATIENT_VIEW}/feedback"
+    reading, send = asyncio.Event(), asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        reading.set()  # the route is reading the body
+        await send.wait()
+        yield orjson.dumps({"feedback": []})
+
+    headers = {**cds_headers(path=url), "Content-Type": "application/json"}
+    upload = asyncio.create_task(svc.post(url, content=slow_body(), headers=headers))
+    await asyncio.wait_for(reading.wait(), 60)
+    impatient = make_engine(clean_engine.url.render_as_string(hide_password=False), lock_wait_s=0.5)
+    try:
+        with Session(impatient) as other:  # StorageBusy if the upload held the write lock
+            other.add(CdsFeedback(service_id="other-writer", received=FIXED_NOW, body=b"{}"))
+            other.commit()
+    finally:
+        impatient.dispose()
+        send.set()
+        response = await upload
+    assert response.status_code == 200
 
 
 async def test_feedback_items_are_checked(svc: httpx.AsyncClient, clean_engine: Engine) -> None:

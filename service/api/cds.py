@@ -65,6 +65,9 @@ async def feedback(
     service_id: str, request: Request, _client: CdsClientDep, session: SessionDep, clock: ClockDep
 ) -> dict[str, Any]:
     service_for(service_id)  # 404 for an unknown service
+    # The client JWT's jti is spent now: no write transaction stays open while the client sends
+    # its body (SQLite has one writer; a slow upload would hold everyone else up).
+    await run_in_threadpool(session.commit)
     body = await request.body()
     try:
         doc = orjson.loads(body)
