@@ -15,7 +15,21 @@ from functools import lru_cache
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import ARRAY, String, bindparam, cast, delete, func, literal, literal_column, select, tuple_, union_all
+from sqlalchemy import (
+    ARRAY,
+    String,
+    bindparam,
+    cast,
+    column,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    table,
+    tuple_,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
@@ -64,7 +78,7 @@ class NewVersion(NamedTuple):
 
 
 # Rows a statement. SQLite: at most 9 parameters a row, under its 32,766 variables. PostgreSQL
-# gets each column as one array (unnest): psycopg converts a long parameter list slowly.
+# key lookups get each column as one array (unnest): psycopg converts a long parameter list slowly.
 CHUNK = 1000
 
 _STORED = StoredResource.metadata.tables[StoredResource.__tablename__]
@@ -114,13 +128,41 @@ def _in_keys(session: Session, table: Any, keys: Sequence[tuple[str, str]], serv
     }
 
 
+# PostgreSQL: the rows an upsert stores go first into a temporary table of the connection, by
+# binary COPY: 2,000 rows of a CDS prefetch (2 MB) took 50 ms to send as a bytea[] parameter and
+# 5 ms to COPY. Emptied at each commit (and by each upsert, for the rounds of one transaction).
+_NEW_ROWS = table("iectox_new_rows", *(column(name, _STORED.c[name].type) for name in NewVersion._fields))
+_NEW_ROWS_DDL = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS iectox_new_rows (server text, resource_type text, id text, "
+    "patient_id text, source_version text, source_last_updated text, version_number bigint, "
+    "updated_us bigint, body bytea) ON COMMIT DELETE ROWS"
+)
+_NEW_ROWS_TYPES = ("text", "text", "text", "text", "text", "text", "int8", "int8", "bytea")  # as NewVersion
+
+
+def _copy_new_rows(session: Session, rows: Sequence[NewVersion]) -> None:
+    """PostgreSQL: `rows`, and only they, in the connection's temporary table `iectox_new_rows`."""
+    conn = session.connection()
+    conn.exec_driver_sql(_NEW_ROWS_DDL)
+    conn.exec_driver_sql("DELETE FROM iectox_new_rows")
+    columns = ", ".join(NewVersion._fields)
+    with (
+        conn.connection.driver_connection.cursor() as cur,  # type: ignore[union-attr]
+        cur.copy(f"COPY iectox_new_rows ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
+    ):
+        copy.set_types(_NEW_ROWS_TYPES)
+        for row in rows:
+            copy.write_row(row)
+
+
 def _upsert_stored(postgres: bool) -> Any:
-    """The upsert of input rows: on PostgreSQL from one array per column; on SQLite with one
-    `VALUES (?, ...)` row of positional placeholders, repeated per row by `_sqlite_upsert`."""
+    """The upsert of input rows: on PostgreSQL from the temporary table `_copy_new_rows` fills,
+    in key order (the lock order); on SQLite with one `VALUES (?, ...)` row of positional
+    placeholders, repeated per row by `_sqlite_upsert`."""
     ins: Any
     if postgres:
-        rows = _arrays(_STORED, NewVersion._fields)
-        ins = pg_insert(_STORED).from_select([*NewVersion._fields, "version_id"], select(*rows.c, literal(1)))
+        new_rows = select(*_NEW_ROWS.c, literal(1)).order_by(_NEW_ROWS.c.resource_type, _NEW_ROWS.c.id)
+        ins = pg_insert(_STORED).from_select([*NewVersion._fields, "version_id"], new_rows)
     else:
         ins = sqlite_insert(_STORED).values({**{f: literal_column("?") for f in NewVersion._fields}, "version_id": 1})
     new, old = ins.excluded, _STORED.c
@@ -200,13 +242,11 @@ def upsert_resources(session: Session, items: Sequence[NewVersion]) -> list[Writ
     for indices in rounds:
         indices.sort(key=lambda i: (items[i].resource_type, items[i].id))
         written: dict[tuple[str, str], int] = {}
-        for part in _chunks(indices):
+        for part in [indices] if postgres else _chunks(indices):  # COPY has no parameter limit
             rows = [items[i] for i in part]
             if postgres:
-                params = {
-                    name: list(column) for name, column in zip(NewVersion._fields, zip(*rows, strict=True), strict=True)
-                }
-                returned = conn.execute(_upsert_stored(True), params)
+                _copy_new_rows(session, rows)
+                returned = conn.execute(_upsert_stored(True))
             else:
                 returned = conn.exec_driver_sql(*_sqlite_upsert(rows))
             written.update(((t, rid), v) for t, rid, v in returned.all())  # one fetch, not one per row
