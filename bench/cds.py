@@ -11,9 +11,11 @@ p95 <= 150 ms for a new patient and <= 60 ms for a known one.
 
 The server runs with the allocator the container image uses: jemalloc (LD_PRELOAD, with
 PYTHONMALLOC=malloc) when Debian's libjemalloc2 is installed here, else CPython's own; the
-first line says which. `--allocator pymalloc` measures a plain `iectox serve`.
+first line says which. `--allocator pymalloc` measures a plain `iectox serve`. Storage is the
+embedded default (a fresh SQLite file); `--postgres URL` stores in a fresh schema of that
+PostgreSQL server instead (dropped at the end), as production runs.
 
-Run: .venv/bin/python bench/cds.py [--calls N] [--allocator auto|pymalloc|jemalloc]
+Run: .venv/bin/python bench/cds.py [--calls N] [--allocator auto|pymalloc|jemalloc] [--postgres URL]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,11 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
+from sqlalchemy import create_engine, text
 
 from service.config.settings import Settings
 from service.devtools.synth import generate_patient
+from service.storage.db import normalise_url
 
 ISS = "https://ehr.bench.example"
 KID = "bench-es384"
@@ -60,6 +66,26 @@ def allocator_env(choice: str) -> tuple[str, dict[str, str]]:
         "LD_PRELOAD": str(JEMALLOC),
         "PYTHONMALLOC": "malloc",
     }
+
+
+@contextmanager
+def database(tmp: str, postgres: str | None) -> Iterator[tuple[str, str]]:
+    """(the server's database URL, its name in the output): a fresh SQLite file, or a fresh schema
+    of the PostgreSQL server at `postgres`, dropped at the end."""
+    if postgres is None:
+        yield f"sqlite:///{Path(tmp) / 'cds.db'}", "SQLite (a file, WAL)"
+        return
+    schema = f"iectox_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(normalise_url(postgres))
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        sep = "&" if "?" in postgres else "?"
+        yield f"{postgres}{sep}options=-csearch_path%3D{schema}", "PostgreSQL"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 def free_port() -> int:
@@ -132,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--allocator", choices=("auto", "pymalloc", "jemalloc"), default="auto")
+    parser.add_argument("--postgres", metavar="URL", help="store in PostgreSQL (a fresh schema) instead of SQLite")
     args = parser.parse_args()
     allocator, allocator_vars = allocator_env(args.allocator)
     key = ec.generate_private_key(ec.SECP384R1())
@@ -139,10 +166,10 @@ def main() -> None:
     jwk.update({"kid": KID, "alg": "ES384", "use": "sig"})
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, database(tmp, args.postgres) as (url, storage):
         env = {
             **os.environ,
-            "IECTOX_DATABASE_URL": f"sqlite:///{Path(tmp) / 'cds.db'}",
+            "IECTOX_DATABASE_URL": url,
             "IECTOX_AUTH_MODE": "dev",
             "IECTOX_AUTH_CDS_CLIENTS": json.dumps({ISS: {"jwks": {"keys": [jwk]}}}),
             **allocator_vars,
@@ -167,7 +194,7 @@ def main() -> None:
             encoded = [json.dumps(b).encode() for b in new]
             known = encoded[0]
             asyncio.run(run(base, key, [known], 1))  # the known patient's first call (and warm-up)
-            print(f"server allocator: {allocator}")
+            print(f"server allocator: {allocator}; storage: {storage}")
             print(f"prefetch: {n} resources; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
             print(f"{'case':<30}{'calls':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
             results: dict[tuple[str, int], float] = {}
