@@ -60,9 +60,9 @@ class ResourceResult:
 @dataclass(frozen=True)
 class StoreResult:
     results: tuple[ResourceResult, ...] = ()
-    # What this call checked and stored, by the JSON stored: the resource and, for an
-    # Observation, its samples (Entry.checked). An evaluation reading a row stored with these
-    # very bytes takes them instead of parsing and normalising it again.
+    # What this call checked and stored, by (type, id, this service's version): the resource and,
+    # for an Observation, its samples (Entry.checked). An evaluation in the same transaction
+    # reading that very row takes them instead of reading, parsing and normalising it again.
     checked: Checked = field(default_factory=dict)
 
     def count(self, outcome: Outcome) -> int:
@@ -73,7 +73,7 @@ class StoreResult:
         return self.count("rejected")
 
 
-Checked = dict[bytes, tuple[dict[str, Any], tuple[Sample, ...] | None]]
+Checked = dict[tuple[str, str, int], tuple[dict[str, Any], tuple[Sample, ...] | None]]
 
 
 @dataclass
@@ -306,7 +306,7 @@ def store_resources(
         # Reading the stored JSON must give this very resource: orjson writes NaN and Infinity
         # (which a standard-library parse lets through) as null, so no null at all.
         if c.body is not None and b"null" not in c.body and write is not None and write.changed:
-            stored_now[c.body] = (c.entry.resource, c.samples)
+            stored_now[(write.resource_type, write.id, write.version_id)] = (c.entry.resource, c.samples)
     return StoreResult(tuple(ordered), stored_now)
 
 
@@ -444,9 +444,9 @@ def stored_entries(
     """The entries an evaluation of the stored patient reads, and its strictness (False when
     storage rejected some: they are named as left out, never a 422; None: the setting). 404
     without a stored Patient. `checked`: what this transaction just checked and stored
-    (StoreResult.checked): a row stored with those bytes is not parsed or normalised again."""
+    (StoreResult.checked): a row this transaction stored is not read, parsed or normalised again."""
     known = checked or {}
-    parsed = {body: res for body, (res, _) in known.items()}
+    parsed = {key: res for key, (res, _) in known.items()}
     resources = repository.patient_inputs(session, patient_id, server=server, parsed=parsed)
     samples = {id(res): found for res, found in known.values() if found is not None}  # the very objects read
     rejected = repository.rejected_inputs(session, patient_id, server=server)
