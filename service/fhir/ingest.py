@@ -1203,6 +1203,10 @@ def parse_patient_entries(
         handle = handlers.get(en.type)
         if handle is None:
             continue
+        if en.checked is not None and en.ref and _subject_ref(en.resource) in refs:
+            for s in en.checked:  # what `observation` does with a checked entry, which has nothing else to say
+                norm._add(s)
+            continue
         en = en.loaded()
         mark = _Mark(norm)
         try:
@@ -1249,6 +1253,12 @@ def parse_patient_entries(
         raise FhirError(422, r.issues[:MAX_ISSUES])
     data.birth_latest, data.left_out, data.assumed = birth_latest, left_out, assumed
     return Parsed(patient, data, entries, norm.unmapped)
+
+
+def _subject_ref(res: dict[str, Any]) -> str | None:
+    subject = res.get("subject")
+    ref = subject.get("reference") if isinstance(subject, dict) else None
+    return ref if isinstance(ref, str) else None
 
 
 # An element of an unexpected JSON type that the readers did not foresee: the resource is left
