@@ -1,6 +1,7 @@
 """A hook or poll checks each resource before storing it and grades right after (issue 12): an
 Observation the storage check normalised with nothing else to say is not normalised again, and a
-row stored with the very bytes just checked is not parsed again (StoreResult.checked). The
+row this transaction just stored is not read or parsed again (StoreResult.checked, by type, id
+and the version written). The
 evaluation is exactly the one without that shortcut, on every synthetic scenario and the
 real-data corpus, each also bent the ways real feeds bend them (tests/test_ingest_quick.py),
 with and without a site timezone. Against SQLite and PostgreSQL."""

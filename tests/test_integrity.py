@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import Engine, event, func, insert, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, select
 
 from service.app.store import store_bundle, store_one, store_resources
@@ -573,6 +574,19 @@ def test_database_errors_carry_no_parameters_or_key_values(clean_engine: Engine)
     assert "hidden" in str(caught.value)
 
 
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # the COPY path is PostgreSQL's
+def test_a_failed_copy_is_a_database_error_and_leaves_nothing(
+    clean_engine: Engine, codebook: Codebook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's COPY runs on the driver's connection: its failure is raised as SQLAlchemy's
+    error (the app's 503 handlers match it), not the driver's own, and nothing is stored."""
+    monkeypatch.setattr(repository, "_COPY_NEW_ROWS", "COPY iectox_no_such_table (id) FROM STDIN (FORMAT BINARY)")
+    with Session(clean_engine) as session, pytest.raises(DBAPIError) as caught:
+        store_resources(session, [f.patient()], codebook, server="")
+    assert isinstance(caught.value.orig, psycopg.errors.UndefinedTable)
+    assert stored_count(clean_engine) == 0
+
+
 def test_the_test_engines_hide_parameters(engine: Engine) -> None:
     assert engine.hide_parameters  # the fixtures build engines as the service does
 
@@ -585,7 +599,9 @@ def test_values_storage_cannot_keep_are_rejected_not_a_500(clean_engine: Engine,
     long_updated = f.temperature(38.0, T0, id="t2", meta={"lastUpdated": "2026-11-21T08:00:00" + "0" * 30 + "Z"})
     bad_meta = f.temperature(38.0, T0, id="t3", meta=["1"])
     long_subject = f.temperature(38.0, T0, id="t4", subject="Patient/" + "p" * 65)
-    bad = [long_version, long_updated, bad_meta, long_subject]
+    # Python reads this instant; PostgreSQL text holds no NUL (it failed the whole store there)
+    nul_updated = f.temperature(38.0, T0, id="t5", meta={"lastUpdated": "2026-11-21T08:00:00+00:00\x00"})
+    bad = [long_version, long_updated, bad_meta, long_subject, nul_updated]
     with Session(clean_engine) as session:
         with pytest.raises(FhirError) as caught:
             store_bundle(session, transaction([f.patient(), *bad]), codebook, SETTINGS, server="")
@@ -595,8 +611,9 @@ def test_values_storage_cannot_keep_are_rejected_not_a_500(clean_engine: Engine,
             "Bundle.entry[2].resource.meta.lastUpdated",
             "Bundle.entry[3].resource.meta",
             "Bundle.entry[4].resource.subject.reference",
+            "Bundle.entry[5].resource.meta.lastUpdated",
         ]
         stored = store_resources(session, [f.patient(), *bad], codebook, server="")  # as read from an EHR
         session.commit()
-    assert [r.outcome for r in stored.results] == ["stored", "rejected", "rejected", "rejected", "rejected"]
+    assert [r.outcome for r in stored.results] == ["stored", "rejected", "rejected", "rejected", "rejected", "rejected"]
     assert stored_count(clean_engine) == 1

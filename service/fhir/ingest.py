@@ -1351,6 +1351,8 @@ def meta_issues(meta: Any, path: str) -> list[Issue]:
 
 
 def _is_instant(raw: str) -> bool:
+    if "\x00" in raw:  # fromisoformat lets a trailing NUL through; PostgreSQL text refuses it
+        return False
     try:
         return datetime.fromisoformat(raw).tzinfo is not None
     except ValueError:

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
+import psycopg
 from sqlalchemy import (
     ARRAY,
     String,
@@ -34,7 +35,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as sm_select
 
@@ -140,19 +141,25 @@ _NEW_ROWS_DDL = (
 _NEW_ROWS_TYPES = ("text", "text", "text", "text", "text", "text", "int8", "int8", "bytea")  # as NewVersion
 
 
+_COPY_NEW_ROWS = f"COPY iectox_new_rows ({', '.join(NewVersion._fields)}) FROM STDIN (FORMAT BINARY)"
+
+
 def _copy_new_rows(session: Session, rows: Sequence[NewVersion]) -> None:
-    """PostgreSQL: `rows`, and only they, in the connection's temporary table `iectox_new_rows`."""
+    """PostgreSQL: `rows`, and only they, in the connection's temporary table `iectox_new_rows`
+    (within the session's transaction: the table empties at commit). The COPY runs on the
+    driver's connection, so its errors are raised as SQLAlchemy's (a broken connection is an
+    OperationalError, a 503), never the driver's own."""
     conn = session.connection()
     conn.exec_driver_sql(_NEW_ROWS_DDL)
     conn.exec_driver_sql("DELETE FROM iectox_new_rows")
-    columns = ", ".join(NewVersion._fields)
-    with (
-        conn.connection.driver_connection.cursor() as cur,  # type: ignore[union-attr]
-        cur.copy(f"COPY iectox_new_rows ({columns}) FROM STDIN (FORMAT BINARY)") as copy,
-    ):
-        copy.set_types(_NEW_ROWS_TYPES)
-        for row in rows:
-            copy.write_row(row)
+    driver = conn.connection.driver_connection
+    try:
+        with driver.cursor() as cur, cur.copy(_COPY_NEW_ROWS) as copy:  # type: ignore[union-attr]
+            copy.set_types(_NEW_ROWS_TYPES)
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_COPY_NEW_ROWS, None, exc, psycopg.Error, hide_parameters=True) from None
 
 
 def _upsert_stored(postgres: bool) -> Any:
@@ -161,7 +168,9 @@ def _upsert_stored(postgres: bool) -> Any:
     placeholders, repeated per row by `_sqlite_upsert`."""
     ins: Any
     if postgres:
-        new_rows = select(*_NEW_ROWS.c, literal(1)).order_by(_NEW_ROWS.c.resource_type, _NEW_ROWS.c.id)
+        # Byte order ("C"), as Python sorts: the lock order whatever the database's collation.
+        by_key = (_NEW_ROWS.c.resource_type.collate("C"), _NEW_ROWS.c.id.collate("C"))
+        new_rows = select(*_NEW_ROWS.c, literal(1)).order_by(*by_key)
         ins = pg_insert(_STORED).from_select([*NewVersion._fields, "version_id"], new_rows)
     else:
         ins = sqlite_insert(_STORED).values({**{f: literal_column("?") for f in NewVersion._fields}, "version_id": 1})
