@@ -18,8 +18,11 @@ left-out row are unchanged.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import replace
 from datetime import datetime
+from functools import cache
+from typing import NamedTuple, cast
 
 from .astct import CODED_ICANS_DOMAINS, CRS_METHOD, HYPOTENSION_NO_PRESSOR_GRADE, ICANS_CONCEPTS, ICANS_METHOD
 from .astct import TOOL_MAX_GRADE as ICANS_TOOL_MAX
@@ -37,6 +40,7 @@ BP = (C.SYSTOLIC_BP, C.MEAN_ARTERIAL_PRESSURE)
 FEVER_STARTERS = (C.BODY_TEMPERATURE, *FEVER_MASKING_DRUGS, C.CART_INFUSION)
 
 
+@cache  # a handful of methods; asked for every sample of every course
 def inputs(method: str) -> frozenset[str]:
     """The concepts a scale reads (and the birth date, for the age rules; an unknown drug for CRS)."""
     if method in CRS_METHODS:
@@ -79,18 +83,52 @@ def ceiling(method: str, concept: str, result: GradeResult) -> int:
     return MAX_GRADE  # vasopressors, oxygen device, flow, FiO2
 
 
-def _in_time(row: LeftOut, data: PatientData, lo: datetime, at: datetime, fever_search: bool) -> bool:
-    if row.t is None:
+# How a left-out row's time is read (`_feeding`): any window (no time), up to `at` (a drug or an
+# event: it may still run in the window, or be day 0 / a masking drug), or the window itself.
+ANY_TIME, UNTIL_AT, IN_WINDOW = 0, 1, 2
+
+
+class _Feeding(NamedTuple):
+    row: LeftOut
+    read: int
+    # A temperature: the first masking drug's start after it (None: none follows); a fever before
+    # the window counts when such a drug started by `at` (ASTCT footnote).
+    masked_from: datetime | None
+
+
+def _feeding(data: PatientData, method: str) -> list[_Feeding]:
+    """The left-out rows whose concept feeds `method`, in order, each with how its time is read:
+    once per patient and scale (the course asks at every sample)."""
+    key = ("left-out", method, len(data.left_out))
+    found = data.memo.get(key)
+    if found is None:
+        feeds, out = inputs(method), []
+        starts = sorted(a.start for c in FEVER_MASKING_DRUGS for a in data.given(c))
+        for row in data.left_out:
+            if row.concept not in feeds:
+                continue
+            spec = concept_spec(row.concept or "")
+            drug = row.concept == UNKNOWN_DRUG or (
+                spec is not None and spec.kind in (Kind.DRUG, Kind.VASOPRESSOR, Kind.EVENT)
+            )
+            masked_from = None
+            if row.t is not None and row.concept == C.BODY_TEMPERATURE:
+                after = bisect_right(starts, row.t)
+                masked_from = starts[after] if after < len(starts) else None
+            out.append(_Feeding(row, ANY_TIME if row.t is None else UNTIL_AT if drug else IN_WINDOW, masked_from))
+        found = data.memo[key] = out
+    return cast("list[_Feeding]", found)
+
+
+def _in_time(f: _Feeding, lo: datetime, at: datetime, fever_search: bool) -> bool:
+    t = f.row.t
+    if f.read == ANY_TIME or t is None:
         return True
-    spec = concept_spec(row.concept or "")
-    if row.concept == UNKNOWN_DRUG or (spec is not None and spec.kind in (Kind.DRUG, Kind.VASOPRESSOR, Kind.EVENT)):
-        return row.t <= at  # may still run in the window, or be day 0 / a masking drug
-    if lo <= row.t <= at:
+    if f.read == UNTIL_AT:
+        return t <= at
+    if lo <= t <= at:
         return True
-    if fever_search and row.concept == C.BODY_TEMPERATURE and row.t < at:
-        # A fever before the window counts when a masking drug followed it (ASTCT footnote).
-        return any(row.t < a.start <= at for c in FEVER_MASKING_DRUGS for a in data.given(c))
-    return False
+    return fever_search and t < at and f.masked_from is not None and f.masked_from <= at
 
 
 def _named(rows: list[LeftOut]) -> str:
@@ -114,13 +152,15 @@ def with_left_out(result: GradeResult, data: PatientData, lo: datetime, at: date
     feeds = inputs(method)
     assumed = [i for i in data.assumed if i.concept in feeds]
     fever_search = method in CRS_METHODS
-    rows = [r for r in data.left_out if r.concept in feeds and _in_time(r, data, lo, at, fever_search)]
+    rows = [f.row for f in _feeding(data, method) if _in_time(f, lo, at, fever_search)]
     unknown = [r for r in data.left_out if r.concept is None]  # not known what they would feed
     if not rows and not assumed and not unknown:
         return result
     shown = result.grade if result.grade is not None else (result.floor or 0)
-    deciding = [r for r in rows if ceiling(method, r.concept or "", result) > shown]
-    standing = [r for r in rows if r not in deciding]
+    deciding: list[LeftOut] = []
+    standing: list[LeftOut] = []
+    for r in rows:  # one pass: `r not in deciding` compared whole rows, rows x rows per time point
+        (deciding if ceiling(method, r.concept or "", result) > shown else standing).append(r)
     notes: list[str] = []
     if assumed:
         notes.append(_assumed_note(assumed))
