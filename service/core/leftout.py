@@ -131,6 +131,20 @@ def _in_time(f: _Feeding, lo: datetime, at: datetime, fever_search: bool) -> boo
     return fever_search and t < at and f.masked_from is not None and f.masked_from <= at
 
 
+def _standing_notes(data: PatientData, method: str) -> tuple[str, list[LeftOut]]:
+    """What concerns every result of `method` whatever its time: the note on inputs read under a
+    site setting ("" when none) and the left-out rows of unknown kind. Once per patient and
+    scale (the course asks at every sample; a feed without timezones has one per input)."""
+    key = ("left-out-standing", method, len(data.left_out), len(data.assumed))
+    found = data.memo.get(key)
+    if found is None:
+        feeds = inputs(method)
+        assumed = [i for i in data.assumed if i.concept in feeds]
+        unknown = [r for r in data.left_out if r.concept is None]  # not known what they would feed
+        found = data.memo[key] = (_assumed_note(assumed) if assumed else "", unknown)
+    return cast("tuple[str, list[LeftOut]]", found)
+
+
 def _named(rows: list[LeftOut]) -> str:
     shown = "; ".join(f"{r.ref} at {r.path} ({r.reason})" for r in rows[:IGNORED_SHOWN])
     more = f"; and {len(rows) - IGNORED_SHOWN} more" if len(rows) > IGNORED_SHOWN else ""
@@ -149,12 +163,10 @@ def with_left_out(result: GradeResult, data: PatientData, lo: datetime, at: date
     if not data.left_out and not data.assumed:
         return result
     method = result.method
-    feeds = inputs(method)
-    assumed = [i for i in data.assumed if i.concept in feeds]
     fever_search = method in CRS_METHODS
     rows = [f.row for f in _feeding(data, method) if _in_time(f, lo, at, fever_search)]
-    unknown = [r for r in data.left_out if r.concept is None]  # not known what they would feed
-    if not rows and not assumed and not unknown:
+    assumed_note, unknown = _standing_notes(data, method)
+    if not rows and not assumed_note and not unknown:
         return result
     shown = result.grade if result.grade is not None else (result.floor or 0)
     deciding: list[LeftOut] = []
@@ -162,8 +174,8 @@ def with_left_out(result: GradeResult, data: PatientData, lo: datetime, at: date
     for r in rows:  # one pass: `r not in deciding` compared whole rows, rows x rows per time point
         (deciding if ceiling(method, r.concept or "", result) > shown else standing).append(r)
     notes: list[str] = []
-    if assumed:
-        notes.append(_assumed_note(assumed))
+    if assumed_note:
+        notes.append(assumed_note)
     if standing:
         notes.append(f"Left out (cannot change this grade): {_named(standing)}.")
     if unknown:
