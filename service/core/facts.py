@@ -284,13 +284,15 @@ def _longest_run(
     best, best_start = timedelta(0), None
     refs: tuple[str, ...] = ()
     cur: list[tuple[datetime, datetime, Administration]] = []
+    cur_end = at  # the latest end in `cur` (kept as it grows: a drip charted hourly has hundreds)
     for span in [*spans, None]:
-        if cur and (span is None or span[0] > max(e for _, e, _ in cur)):
-            start, end = cur[0][0], max(e for _, e, _ in cur)
-            if end >= lo and end - start >= best:
-                best, best_start, refs = end - start, start, tuple(a.ref for _, _, a in cur)
+        if cur and (span is None or span[0] > cur_end):
+            start = cur[0][0]
+            if cur_end >= lo and cur_end - start >= best:
+                best, best_start, refs = cur_end - start, start, tuple(a.ref for _, _, a in cur)
             cur = []
         if span is not None:
+            cur_end = span[1] if not cur else max(cur_end, span[1])
             cur.append(span)
     return best, best_start, refs
 
@@ -309,8 +311,17 @@ def _high_dose(
     run_end = at
     run_refs: list[str] = []
     last_why = ""
+    # Between two cuts a span runs when it started by the first and ends after it (every end is a
+    # cut). Swept once, not every span at every cut: drips charted as hourly events are hundreds.
+    by_start = sorted(range(len(spans)), key=lambda i: spans[i][0])
+    active: set[int] = set()
+    nxt = 0
     for a, b in pairwise(cuts):
-        running = [x for s, e, x in spans if s <= a and e >= b and (x.rate is None or x.rate > 0)]
+        while nxt < len(by_start) and spans[by_start[nxt]][0] <= a:
+            active.add(by_start[nxt])
+            nxt += 1
+        active -= {i for i in active if spans[i][1] <= a}
+        running = [x for i in sorted(active) if ((x := spans[i][2]).rate is None or x.rate > 0)]  # spans' order
         rates: dict[str, float] = {}
         missing = [x for x in running if x.rate is None]
         for x in running:
