@@ -20,11 +20,11 @@ from sqlmodel import Session
 
 from ..codebook import Codebook
 from ..config.settings import Settings
-from ..core.model import Sample
 from ..fhir.emit import index_fields
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.ingest import (
     FHIR_ID,
+    CheckedObservation,
     Entry,
     check_for_storage,
     is_resource_type,
@@ -61,7 +61,7 @@ class ResourceResult:
 class StoreResult:
     results: tuple[ResourceResult, ...] = ()
     # What this call checked and stored, by (type, id, this service's version): the resource and,
-    # for an Observation, its samples (Entry.checked). An evaluation in the same transaction
+    # for an Observation, what its check normalised (Entry.checked). An evaluation in the same transaction
     # reading that very row takes them instead of reading, parsing and normalising it again.
     checked: Checked = field(default_factory=dict)
 
@@ -73,7 +73,7 @@ class StoreResult:
         return self.count("rejected")
 
 
-Checked = dict[tuple[str, str, int], tuple[dict[str, Any], tuple[Sample, ...] | None]]
+Checked = dict[tuple[str, str, int], tuple[dict[str, Any], CheckedObservation | None]]
 
 
 @dataclass
@@ -82,14 +82,14 @@ class _Checked:
     patient_id: str | None
     issues: list[Issue]
     body: bytes | None  # the resource as storage keeps it (made once: checked, then stored)
-    samples: tuple[Sample, ...] | None  # an Observation's, when its check had nothing else to say
+    checked: CheckedObservation | None  # an Observation's, when its check had no issue and ignored nothing
 
 
 def _check(entry: Entry, codebook: Codebook, site_tz: tzinfo | None) -> _Checked:
     body = _body(entry.resource) if isinstance(entry.resource, dict) else None
-    samples: list[tuple[Sample, ...]] = []
-    patient_id, issues = check_for_storage(entry, codebook, site_tz, body, samples)
-    return _Checked(entry, patient_id, issues, body, samples[0] if samples else None)
+    checked: list[CheckedObservation] = []
+    patient_id, issues = check_for_storage(entry, codebook, site_tz, body, checked)
+    return _Checked(entry, patient_id, issues, body, checked[0] if checked else None)
 
 
 def patient_key(server: str, patient_id: str) -> str:
@@ -306,7 +306,7 @@ def store_resources(
         # Reading the stored JSON must give this very resource: orjson writes NaN and Infinity
         # (which a standard-library parse lets through) as null, so no null at all.
         if c.body is not None and b"null" not in c.body and write is not None and write.changed:
-            stored_now[(write.resource_type, write.id, write.version_id)] = (c.entry.resource, c.samples)
+            stored_now[(write.resource_type, write.id, write.version_id)] = (c.entry.resource, c.checked)
     return StoreResult(tuple(ordered), stored_now)
 
 
@@ -448,7 +448,7 @@ def stored_entries(
     known = checked or {}
     parsed = {key: res for key, (res, _) in known.items()}
     resources = repository.patient_inputs(session, patient_id, server=server, parsed=parsed)
-    samples = {id(res): found for res, found in known.values() if found is not None}  # the very objects read
+    normalised = {id(res): found for res, found in known.values() if found is not None}  # the very objects read
     rejected = repository.rejected_inputs(session, patient_id, server=server)
     extra = list(unstored)
     # What storage rejected (kept, or just read) replaces a stored version of the same id.
@@ -457,7 +457,7 @@ def stored_entries(
     if not any(r.get("resourceType") == "Patient" and r.get("id") == patient_id for r in resources):
         raise FhirError.one(404, "not-found", "no stored Patient with this id", "Patient.id")
     entries = [
-        Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}", checked=samples.get(id(r)))
+        Entry(r, f"{r.get('resourceType')}/{r.get('id') or '(read without an id)'}", checked=normalised.get(id(r)))
         for r in resources
     ]
     return entries, (False if rejected or extra else None)

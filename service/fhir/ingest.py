@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import orjson
@@ -75,6 +75,16 @@ def load_json(body: bytes) -> Any:
         raise FhirError.one(400, "structure", f"malformed JSON: {exc}", None) from exc
 
 
+class CheckedObservation(NamedTuple):
+    """An Observation as the storage check normalised it (check_for_storage's `checked`), with no
+    issue and nothing ignored: exactly what a parse of the same resource, with the same codebook
+    and site timezone, adds (tests/test_checked_once.py)."""
+
+    samples: tuple[Sample, ...]
+    placed: bool  # a time without a timezone read in the site timezone (named as assumed)
+    unmapped: tuple[tuple[tuple[str, str], int], ...]  # (group, "system|code") the codebook does not map, counted
+
+
 @dataclass(slots=True)
 class Entry:
     resource: dict[str, Any]
@@ -83,10 +93,9 @@ class Entry:
     # The Bundle entry's JSON when its resource was set aside (stream_entries): `resource` then
     # holds only resourceType, id and meta, and `loaded()` parses the rest.
     raw: Any = None
-    # An Observation's samples as the storage check normalised this very resource, with nothing
-    # else to say (no issue, nothing ignored, unmapped or placed by the site timezone): the parse
-    # adds them instead of normalising it again (check_for_storage's `samples`).
-    checked: tuple[Sample, ...] | None = None
+    # What the storage check made of this very Observation when it had no issue and ignored
+    # nothing: the parse takes it instead of normalising the resource again.
+    checked: CheckedObservation | None = None
     # resourceType and the reference, read once (the parse asks for them per rule); an Entry's
     # resource is not changed after the Entry is made.
     type: str = field(init=False)
@@ -528,6 +537,16 @@ class Normaliser:
             if not series:
                 del self.samples[concept]
 
+    def add_checked(self, checked: CheckedObservation, path: str) -> None:
+        """What normalising the Observation at `path` again would add (its caller names it as
+        assumed when `checked.placed`, as for any resource read in the site timezone)."""
+        for s in checked.samples:
+            self._add(s)
+        if checked.unmapped:
+            self.unmapped.update(dict(checked.unmapped))
+        if checked.placed:
+            self.r.placed.append(path)
+
     def _add(self, s: Sample) -> None:
         self.samples.setdefault(s.concept, []).append(s)
         self.added.append(s.concept)  # the journal a left-out resource is rolled back by
@@ -544,9 +563,8 @@ class Normaliser:
 
     # Observation ----------------------------------------------------------------
     def observation(self, en: Entry) -> None:
-        if en.checked is not None:  # normalised by the storage check: the same samples
-            for s in en.checked:
-                self._add(s)
+        if en.checked is not None:  # normalised by the storage check: the same outcome
+            self.add_checked(en.checked, en.path)
             return
         res, path, r = en.resource, en.path, self.r
         status = res.get("status")
@@ -1204,8 +1222,10 @@ def parse_patient_entries(
         if handle is None:
             continue
         if en.checked is not None and en.ref and _subject_ref(en.resource) in refs:
-            for s in en.checked:  # what `observation` does with a checked entry, which has nothing else to say
-                norm._add(s)
+            # What the general path does for a checked entry, without its bookkeeping (no issue)
+            norm.add_checked(en.checked, en.path)
+            if en.checked.placed:
+                assumed.append(Ignored(en.ref, placed_note(site_tz), _entry_concept(norm, en) or en.type))
             continue
         en = en.loaded()
         mark = _Mark(norm)
@@ -1242,8 +1262,7 @@ def parse_patient_entries(
                 mark.rollback(norm)
                 del r.issues[mark.issues :]
         elif placed:
-            why = f"time without a timezone read in the site timezone {site_tz} (site setting)"
-            assumed.append(Ignored(en.ref, why, _entry_concept(norm, en) or en.type))
+            assumed.append(Ignored(en.ref, placed_note(site_tz), _entry_concept(norm, en) or en.type))
     if structural:
         raise FhirError(422, structural[:MAX_ISSUES])
     left_out += _unresolved_medications(norm, entries, r, site_tz)
@@ -1253,6 +1272,10 @@ def parse_patient_entries(
         raise FhirError(422, r.issues[:MAX_ISSUES])
     data.birth_latest, data.left_out, data.assumed = birth_latest, left_out, assumed
     return Parsed(patient, data, entries, norm.unmapped)
+
+
+def placed_note(site_tz: tzinfo | None) -> str:
+    return f"time without a timezone read in the site timezone {site_tz} (site setting)"
 
 
 def _subject_ref(res: dict[str, Any]) -> str | None:
@@ -1280,13 +1303,13 @@ def check_for_storage(
     codebook: Codebook,
     site_tz: tzinfo | None = None,
     body: bytes | None = None,
-    samples: list[tuple[Sample, ...]] | None = None,
+    checked: list[CheckedObservation] | None = None,
 ) -> tuple[str | None, list[Issue]]:
     """(patient id, problems) for one resource about to be stored: the checks grading relies on
     (a dateTime without a timezone passes when the site timezone `site_tz` places it). `body`:
     the resource as JSON when the caller has it (else it is made here, to check JSON holds it).
-    `samples`: gets an Observation's samples when its normalisation had nothing else to say (as
-    Entry.checked: what a parse of the same resource adds, with the same codebook)."""
+    `checked`: gets what normalising an Observation gave when it had no issue and ignored nothing
+    (Entry.checked: what a parse of the same resource adds, with the same codebook and timezone)."""
     norm = Normaliser(codebook, site_tz)
     r = norm.r
     res, path, rtype = en.resource, en.path, en.type
@@ -1316,9 +1339,9 @@ def check_for_storage(
                 patient_id = ref.split("/", 1)[1]
                 if rtype == "Observation":
                     norm.observation(en)
-                    quiet = not (r.issues or r.placed or norm.ignored or norm.unmapped)
-                    if samples is not None and quiet:
-                        samples.append(tuple(s for series in norm.samples.values() for s in series))
+                    if checked is not None and not (r.issues or norm.ignored):
+                        found = tuple(s for series in norm.samples.values() for s in series)
+                        checked.append(CheckedObservation(found, bool(r.placed), tuple(norm.unmapped.items())))
                 elif rtype == "MedicationAdministration":
                     norm.administration(en)
                 elif rtype == "Procedure":
