@@ -1,5 +1,6 @@
 """A hook or poll checks each resource before storing it and grades right after (issue 12): an
-Observation the storage check normalised with nothing else to say is not normalised again, and a
+Observation the storage check normalised with no issue and nothing ignored (codes not mapped and
+times placed by the site timezone included) is not normalised again, and a
 row this transaction just stored is not read or parsed again (StoreResult.checked, by type, id
 and the version written). The
 evaluation is exactly the one without that shortcut, on every synthetic scenario and the
