@@ -15,19 +15,8 @@ from service.core.concepts import C
 from service.core.config import VASOPRESSIN, HighDoseRule
 from service.core.facts import _high_dose, _intervals, _longest_run
 from service.core.model import Administration
+from tests.test_older_scales import HIGH_DOSE as RULE  # Lee 2014 Table 2, unverified: a test configuration
 
-# clinical-rules.md §2 "High-dose vasopressors" (Lee 2014 Table 2; unverified, test configuration).
-RULE = HighDoseRule(
-    norepinephrine_ug_min=20,
-    dopamine_ug_kg_min=10,
-    phenylephrine_ug_min=200,
-    epinephrine_ug_min=10,
-    with_vasopressin_ne_eq_ug_min=10,
-    combination_ne_eq_ug_min=20,
-    dopamine_divisor=2,
-    phenylephrine_divisor=10,
-    sustained_hours=3,
-)
 T0 = datetime(2026, 1, 5, 8, tzinfo=UTC)
 AGENTS = (C.NOREPINEPHRINE, C.EPINEPHRINE, C.PHENYLEPHRINE, C.DOPAMINE, VASOPRESSIN)
 
