@@ -27,7 +27,6 @@ from ..core.concepts import C
 from ..ehr.client import FhirClient
 from ..ehr.errors import EhrError
 from ..ehr.sync import (
-    names_patient,
     observation_codes,
     patient_matcher,
     raw_received_digest,
@@ -241,9 +240,10 @@ async def _fetch_missing(
 PATIENT_DATA_TYPES = frozenset({"Patient", "Observation", "MedicationAdministration", "Condition", "Procedure"})
 
 
-def _belongs(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
-    """A patient's data must be the hook patient's; anything else (Medication) is shared or not read."""
-    return str(res.get("resourceType")) not in PATIENT_DATA_TYPES or names_patient(res, patient_id, base)
+def _belongs(res: dict[str, Any], theirs: Callable[[dict[str, Any]], bool]) -> bool:
+    """A patient's data must be the hook patient's (`theirs`: ehr.sync.patient_matcher); anything
+    else (Medication) is shared or not read."""
+    return str(res.get("resourceType")) not in PATIENT_DATA_TYPES or theirs(res)
 
 
 def check_prefetch(
@@ -252,7 +252,7 @@ def check_prefetch(
     """The resources of the prefetch: 413 over `max_resources`; 400 naming the first one that is
     not the hook's patient's (a hook stores only its own patient's data)."""
     out: list[dict[str, Any]] = []
-    names = patient_matcher(patient_id, base)  # made once, not per resource
+    theirs = patient_matcher(patient_id, base)
     for key in PREFETCH_KEYS:
         if key not in prefetch or _failed(prefetch[key]):
             continue
@@ -262,7 +262,7 @@ def check_prefetch(
                 413, "too-long", f"the prefetch holds more than {max_resources} resources", f"prefetch.{key}"
             )
         for i, res in enumerate(found):
-            if str(res.get("resourceType")) in PATIENT_DATA_TYPES and not names(res):  # as _belongs
+            if not _belongs(res, theirs):
                 where = f"prefetch.{key}" if found == [prefetch[key]] else f"prefetch.{key}.entry[{i}].resource"
                 raise FhirError.one(400, "value", "a prefetch resource is not the hook patient's", where)
         out += found
@@ -378,7 +378,8 @@ async def call_hook(
     target: str | None = None
     if missing:
         target, fetched = await _fetch_missing(req, patient_id, missing, settings, codebook)
-        stranger = next((r for r in fetched if not _belongs(r, patient_id, req.fhirServer)), None)
+        theirs = patient_matcher(patient_id, req.fhirServer)
+        stranger = next((r for r in fetched if not _belongs(r, theirs)), None)
         if stranger is not None:
             raise FhirError.one(
                 400, "value", f"fhirServer returned a {stranger.get('resourceType')} of another patient", "fhirServer"

@@ -67,14 +67,9 @@ def _readable(resources: Iterable[Any]) -> list[dict[str, Any]]:
     return [r for r in resources if isinstance(r, dict) and r.get("resourceType") in PATIENT_TYPES]
 
 
-def names_patient(res: dict[str, Any], patient_id: str, base: str | None) -> bool:
-    """Whether a resource is the patient's: the Patient itself, or a subject naming them (relative,
-    or absolute on the EHR's `base`)."""
-    return patient_matcher(patient_id, base)(res)
-
-
 def patient_matcher(patient_id: str, base: str | None) -> Callable[[dict[str, Any]], bool]:
-    """names_patient for one patient, its references made once (a hook checks 2,000 resources)."""
+    """Whether a resource is the patient's: the Patient itself, or a subject naming them (relative,
+    or absolute on the EHR's `base`). Its references are made once (a hook checks 2,000 resources)."""
     own = f"Patient/{patient_id}"
     refs = {own} if base is None else {own, f"{base.rstrip('/')}/{own}"}
 
@@ -191,10 +186,11 @@ def store_and_evaluate(
             log.warning("sync: %d resources rejected (invalid for grading; named in evaluations)", stored.rejected)
         # A rejection storage could not keep (no id, or its meta is the problem) is named in this
         # evaluation only; references on the EHR's base count as relative ones.
+        theirs = patient_matcher(patient_id, base)
         unkept = [
             res
             for res, out in zip(readable, stored.results, strict=True)
-            if out.outcome == "rejected" and not out.kept and names_patient(res, patient_id, base)
+            if out.outcome == "rejected" and not out.kept and theirs(res)
         ]
         evaluation, changed = None, False
         fingerprint = None

@@ -321,27 +321,17 @@ def patient_inputs(
     c = _STORED.c
     conn = session.connection()
     known = parsed or {}
-    resources: list[dict[str, Any]] | None = None
-    # Plain tuples: SQLAlchemy's Row compares in Python (sorting 2,000 Rows cost 15 ms, tuples 1 ms).
-    if known:
-        keys = sorted(
-            map(
-                tuple,
-                conn.execute(_of_patient(c.resource_type, c.id, c.version_id, patient_id=patient_id, server=server)),
-            )
-        )
-        if all(key in known for key in keys):
-            resources = [known[key] for key in keys]
-    if resources is None:
-        rows = sorted(
-            map(
-                tuple,
-                conn.execute(
-                    _of_patient(c.resource_type, c.id, c.version_id, c.body, patient_id=patient_id, server=server)
-                ),
-            )
-        )
-        resources = [known.get((t, rid, v)) or orjson.loads(body) for t, rid, v, body in rows]
+
+    def rows(*columns: Any) -> list[tuple[Any, ...]]:
+        # Plain tuples: SQLAlchemy's Row compares in Python (sorting 2,000 Rows cost 15 ms, tuples 1 ms).
+        return sorted(map(tuple, conn.execute(_of_patient(*columns, patient_id=patient_id, server=server))))
+
+    key = (c.resource_type, c.id, c.version_id)
+    keys = rows(*key) if known else []
+    if keys and all(k in known for k in keys):
+        resources = [known[k] for k in keys]
+    else:
+        resources = [known.get((t, rid, v)) or orjson.loads(body) for t, rid, v, body in rows(*key, c.body)]
     med_ids = {
         ref.split("/", 1)[1]
         for r in resources
