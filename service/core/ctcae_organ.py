@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import cast
 
 from .concepts import C
 from .config import OlderConfig
@@ -127,10 +126,7 @@ def organ_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig)
     lab values and the patient's baseline, so the same values give the same facts: made once per
     distinct window (the course asks every hour; labs come about daily)."""
     key = ("organ", cfg, tuple(data.span(concept, lo, at) for concept, _ in ORGAN_LABS))
-    found = data.memo.get(key)
-    if found is None:
-        found = data.memo[key] = MappingProxyType(_organ_facts(data, lo, at, cfg))
-    return cast("Mapping[str, OrganFacts]", found)
+    return data.once(key, lambda: MappingProxyType(_organ_facts(data, lo, at, cfg)))
 
 
 def _organ_facts(data: PatientData, lo: datetime, at: datetime, cfg: OlderConfig) -> dict[str, OrganFacts]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from itertools import pairwise
-from typing import cast
 
 from .concepts import C
 from .config import (
@@ -204,13 +203,13 @@ class OxygenFacts:
 def _first_fever(data: PatientData, since: datetime | None) -> Sample | None:
     """The first CRS fever at or after `since` (day 0), over the whole record: found once per
     patient and day 0, not once per time point (the course asks at every sample)."""
-    key = ("first-fever", since)
-    if key not in data.memo:
-        temps = data.series(C.BODY_TEMPERATURE)
-        data.memo[key] = next(
+    temps = data.series(C.BODY_TEMPERATURE)
+    return data.once(
+        ("first-fever", since),
+        lambda: next(
             (s for s in temps if s.value is not None and s.value >= FEVER_C and (since is None or s.t >= since)), None
-        )
-    return cast("Sample | None", data.memo[key])
+        ),
+    )
 
 
 def _masking(data: PatientData, since: datetime | None, at: datetime) -> tuple[Sample, Administration] | None:
@@ -234,15 +233,15 @@ def _fever_facts(data: PatientData, lo: datetime, at: datetime) -> FeverFacts:
 def _hypotension_limits(data: PatientData, at: datetime, cfg: GradingConfig) -> tuple[float, float | None, str]:
     """(systolic limit, MAP limit or None, the rule in words) on the date of `at`: the age, hence
     the rule, changes by the day (made once per date, not per time point)."""
-    key = ("hypotension-limits", cfg.hypotension, data.birth_dates(), at.date())
-    found = data.memo.get(key)
-    if found is None:
+    rule = cfg.hypotension
+
+    def limits() -> tuple[float, float | None, str]:
         # A partial birth date ("2020") gives a range of ages: its limits must agree at both ends,
         # else the age is unknown for this rule (the adult rule, which says so).
-        rule = cfg.hypotension
         ends = {rule.limits(age_days(b, at), completed_years(b, at.date())) for b in data.birth_dates()}
-        found = data.memo[key] = ends.pop() if len(ends) == 1 else rule.limits(None, None)
-    return cast("tuple[float, float | None, str]", found)
+        return ends.pop() if len(ends) == 1 else rule.limits(None, None)
+
+    return data.once(("hypotension-limits", rule, data.birth_dates(), at.date()), limits)
 
 
 def _blood_pressure_facts(data: PatientData, lo: datetime, at: datetime, cfg: GradingConfig) -> BloodPressureFacts:

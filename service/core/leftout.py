@@ -22,7 +22,7 @@ from bisect import bisect_right
 from dataclasses import replace
 from datetime import datetime
 from functools import cache
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 from .astct import CODED_ICANS_DOMAINS, CRS_METHOD, HYPOTENSION_NO_PRESSOR_GRADE, ICANS_CONCEPTS, ICANS_METHOD
 from .astct import TOOL_MAX_GRADE as ICANS_TOOL_MAX
@@ -99,9 +99,8 @@ class _Feeding(NamedTuple):
 def _feeding(data: PatientData, method: str) -> list[_Feeding]:
     """The left-out rows whose concept feeds `method`, in order, each with how its time is read:
     once per patient and scale (the course asks at every sample)."""
-    key = ("left-out", method, len(data.left_out))
-    found = data.memo.get(key)
-    if found is None:
+
+    def feeding() -> list[_Feeding]:
         feeds, out = inputs(method), []
         starts = sorted(a.start for c in FEVER_MASKING_DRUGS for a in data.given(c))
         for row in data.left_out:
@@ -116,8 +115,9 @@ def _feeding(data: PatientData, method: str) -> list[_Feeding]:
                 after = bisect_right(starts, row.t)
                 masked_from = starts[after] if after < len(starts) else None
             out.append(_Feeding(row, ANY_TIME if row.t is None else UNTIL_AT if drug else IN_WINDOW, masked_from))
-        found = data.memo[key] = out
-    return cast("list[_Feeding]", found)
+        return out
+
+    return data.once(("left-out", method, len(data.left_out)), feeding)
 
 
 def _in_time(f: _Feeding, lo: datetime, at: datetime, fever_search: bool) -> bool:
@@ -135,14 +135,14 @@ def _standing_notes(data: PatientData, method: str) -> tuple[str, list[LeftOut]]
     """What concerns every result of `method` whatever its time: the note on inputs read under a
     site setting ("" when none) and the left-out rows of unknown kind. Once per patient and
     scale (the course asks at every sample; a feed without timezones has one per input)."""
-    key = ("left-out-standing", method, len(data.left_out), len(data.assumed))
-    found = data.memo.get(key)
-    if found is None:
+
+    def notes() -> tuple[str, list[LeftOut]]:
         feeds = inputs(method)
         assumed = [i for i in data.assumed if i.concept in feeds]
         unknown = [r for r in data.left_out if r.concept is None]  # not known what they would feed
-        found = data.memo[key] = (_assumed_note(assumed) if assumed else "", unknown)
-    return cast("tuple[str, list[LeftOut]]", found)
+        return (_assumed_note(assumed) if assumed else "", unknown)
+
+    return data.once(("left-out-standing", method, len(data.left_out), len(data.assumed)), notes)
 
 
 def _named(rows: list[LeftOut]) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar, cast
+
+T = TypeVar("T")
 
 
 def fmt_time(t: datetime) -> str:
@@ -127,6 +130,13 @@ class PatientData:
 
     def series(self, concept: str) -> list[Sample]:
         return self.samples.get(concept, [])
+
+    def once(self, key: object, make: Callable[[], T]) -> T:
+        """`make()` for `key`, made once for this patient (what the rules derive per patient, per
+        scale or per distinct window and read at every time point); `key` names all it depends on."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return cast(T, self.memo[key])
 
     def window(self, concept: str, lo: datetime, hi: datetime) -> list[Sample]:
         """The samples of a concept with lo <= t <= hi (series are sorted: bisect, not a scan)."""
